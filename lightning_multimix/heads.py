@@ -1,0 +1,82 @@
+"""Finding the classifier head and the feature map inside a model (torch only, no Lightning).
+
+The head is the module whose input is the penultimate embedding. Auto-detection picks the last ``nn.Linear``
+registered in the model, which is the classifier of torchvision's ResNets (``fc``), VisionTransformer
+(``heads.head``), EfficientNet and MobileNet (the last Linear of ``classifier``) and of a plain MLP. The callback
+checks the choice on the first batch (called once, on a ``(b, d)`` input, giving ``(b, c)``) and raises otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+POOLING_TYPES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AvgPool1d)
+
+
+def resolve_module(root: nn.Module, path: str) -> nn.Module:
+    """The submodule of ``root`` at dotted ``path`` (``"heads.head"``), with a helpful error if it does not exist.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 4))
+        >>> resolve_module(net, "2")
+        Linear(in_features=3, out_features=4, bias=True)
+    """
+    try:
+        module = root.get_submodule(path)
+    except AttributeError:
+        linears = [name for name, m in root.named_modules() if isinstance(m, nn.Linear)]
+        raise ValueError(
+            f"No submodule {path!r} in {type(root).__name__}. Pass the dotted path of the classifier head; the model's "
+            f"nn.Linear modules are {linears}."
+        ) from None
+    return module
+
+
+def find_head(model: nn.Module) -> Optional[str]:
+    """Dotted path of the last ``nn.Linear`` registered in ``model``, or ``None`` if it has none.
+
+    Example:
+        >>> find_head(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 4)))
+        '2'
+    """
+    found = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            found = name
+    return found
+
+
+def is_affine(module: nn.Module) -> bool:
+    """Whether ``module`` is known to be affine, so that interpolating its outputs equals applying it to interpolated
+    inputs (weights summing to one).
+
+    Example:
+        >>> is_affine(nn.Linear(2, 3)), is_affine(nn.Sequential(nn.Linear(2, 3), nn.ReLU()))
+        (True, False)
+    """
+    return isinstance(module, nn.Linear)
+
+
+def find_pooling(model: nn.Module, head_path: str) -> Optional[str]:
+    """Dotted path of the average-pooling module that feeds the head: the last one registered before the head.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+        >>> find_pooling(net, "3")
+        '1'
+    """
+    found = None
+    for name, module in model.named_modules():
+        if name == head_path:
+            break
+        if isinstance(module, POOLING_TYPES):
+            found = name
+    return found
+
+
+def is_torchvision_vit(model: nn.Module) -> bool:
+    """Whether ``model`` is (or wraps as an attribute) torchvision's ``VisionTransformer`` (checked by name, so
+    torchvision need not be installed)."""
+    return type(model).__name__ == "VisionTransformer" and hasattr(model, "encoder") and hasattr(model, "heads")

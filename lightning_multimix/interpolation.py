@@ -1,0 +1,62 @@
+"""Interpolation of embeddings, logits and targets with one weight matrix.
+
+``values`` holds one row per example, ``weights`` is ``(m, n)`` (see :mod:`lightning_multimix.sampling`); the result
+holds one row per interpolated example: ``weights.T @ values``. Embeddings and targets go through the same function with
+the same weights, so they can never disagree.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """One-hot targets ``(b, c)`` from integer labels ``(b,)``.
+
+    Built by comparison, so a label outside ``[0, c)`` gives an all-zero row instead of a device-side crash; callers
+    validate the range (see :func:`labels_out_of_range`).
+
+    Example:
+        >>> one_hot(torch.tensor([2, 0]), 3)
+        tensor([[0., 0., 1.],
+                [1., 0., 0.]])
+    """
+    return (labels.unsqueeze(-1) == torch.arange(num_classes, device=labels.device)).to(dtype)
+
+
+def labels_out_of_range(labels: Tensor, num_classes: int) -> Tensor:
+    """A 0-dim boolean tensor, on the labels' device, that is true when a label lies outside ``[0, num_classes)``.
+
+    It stays on the device (no synchronisation); read it when convenient.
+
+    Example:
+        >>> labels_out_of_range(torch.tensor([0, 3]), 3)
+        tensor(True)
+    """
+    return ((labels < 0) | (labels >= num_classes)).any()
+
+
+def interpolate(values: Tensor, weights: Tensor) -> Tensor:
+    r"""Interpolate ``m`` rows of ``values`` into ``n`` rows: ``out[k] = sum_i weights[i, k] * values[i]``.
+
+    Args:
+        values: ``(m, *feature_shape)``: embeddings, logits or targets of the ``m`` examples.
+        weights: ``(m, n)`` interpolation weights.
+
+    Returns:
+        ``(n, *feature_shape)`` in the dtype of ``weights`` (float32 under mixed precision).
+
+    Example:
+        >>> values = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+        >>> weights = torch.tensor([[0.25, 1.0], [0.75, 0.0]])
+        >>> interpolate(values, weights)
+        tensor([[0.2500, 1.5000],
+                [1.0000, 0.0000]])
+    """
+    if values.shape[0] != weights.shape[0]:
+        raise ValueError(
+            f"`values` has {values.shape[0]} rows but `weights` has {weights.shape[0]}: weights must be (m, n) for m rows."
+        )
+    flat = values.reshape(values.shape[0], -1).to(weights.dtype)
+    return (weights.T @ flat).reshape(weights.shape[1], *values.shape[1:])

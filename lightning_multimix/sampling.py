@@ -1,0 +1,152 @@
+"""Interpolation weights: the ``m x n`` matrices that define MultiMix and its pairs baseline.
+
+Every sampler returns a weight matrix ``weights`` of shape ``(m, n)`` whose columns lie on the probability simplex:
+column ``k`` holds the coefficients of the ``m`` examples in the ``k``-th interpolated example. Both modes share the
+rest of the pipeline (:mod:`lightning_multimix.interpolation`, :mod:`lightning_multimix.losses`): a mode is a way of
+drawing this matrix, nothing else.
+
+All randomness comes from an explicit :class:`torch.Generator` on the target device; the global RNG is never touched.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+_MASK64 = (1 << 64) - 1
+
+
+def _validate(num_examples: int, alpha: float, *, min_examples: int = 1) -> None:
+    if not isinstance(num_examples, int) or num_examples < min_examples:
+        raise ValueError(f"Expected `num_examples` to be an int >= {min_examples}, got {num_examples!r}.")
+    if not alpha > 0:  # also rejects NaN
+        raise ValueError(f"Expected `alpha` > 0 (the Dirichlet/Beta concentration), got {alpha!r}. Use e.g. alpha=1.0.")
+
+
+def sample_gamma(
+    concentration: float,
+    shape: tuple[int, ...],
+    *,
+    generator: Optional[torch.Generator] = None,
+    device: Union[torch.device, str, None] = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Draw ``Gamma(concentration, 1)`` samples of the given shape from ``generator``.
+
+    ``concentration == 1`` takes the fast path ``Exponential(1) = Gamma(1, 1)``.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> sample_gamma(2.0, (3,), generator=g).shape
+        torch.Size([3])
+    """
+    if not concentration > 0:
+        raise ValueError(f"Expected `concentration` > 0, got {concentration!r}.")
+    if concentration == 1.0:
+        return torch.empty(shape, device=device, dtype=dtype).exponential_(generator=generator)
+    rate = torch.full(shape, float(concentration), device=device, dtype=dtype)
+    return torch._standard_gamma(rate, generator=generator)
+
+
+def dirichlet_weights(
+    num_examples: int,
+    n_tuples: int,
+    alpha: float = 1.0,
+    *,
+    tuple_size: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    device: Union[torch.device, str, None] = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    r"""MultiMix weights: ``n_tuples`` columns drawn i.i.d. from ``Dirichlet(alpha * 1_m)``.
+
+    Each column is normalised independent gammas, ``lambda_k = g_k / sum(g_k)``, ``g_ik ~ Gamma(alpha, 1)``.
+
+    Args:
+        num_examples: ``b``, the number of examples available (rows of the result).
+        n_tuples: ``n``, the number of interpolated examples.
+        alpha: Dirichlet concentration (``alpha=1``: uniform on the simplex).
+        tuple_size: ``m``: each column combines a random subset of ``m`` of the ``b`` examples (its other entries
+            are zero). ``None`` or ``m >= b``: the whole batch.
+        generator: the source of randomness (must live on ``device``).
+
+    Returns:
+        A ``(num_examples, n_tuples)`` tensor whose columns are non-negative and sum to 1.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> w = dirichlet_weights(4, 1000, alpha=1.0, generator=g)
+        >>> w.shape
+        torch.Size([4, 1000])
+        >>> torch.allclose(w.sum(0), torch.ones(1000))
+        True
+    """
+    _validate(num_examples, alpha)
+    if not isinstance(n_tuples, int) or n_tuples < 1:
+        raise ValueError(f"Expected `n_tuples` to be an int >= 1, got {n_tuples!r}.")
+    if tuple_size is not None and (not isinstance(tuple_size, int) or tuple_size < 1):
+        raise ValueError(f"Expected `tuple_size` to be None or an int >= 1, got {tuple_size!r}.")
+    subset = tuple_size is not None and tuple_size < num_examples
+    rows = tuple_size if subset else num_examples
+    gammas = sample_gamma(alpha, (rows, n_tuples), generator=generator, device=device, dtype=dtype)
+    # a column of all-zero gammas (possible in float32 for tiny alpha) would divide 0 by 0: give it a tiny floor
+    gammas = gammas.clamp_min(torch.finfo(dtype).tiny)
+    gammas = gammas / gammas.sum(0, keepdim=True)
+    if not subset:
+        return gammas
+    keys = torch.rand(num_examples, n_tuples, generator=generator, device=device)
+    support = keys.topk(rows, dim=0).indices
+    return torch.zeros(num_examples, n_tuples, device=device, dtype=dtype).scatter_(0, support, gammas)
+
+
+def pair_weights(
+    num_examples: int,
+    alpha: float = 1.0,
+    *,
+    generator: Optional[torch.Generator] = None,
+    device: Union[torch.device, str, None] = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    r"""Manifold-mixup weights at the last layer, as an ``(m, m)`` MultiMix-style matrix.
+
+    As in Manifold Mixup, one ``lambda ~ Beta(alpha, alpha)`` is drawn for the batch and a random permutation ``pi``
+    gives each example its partner: column ``k`` is ``lambda * e_k + (1 - lambda) * e_{pi(k)}``. It has two non-zero
+    entries, or one (equal to 1) where ``pi(k) == k``.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> w = pair_weights(5, generator=g)
+        >>> w.shape, bool((w > 0).sum(0).le(2).all()), torch.allclose(w.sum(0), torch.ones(5))
+        (torch.Size([5, 5]), True, True)
+    """
+    _validate(num_examples, alpha, min_examples=2)
+    g = sample_gamma(alpha, (2,), generator=generator, device=device, dtype=dtype)
+    lam = g[0] / g.sum().clamp_min(torch.finfo(dtype).tiny)
+    partner = torch.randperm(num_examples, generator=generator, device=device)
+    columns = torch.arange(num_examples, device=device)
+    weights = torch.zeros(num_examples, num_examples, device=device, dtype=dtype)
+    weights[columns, columns] = lam
+    weights.index_put_((partner, columns), (1 - lam).expand(num_examples), accumulate=True)
+    return weights
+
+
+def step_seed(base_seed: int, rank: int, step: int) -> int:
+    """A 63-bit seed for one training step of one process, mixed from ``(base_seed, rank, step)`` (splitmix64).
+
+    Re-seeding the generator from this at every step makes the random stream a pure function of the step: a resumed
+    run draws exactly what the uninterrupted run drew, and every process draws its own weights.
+
+    Example:
+        >>> step_seed(0, 0, 1) != step_seed(0, 1, 0)
+        True
+    """
+    state = 0
+    for value in (base_seed, rank, step):
+        state = (state + value + 0x9E3779B97F4A7C15) & _MASK64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        state = z ^ (z >> 31)
+    return state >> 1
