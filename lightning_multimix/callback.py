@@ -413,6 +413,11 @@ class MultiMix(Callback):
                 f"The head {self._head_path!r} maps {shape_in} to {shape_out}; MultiMix needs a classifier head "
                 f"mapping (b, d) embeddings to (b, c) logits. {how}"
             )
+        if logits.shape[-1] < 2:
+            raise MultiMixError(
+                f"The head {self._head_path!r} has {logits.shape[-1]} output; a classifier head has one per class "
+                f"(at least 2). {how}"
+            )
         if not isinstance(labels, Tensor):
             raise MultiMixError(
                 f"MultiMix needs integer class labels as a tensor, got {type(labels).__name__}. Return them from "
@@ -561,8 +566,9 @@ class MultiMix(Callback):
             return
         if code & 2:
             raise MultiMixError(
-                f"MultiMix: labels outside [0, {self._num_classes}) at training batch {bad_step} (the head has "
-                f"{self._num_classes} outputs). Check the dataset's labels or the head's number of classes."
+                f"MultiMix: labels outside [0, {self._num_classes}) at training batch {bad_step}: the head "
+                f"{self._head_path!r} has {self._num_classes} outputs. Check the dataset's labels, or, if that is not "
+                "your classifier, pass `MultiMix(head='dotted.path')`."
             )
         raise MultiMixError(
             f"MultiMix: the loss became non-finite (NaN or inf) at training batch {bad_step} (global step "

@@ -1,0 +1,189 @@
+"""Tiny LightningModules, data and a recording MultiMix shared by the production-training tests.
+
+Everything here lives at module level so that it pickles (``ddp_spawn`` sends the module and the callbacks to the
+spawned processes by pickling them) and can be imported by the scripts that ``strategy="ddp"`` re-launches
+(``sys.path`` must contain this folder: :func:`run_script` sees to it).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_multimix import MultiMix
+
+NUM_CLASSES, DIM, HIDDEN = 3, 6, 8
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_DIR = TESTS_DIR.parent
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def tensors(n: int = 16, seed: int = 0, image: bool = False) -> tuple[Tensor, Tensor]:
+    """``n`` random inputs (``(n, DIM)``, or ``(n, 2, 4, 4)`` images) and labels in ``[0, NUM_CLASSES)``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, 4, 4, generator=g) if image else torch.randn(n, DIM, generator=g)
+    return x, torch.randint(0, NUM_CLASSES, (n,), generator=g)
+
+
+def loader(n: int = 16, batch_size: int = 4, seed: int = 0, image: bool = False, labels: Optional[Tensor] = None,
+           **kwargs: Any) -> DataLoader:
+    """A deterministic loader (no shuffling: the order is the dataset's, identical in every run and every epoch)."""
+    x, y = tensors(n, seed, image)
+    return DataLoader(TensorDataset(x, y if labels is None else labels), batch_size=batch_size, **kwargs)
+
+
+class TinyData(L.LightningDataModule):
+    """``loader()`` as a datamodule (for LightningCLI)."""
+
+    def __init__(self, n: int = 16, batch_size: int = 4) -> None:
+        super().__init__()
+        self.n, self.batch_size = n, batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return loader(self.n, self.batch_size)
+
+
+# ---------------------------------------------------------------------------------------------------- modules
+
+
+class TinyMLP(L.LightningModule):
+    """A user's module: an encoder, a linear head ``fc``, ordinary cross-entropy, SGD."""
+
+    def __init__(self, lr: float = 0.1, momentum: float = 0.0, batch_norm: bool = False) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Linear(DIM, HIDDEN)]
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(HIDDEN))
+        self.net = nn.Sequential(*layers, nn.Tanh())
+        self.fc = nn.Linear(HIDDEN, NUM_CLASSES)
+        self.lr, self.momentum = lr, momentum
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.net(x))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+class TinyCNN(TinyMLP):
+    """A conv encoder ending in a global average pool (the feature map dense MultiMix finds), then ``fc``."""
+
+    def __init__(self, lr: float = 0.1, momentum: float = 0.0, batch_norm: bool = False) -> None:
+        super().__init__(lr, momentum)
+        layers: list[nn.Module] = [nn.Conv2d(2, HIDDEN, 3, padding=1)]
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(HIDDEN))
+        self.net = nn.Sequential(*layers, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+# ---------------------------------------------------------------------------------------------------- callbacks
+
+
+class RecordingMultiMix(MultiMix):
+    """MultiMix that records, per training batch, the weight matrix it drew and the loss it returned.
+
+    With ``fixed`` (a ``{rank: (m, n) tensor}`` dict) it uses those weights instead of drawing them. With ``out_dir``
+    it saves what it recorded, the teacher's state and the module's gradients of the first batch, one file per rank
+    (``rank{r}.pt``), at the end of fit: the way to look at every process of a DDP run from the test.
+    """
+
+    def __init__(self, *args: Any, fixed: Optional[dict[int, Tensor]] = None, out_dir: Optional[str] = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fixed, self.out_dir = fixed, out_dir
+        self.weights: list[Tensor] = []
+        self.losses: list[Tensor] = []
+        self.grads: dict[str, Tensor] = {}
+        self.rank = 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.rank = trainer.global_rank
+
+    def _sample_weights(self, num_examples: int, device: torch.device) -> Tensor:
+        if self.fixed is not None:
+            weights = self.fixed[self.rank].to(device)
+            assert weights.shape[0] == num_examples, (weights.shape, num_examples)
+        else:
+            weights = super()._sample_weights(num_examples, device)
+        self.weights.append(weights.detach().cpu().clone())
+        return weights
+
+    def _mixed_loss(self, *args: Any, **kwargs: Any) -> Tensor:
+        loss = super()._mixed_loss(*args, **kwargs)
+        self.losses.append(loss.detach().cpu().clone())
+        return loss
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        # after backward (and DDP's gradient averaging), before clipping and the update
+        if not self.grads:
+            self.grads = {k: p.grad.detach().cpu().clone() for k, p in pl_module.named_parameters()}
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.out_dir is not None:
+            torch.save(self.record(trainer, pl_module), Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
+
+    def record(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        return {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "base_seed": self._base_seed,
+            "batches_seen": self._batches_seen,
+            "global_step": trainer.global_step,
+            "weights": self.weights,
+            "losses": self.losses,
+            "grads": self.grads,
+            "model": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()},
+            "teacher": None if self.teacher is None else
+            {k: v.detach().cpu().clone() for k, v in self.teacher.module.state_dict().items()},
+            "teacher_updates": None if self.teacher is None else self.teacher.num_updates,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------- trainers
+
+
+def trainer(callbacks: Any = (), **kwargs: Any) -> L.Trainer:
+    """A quiet CPU trainer: no logger, checkpointing, progress bar or summary unless asked for."""
+    defaults = dict(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, accelerator="cpu", devices=1)
+    return L.Trainer(callbacks=list(callbacks), **{**defaults, **kwargs})
+
+
+def run_script(path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python path args`` with this folder importable, raising with its output if it fails.
+
+    ``strategy="ddp"`` re-launches the running script once per extra process, so a DDP run must be a script of its
+    own, not a pytest process (which would be re-launched whole).
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    result = subprocess.run([sys.executable, str(path), *args], env=env, capture_output=True, text=True,
+                            timeout=timeout, cwd=str(path.parent))
+    if result.returncode != 0:
+        raise AssertionError(f"{path.name} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+    return result
+
+
+def hand_multimix_loss(logits: Tensor, labels: Tensor, weights: Tensor) -> Tensor:
+    """The MultiMix loss written out: ``mean_k -sum_c (Y^T w_k)_c log softmax(L^T w_k)_c`` (logit space)."""
+    targets = (labels[:, None] == torch.arange(logits.shape[1])[None]).float()
+    mixed_logits = weights.T @ logits
+    mixed_targets = weights.T @ targets
+    return -(mixed_targets * torch.log_softmax(mixed_logits, dim=1)).sum(1).mean()

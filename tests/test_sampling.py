@@ -1,0 +1,101 @@
+"""Weight matrices: simplex columns, Dirichlet/Beta moments, generator ownership, pairs structure."""
+
+import pytest
+import torch
+
+from lightning_multimix.sampling import dirichlet_weights, pair_weights, sample_gamma, step_seed
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("alpha", [0.2, 1.0, 2.0])
+def test_dirichlet_columns_lie_on_the_simplex(alpha):
+    weights = dirichlet_weights(7, 500, alpha, generator=_gen())
+    assert weights.shape == (7, 500)
+    assert (weights >= 0).all()
+    torch.testing.assert_close(weights.sum(0), torch.ones(500))
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 3.0])
+def test_dirichlet_marginal_moments(alpha):
+    # the marginal of a Dirichlet(alpha * 1_m) coordinate is Beta(alpha, (m - 1) * alpha)
+    m, n = 4, 200_000
+    weights = dirichlet_weights(m, n, alpha, generator=_gen(1))
+    a, b = alpha, (m - 1) * alpha
+    mean, var = a / (a + b), a * b / ((a + b) ** 2 * (a + b + 1))
+    torch.testing.assert_close(weights.mean(1), torch.full((m,), mean), atol=3e-3, rtol=0)
+    torch.testing.assert_close(weights.var(1), torch.full((m,), var), atol=0, rtol=3e-2)
+
+
+def test_dirichlet_uses_only_its_generator():
+    global_state = torch.get_rng_state()
+    first = dirichlet_weights(5, 10, 0.7, generator=_gen(3))
+    assert torch.equal(torch.get_rng_state(), global_state), "the global RNG was touched"
+    torch.testing.assert_close(first, dirichlet_weights(5, 10, 0.7, generator=_gen(3)), rtol=0, atol=0)
+    assert not torch.equal(first, dirichlet_weights(5, 10, 0.7, generator=_gen(4)))
+
+
+def test_tuple_size_gives_m_examples_per_column():
+    weights = dirichlet_weights(10, 300, 1.0, tuple_size=3, generator=_gen())
+    assert ((weights > 0).sum(0) == 3).all()
+    torch.testing.assert_close(weights.sum(0), torch.ones(300))
+    # the support is random: every example is used by some tuple
+    assert ((weights > 0).sum(1) > 0).all()
+
+
+def test_gamma_fast_path_matches_the_gamma_mean_and_variance():
+    for concentration in (1.0, 2.5):
+        samples = sample_gamma(concentration, (200_000,), generator=_gen(5))
+        assert abs(samples.mean().item() - concentration) < 0.02 * concentration
+        assert abs(samples.var().item() - concentration) < 0.05 * concentration
+
+
+def test_pair_weights_structure():
+    m = 9
+    weights = pair_weights(m, 1.0, generator=_gen(2))
+    assert weights.shape == (m, m)
+    torch.testing.assert_close(weights.sum(0), torch.ones(m))
+    # each example appears once with lambda (its own column) and once with 1 - lambda (its partner's column)
+    torch.testing.assert_close(weights.sum(1), torch.ones(m))
+    assert ((weights > 0).sum(0) <= 2).all()
+    lam = weights.diagonal()
+    fixed_points = lam == 1.0
+    assert torch.allclose(lam[~fixed_points], lam[~fixed_points][0].expand((~fixed_points).sum()))
+
+
+def test_pair_lambda_follows_beta():
+    # lambda ~ Beta(alpha, alpha): mean 1/2, variance 1 / (4 (2 alpha + 1))
+    alpha = 0.4
+    lams = []
+    for seed in range(3000):
+        w = pair_weights(3, alpha, generator=_gen(seed))
+        off = w - torch.diag(w.diagonal())
+        lams.append(w[0, 0].item() if off[:, 0].sum() > 0 else None)
+    lams = torch.tensor([x for x in lams if x is not None])
+    assert abs(lams.mean().item() - 0.5) < 0.03
+    assert abs(lams.var().item() - 1 / (4 * (2 * alpha + 1))) < 0.015
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: dirichlet_weights(4, 0), "n_tuples"),
+        (lambda: dirichlet_weights(0, 4), "num_examples"),
+        (lambda: dirichlet_weights(4, 4, alpha=0.0), "alpha"),
+        (lambda: dirichlet_weights(4, 4, alpha=float("nan")), "alpha"),
+        (lambda: dirichlet_weights(4, 4, tuple_size=0), "tuple_size"),
+        (lambda: pair_weights(1), "num_examples"),
+    ],
+)
+def test_bad_arguments_raise_with_the_value(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_step_seeds_are_distinct_per_rank_and_step():
+    seeds = {step_seed(42, rank, step) for rank in range(4) for step in range(1000)}
+    assert len(seeds) == 4000
+    assert all(0 <= s < 2**63 for s in seeds)
+    assert step_seed(42, 0, 0) == step_seed(42, 0, 0)
