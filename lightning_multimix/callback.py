@@ -22,8 +22,9 @@ from lightning_multimix.dense import (
     dense_multimix_logit_loss,
     dense_multimix_loss,
     dense_weights,
+    per_position,
 )
-from lightning_multimix.heads import find_head, find_pooling, is_affine, is_torchvision_vit, resolve_module
+from lightning_multimix.heads import classifier_block, find_head, find_pooling, is_affine, is_torchvision_vit, resolve_module
 from lightning_multimix.interpolation import interpolate, labels_out_of_range, one_hot
 from lightning_multimix.losses import soft_cross_entropy
 from lightning_multimix.mixin import default_labels
@@ -34,6 +35,8 @@ MODES = ("multimix", "pairs")
 LOGIT_SPACES = ("auto", "always", "never")
 DISTILL_TARGETS = ("probs", "logits")
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+# what `lightning.pytorch.utilities.compile.from_compiled` replaces on the instance of a `torch.compile`d module
+_COMPILED_METHODS = ("forward", "training_step", "validation_step", "test_step", "predict_step")
 
 
 class MultiMixError(RuntimeError):
@@ -176,6 +179,7 @@ class MultiMix(Callback):
         self._batches_seen = 0
         self._last_ema_step = 0
         self.teacher: Optional[EMATeacher] = None
+        self._teacher_owner: Optional[int] = None
         self._pending_teacher_state: Optional[dict[str, Any]] = None
         # state of one fit, built in setup/on_fit_start, removed in teardown
         self._head_path: Optional[str] = None
@@ -203,6 +207,8 @@ class MultiMix(Callback):
                 f"{type(pl_module).__name__} sets `automatic_optimization = False`. Compute the loss with "
                 "`lightning_multimix.losses.multimix_loss` in your own step instead."
             )
+        if self.teacher is not None and self._teacher_owner != id(pl_module):
+            self.teacher = None  # a teacher of another module (this callback fitted a different one before)
         self._head_path = self._resolve_head_path(pl_module)
         self._head_module = pl_module.get_submodule(self._head_path)
         if self.logit_space == "never" or (self.logit_space == "auto" and not is_affine(self._head_module)):
@@ -223,6 +229,11 @@ class MultiMix(Callback):
             if self.teacher is None:
                 # copied before any hook is installed: the teacher receives none of the callback's hooks
                 self.teacher = EMATeacher(pl_module, decay=self.ema_decay, warmup=self.ema_warmup)
+                self._teacher_owner = id(pl_module)
+                # `trainer.fit(torch.compile(module))` set compiled `forward`/`*_step` on the instance, bound to the
+                # student: the copy would run the student's weights. The teacher runs its own methods (eagerly).
+                for name in _COMPILED_METHODS if hasattr(pl_module, "_compiler_ctx") else ():
+                    self.teacher.module.__dict__.pop(name, None)
             self.teacher.to(device)
             if self._pending_teacher_state is not None:
                 self.teacher.load_state_dict(self._pending_teacher_state)
@@ -240,6 +251,8 @@ class MultiMix(Callback):
         if self.teacher is not None and trainer.global_step > self._last_ema_step:
             self.teacher.update(pl_module)
             self._last_ema_step = trainer.global_step
+            if trainer.world_size > 1:
+                _broadcast_buffers(self.teacher.module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._raise_if_unhealthy(trainer)
@@ -305,7 +318,8 @@ class MultiMix(Callback):
                 f"MultiMix found no classifier head in {type(pl_module).__name__}: it has no nn.Linear. Pass "
                 "`MultiMix(head='dotted.path')` or add `MultiMixMixin` and override `multimix_head()`."
             )
-        return found
+        # dense mode applies the head at every position: it must take the pooled embedding itself
+        return classifier_block(pl_module, found) if self.dense else found
 
     def _resolve_feature_spec(self, pl_module: pl.LightningModule) -> tuple[str, str]:
         if self.feature_map is not None:
@@ -328,7 +342,7 @@ class MultiMix(Callback):
 
     def _install(self, pl_module: pl.LightningModule) -> None:
         self._uninstall()
-        self._captures = {"head": Capture(self._head_module)}
+        self._captures = {"head": Capture(self._head_module, clone_input=True)}
         if self._feature_spec is not None:
             self._captures["features"] = Capture(pl_module.get_submodule(self._feature_spec[0]))
         if self.distill:
@@ -384,7 +398,7 @@ class MultiMix(Callback):
         if self.clean_loss_weight > 0:
             loss = loss + self.clean_loss_weight * user_loss.float()
         self._update_health(loss, labels, logits.shape[-1])
-        if not self._verified or loss.device.type == "cpu" or step % self.check_every_n_steps == 0:
+        if self._health_read_due(step, loss.device):
             self._raise_if_unhealthy(trainer)
         self._verified = True
 
@@ -486,13 +500,14 @@ class MultiMix(Callback):
             if linear:
                 scores = class_scores(features, head.weight, labels)
             else:
-                scores = head(features).float().gather(-1, labels.view(-1, 1, 1).expand(-1, features.shape[1], 1))[..., 0]
+                own_class = labels.view(-1, 1, 1).expand(-1, features.shape[1], 1)
+                scores = per_position(head, features).float().gather(-1, own_class)[..., 0]
             attention = attention_from_scores(scores, self.attention)
-        per_position = dense_weights(weights, attention)
+        position_weights = dense_weights(weights, attention)
         if in_logit_space:
-            position_logits = F.linear(features, head.weight, head.bias) if linear else head(features)
-            return dense_multimix_logit_loss(position_logits, targets, per_position, self.label_smoothing)
-        return dense_multimix_loss(features, targets, per_position, head, self.label_smoothing)
+            position_logits = F.linear(features, head.weight, head.bias) if linear else per_position(head, features)
+            return dense_multimix_logit_loss(position_logits, targets, position_weights, self.label_smoothing)
+        return dense_multimix_loss(features, targets, position_weights, head, self.label_smoothing)
 
     def _features(self, embeddings: Tensor) -> Tensor:
         """The captured feature map as ``(b, r, d)``, checked on the first batch against the head's input."""
@@ -510,7 +525,8 @@ class MultiMix(Callback):
         if kind == "vit":
             summary, features = raw[:, 0], raw[:, 1:]
         else:
-            features = raw.flatten(2).transpose(1, 2) if raw.ndim == 4 else raw
+            # a pooling's input is channels-first, (b, d, h, w) or (b, d, l); a declared 3-d map is (b, r, d) tokens
+            features = raw.flatten(2).transpose(1, 2) if raw.ndim == 4 or kind == "input" else raw
             summary = features.mean(1)
         if not self._verified:
             if summary.shape != embeddings.shape or not _close(summary, embeddings):
@@ -518,7 +534,9 @@ class MultiMix(Callback):
                 raise MultiMixError(
                     f"Dense MultiMix: the feature map from {path!r} ({tuple(features.shape)} as (b, r, d)) does not "
                     f"match the head's input {tuple(embeddings.shape)} through {what}, so it is not the map that "
-                    f"feeds the head. {how}"
+                    f"feeds the head. {how} If the map is right but layers (dropout, an MLP) sit between the pooling "
+                    "and the head, name as head the module that takes the pooled embedding, e.g. "
+                    "`MultiMix(head='model.classifier')`."
                 )
         return features
 
@@ -558,6 +576,11 @@ class MultiMix(Callback):
         self._health = torch.where(first, torch.stack((step, code.to(step.device))), self._health)
         self._num_classes = num_classes
 
+    def _health_read_due(self, batch: int, device: torch.device) -> bool:
+        """Read the flag at the first batch, at every batch on CPU (free), else every ``check_every_n_steps`` batches
+        (a read synchronises the host with the device)."""
+        return not self._verified or device.type == "cpu" or batch % self.check_every_n_steps == 0
+
     def _raise_if_unhealthy(self, trainer: pl.Trainer) -> None:
         if self._health is None:
             return
@@ -571,8 +594,8 @@ class MultiMix(Callback):
                 "your classifier, pass `MultiMix(head='dotted.path')`."
             )
         raise MultiMixError(
-            f"MultiMix: the loss became non-finite (NaN or inf) at training batch {bad_step} (global step "
-            f"{trainer.global_step}). Lower the learning rate, clip gradients (`Trainer(gradient_clip_val=...)`), or "
+            f"MultiMix: the loss became non-finite (NaN or inf) at training batch {bad_step} (noticed at global "
+            f"step {trainer.global_step}). Lower the learning rate, clip gradients (`Trainer(gradient_clip_val=...)`), or "
             "use bf16 instead of fp16."
         )
 
@@ -602,6 +625,23 @@ def _path_of(root: nn.Module, module: nn.Module, where: str) -> str:
         if candidate is module:
             return name
     raise MultiMixError(f"`{where}` returned a module that is not a submodule of {type(root).__name__}.")
+
+
+def _broadcast_buffers(module: nn.Module) -> None:
+    """Give every process rank 0's buffers (one collective per dtype).
+
+    DDP re-broadcasts the student's buffers at each forward, after which each process's batch-norm statistics drift
+    apart on its own batch; the teacher copies them, so it must be re-synchronised to stay identical across processes.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for buffer in module.buffers():
+        by_dtype.setdefault(buffer.dtype, []).append(buffer)
+    for buffers in by_dtype.values():
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        torch.distributed.broadcast(flat, src=0)
+        torch._foreach_copy_(buffers, [f.view_as(b) for f, b in zip(flat.split([b.numel() for b in buffers]), buffers)])
 
 
 def _close(a: Tensor, b: Tensor) -> bool:

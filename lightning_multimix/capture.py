@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 
 class Capture:
-    """Record the first input and output of ``module`` while armed, and count its calls.
+    """Record the first input (and positional/keyword arguments) and output of ``module`` while armed, and count its
+    calls. ``clone_input=True`` keeps a copy of the first positional input, safe from in-place layers inside the module.
 
     Example:
         >>> import torch
@@ -26,23 +27,32 @@ class Capture:
         >>> capture.remove()
     """
 
-    def __init__(self, module: nn.Module, record_kwargs: bool = False) -> None:
+    def __init__(self, module: nn.Module, clone_input: bool = False) -> None:
         self.module = module
+        self.clone_input = clone_input
         self.armed = False
         self.calls = 0
         self.input: Optional[Tensor] = None
         self.output: Any = None
         self.args: tuple = ()
         self.kwargs: dict = {}
-        self._handle = module.register_forward_hook(self._hook, with_kwargs=True)
+        self._handles = (
+            module.register_forward_pre_hook(self._record_input, with_kwargs=True),
+            module.register_forward_hook(self._record_output),
+        )
 
-    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _record_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not self.armed:
             return
         self.calls += 1
         if self.calls == 1:
             self.args, self.kwargs = args, kwargs
-            self.input = args[0] if args and isinstance(args[0], Tensor) else None
+            first = args[0] if args and isinstance(args[0], Tensor) else None
+            # an in-place layer inside the module (EfficientNet's Dropout(inplace=True)) would overwrite the input
+            self.input = first.clone() if first is not None and self.clone_input else first
+
+    def _record_output(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self.armed and self.calls == 1 and self.output is None:
             self.output = output
 
     def reset(self) -> None:
@@ -58,5 +68,6 @@ class Capture:
 
     def remove(self) -> None:
         self.armed = False
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
         self.reset()

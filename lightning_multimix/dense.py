@@ -9,7 +9,8 @@ inherits its example's label), the head is applied at every position, and the so
 ``n * r`` terms.
 
 Attention kinds (``scores`` are the class activations of each example's own label, ``s_ij = F_ij . W[y_i]`` for a
-linear head ``W``):
+linear head ``W`` (the bias left out, as in CAM); for any other head, the head's logit of ``y_i`` at position ``j``,
+``s_ij = g(F_ij)[y_i]``):
 
 - ``"cam"`` (default): ``a_ij = relu(s_ij) / sum_j' relu(s_ij')``. It is the class activation map: positions that
   carry evidence for the example's own class dominate, positions that argue against it get no weight, so the
@@ -21,11 +22,20 @@ An example whose ``cam`` attention is zero at every position falls back to unifo
 with a non-zero MultiMix weight has zero attention falls back to the plain MultiMix weights. Nothing divides by zero.
 Attention is a weighting, not a path for gradients: it is computed without gradient (our choice).
 
-Peak extra memory, in elements (``n`` tuples, ``m`` examples, ``r`` positions, ``d`` channels, ``c`` classes):
+Peak extra memory, in elements (``n`` tuples, ``m`` examples, ``r`` positions, ``d`` channels, ``c`` classes), all
+float32:
 
-- logit path (affine head): ``m*n*r`` (weights) ``+ m*r*c`` (logits per position) ``+ 3*n*r*c`` (mixed logits,
-  mixed targets, log-probabilities kept for backward);
-- embedding path: the same ``+ n*r*d`` (mixed feature map) plus what the head keeps for backward on ``n*r`` rows.
+- logit path (affine head): about ``2*m*n*r`` (per-position weights, and the contiguous copy ``torch.einsum`` makes
+  for its batched matrix product) ``+ m*r*c`` (logits per position) ``+ 4*n*r*c`` (mixed logits, mixed targets,
+  log-probabilities kept for backward, and their product);
+- embedding path: the same ``+ 2*n*r*d`` (the mixed feature map and its contiguous ``(n*r, d)`` copy for the
+  head) plus what the head keeps for backward on ``n*r`` rows.
+
+No ``m*n*r*d`` (or ``m*n*r*c``) tensor is ever formed: each ``torch.einsum`` here contracts over the ``m`` examples
+with ``r`` as a batch dimension, one batched matrix product ``(r, n, m) @ (r, m, f)``.
+
+The interpolations run in float32 with autocast turned off, so that under mixed precision the weights keep summing to
+one (autocast would round them, and the matrix products, to 16 bits); the head itself runs in the training precision.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
+from lightning_multimix.interpolation import full_precision
 from lightning_multimix.losses import soft_cross_entropy
 
 AttentionKind = Literal["cam", "softmax", "uniform"]
@@ -70,7 +81,8 @@ def class_scores(features: Tensor, class_weights: Tensor, labels: Tensor) -> Ten
         >>> class_scores(features, torch.tensor([[3.0, -1.0]]), torch.tensor([0]))
         tensor([[ 3., -1.]])
     """
-    return torch.einsum("mrd,md->mr", features.float(), class_weights[labels].float())
+    with full_precision(features):
+        return torch.einsum("mrd,md->mr", features.float(), class_weights[labels].float())
 
 
 def dense_weights(weights: Tensor, attention: Tensor) -> Tensor:
@@ -99,7 +111,8 @@ def dense_interpolate(values: Tensor, weights: Tensor) -> Tensor:
         tensor([[[2.],
                  [1.]]])
     """
-    return torch.einsum("mnr,mrf->nrf", weights, values.to(weights.dtype))
+    with full_precision(values):
+        return torch.einsum("mnr,mrf->nrf", weights, values.to(weights.dtype))
 
 
 def dense_interpolate_targets(targets: Tensor, weights: Tensor) -> Tensor:
@@ -110,7 +123,21 @@ def dense_interpolate_targets(targets: Tensor, weights: Tensor) -> Tensor:
         tensor([[[0.2500, 0.7500],
                  [1.0000, 0.0000]]])
     """
-    return torch.einsum("mnr,mc->nrc", weights, targets.to(weights.dtype))
+    with full_precision(targets):
+        return torch.einsum("mnr,mc->nrc", weights, targets.to(weights.dtype))
+
+
+def per_position(head: Callable[[Tensor], Tensor], values: Tensor) -> Tensor:
+    """The head on every position: ``(..., r, d)`` to ``(..., r, c)``, through the head's own ``(N, d) -> (N, c)``
+    contract (a head with batch norm, or anything else that wants 2-d input, works).
+
+    Example:
+        >>> head = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+        >>> per_position(head, torch.randn(5, 6, 3)).shape
+        torch.Size([5, 6, 2])
+    """
+    out = head(values.reshape(-1, values.shape[-1]))
+    return out.reshape(*values.shape[:-1], out.shape[-1])
 
 
 def dense_multimix_logit_loss(
@@ -138,7 +165,8 @@ def dense_multimix_loss(
     head: Callable[[Tensor], Tensor],
     label_smoothing: float = 0.0,
 ) -> Tensor:
-    """Dense MultiMix loss in embedding space: the head on the ``(n, r, d)`` mixed feature map. Valid for any head.
+    """Dense MultiMix loss in embedding space: the head on the ``(n, r, d)`` mixed feature map, as ``n * r`` rows of
+    ``d`` (see :func:`per_position`). Valid for any head.
 
     Example:
         >>> head = torch.nn.Linear(3, 2)
@@ -150,5 +178,5 @@ def dense_multimix_loss(
         True
     """
     mixed = dense_interpolate(features, weights).to(features.dtype)
-    mixed_logits = head(mixed)
+    mixed_logits = per_position(head, mixed)
     return soft_cross_entropy(mixed_logits, dense_interpolate_targets(targets, weights), label_smoothing)

@@ -59,6 +59,33 @@ def is_affine(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)
 
 
+def classifier_block(model: nn.Module, head_path: str) -> str:
+    """The module that takes the pooled embedding, for dense mode: the ``nn.Sequential`` that ends with the head when
+    it holds more layers than the head and no pooling (EfficientNet's ``Dropout + Linear``, MobileNet's MLP, a ViT's
+    ``pre_logits + head``), else the head itself.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        >>> net.classifier = nn.Sequential(nn.Dropout(), nn.Linear(4, 2))
+        >>> classifier_block(net, "classifier.1")
+        'classifier'
+        >>> classifier_block(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)), "2")
+        '2'
+    """
+    if "." not in head_path:
+        return head_path
+    parent_path = head_path.rsplit(".", 1)[0]
+    parent = model.get_submodule(parent_path)
+    if (
+        isinstance(parent, nn.Sequential)
+        and len(parent) > 1
+        and parent[-1] is model.get_submodule(head_path)
+        and not any(isinstance(m, POOLING_TYPES) for m in parent.modules())
+    ):
+        return parent_path
+    return head_path
+
+
 def find_pooling(model: nn.Module, head_path: str) -> Optional[str]:
     """Dotted path of the average-pooling module that feeds the head: the last one registered before the head.
 

@@ -7,8 +7,26 @@ the same weights, so they can never disagree.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
+
+
+def full_precision(tensor: Tensor) -> contextlib.AbstractContextManager:
+    """A context with autocast off on ``tensor``'s device, so interpolations stay in float32 under mixed precision.
+
+    Autocast would run the weight products in 16 bits, where the weights of a column no longer sum to one.
+
+    Example:
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16), full_precision(torch.zeros(1)):
+        ...     (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+        torch.float32
+    """
+    try:
+        return torch.autocast(tensor.device.type, enabled=False)
+    except RuntimeError:  # a device type autocast does not know
+        return contextlib.nullcontext()
 
 
 def one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -59,4 +77,5 @@ def interpolate(values: Tensor, weights: Tensor) -> Tensor:
             f"`values` has {values.shape[0]} rows but `weights` has {weights.shape[0]}: weights must be (m, n) for m rows."
         )
     flat = values.reshape(values.shape[0], -1).to(weights.dtype)
-    return (weights.T @ flat).reshape(weights.shape[1], *values.shape[1:])
+    with full_precision(values):
+        return (weights.T @ flat).reshape(weights.shape[1], *values.shape[1:])

@@ -108,11 +108,16 @@ class RecordingMultiMix(MultiMix):
         self.weights: list[Tensor] = []
         self.losses: list[Tensor] = []
         self.grads: dict[str, Tensor] = {}
+        self.batches: list[Any] = []
         self.rank = 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self.rank = trainer.global_rank
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self.batches.append([t.detach().cpu().clone() for t in batch])
 
     def _sample_weights(self, num_examples: int, device: torch.device) -> Tensor:
         if self.fixed is not None:
@@ -148,6 +153,7 @@ class RecordingMultiMix(MultiMix):
             "weights": self.weights,
             "losses": self.losses,
             "grads": self.grads,
+            "batches": self.batches,
             "model": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()},
             "teacher": None if self.teacher is None else
             {k: v.detach().cpu().clone() for k, v in self.teacher.module.state_dict().items()},
@@ -187,3 +193,49 @@ def hand_multimix_loss(logits: Tensor, labels: Tensor, weights: Tensor) -> Tenso
     mixed_logits = weights.T @ logits
     mixed_targets = weights.T @ targets
     return -(mixed_targets * torch.log_softmax(mixed_logits, dim=1)).sum(1).mean()
+
+
+# ---------------------------------------------------------------------------------------------------- DDP runs
+
+MODES = {
+    "plain": dict(n_tuples=7),
+    "dense": dict(n_tuples=7, dense=True),
+    # a fast teacher (decay 0.5, no warm-up of beta) so that it departs from the student within a few steps
+    "distill": dict(n_tuples=7, distill=True, ema_decay=0.5, ema_warmup=False, distill_warmup_steps=0),
+    # the global batch: features, labels, targets and the teacher's logits gathered from both processes
+    "sync": dict(n_tuples=7, sync_batch=True, dense=True, distill=True, ema_decay=0.5, distill_warmup_steps=0),
+}
+
+
+class CleanModuleCheck(L.Callback):
+    """Placed after MultiMix: at teardown (MultiMix's has run) checks the module carries nothing MultiMix installed
+    and pickles, in the process that trained it (a spawned one under ``ddp_spawn``), and writes ``clean{rank}.txt``."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        import pickle
+
+        hooks = [name for name, m in pl_module.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+        leftovers = [k for k in ("training_step",) if k in pl_module.__dict__]
+        pickle.loads(pickle.dumps(pl_module))  # raises if it does not pickle
+        Path(self.out_dir, f"clean{trainer.global_rank}.txt").write_text(f"hooks={hooks} attributes={leftovers}")
+
+
+def fit_modes(strategy: str, out_dir: str, modes: tuple[str, ...] = tuple(MODES), steps: int = 3) -> None:
+    """Fit each mode for ``steps`` steps on 2 CPU processes; each rank writes ``out_dir/<mode>/rank{r}.pt``.
+
+    Each process builds its module from its own seed (as a script launched per process does without
+    ``seed_everything``): DDP must broadcast rank 0's weights, and the teacher must be copied after that.
+    """
+    for mode in modes:
+        rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.manual_seed(100 + rank)
+        dense = MODES[mode].get("dense", False)
+        model = (TinyCNN if dense else TinyMLP)(lr=0.2, batch_norm=True)
+        mode_dir = Path(out_dir, mode)
+        mode_dir.mkdir(parents=True, exist_ok=True)
+        callbacks = [RecordingMultiMix(**MODES[mode], out_dir=str(mode_dir)), CleanModuleCheck(str(mode_dir))]
+        fit_trainer = trainer(callbacks, devices=2, strategy=strategy, max_steps=steps, max_epochs=-1)
+        fit_trainer.fit(model, loader(n=16, batch_size=4, image=dense))

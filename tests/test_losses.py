@@ -75,3 +75,14 @@ def test_multimix_loss_hand_computed_for_two_examples():
     log_z = math.log(math.exp(mixed[0]) + math.exp(mixed[1]))
     expected = -(0.25 * (mixed[0] - log_z) + 0.75 * (mixed[1] - log_z))
     torch.testing.assert_close(multimix_loss(embeddings, targets, weights, lambda z: z), torch.tensor(expected))
+
+
+def test_interpolation_stays_float32_under_autocast():
+    values = torch.randn(5, 3).bfloat16()
+    weights = torch.distributions.Dirichlet(torch.ones(5)).sample((7,)).T
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = interpolate(values, weights)
+        mixed_targets = interpolate(torch.eye(5), weights)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed_targets.sum(-1), torch.ones(7), rtol=0, atol=1e-6)
+    torch.testing.assert_close(mixed, weights.T @ values.float())

@@ -1,0 +1,126 @@
+"""The demo's pictures: training curves per method, and a 2-D PCA of the test embeddings per method.
+
+Matplotlib is imported inside the plotting functions, which draw on a ``matplotlib.figure.Figure`` rendered by the
+Agg canvas, without pyplot: no window opens and no global backend is changed. Importing this module needs only torch
+(``pip install lightning-multimix[plot]`` for the pictures); :func:`pca_2d` is plain torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+
+
+def pca_2d(x: Tensor) -> Tensor:
+    """Project the rows of ``x`` (N, d) onto their first two principal axes (exact, by SVD of the centred data).
+
+    Each axis' sign is fixed so that its largest-magnitude loading is positive, so the picture does not flip
+    between runs.
+
+    Example:
+        >>> x = torch.tensor([[0.0, 0.0, 1.0], [2.0, 0.0, 1.0], [4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+        >>> pca_2d(x).shape
+        torch.Size([4, 2])
+        >>> torch.allclose(pca_2d(x).var(0, correction=0).sum(), (x - x.mean(0)).pow(2).sum(1).mean())
+        True
+    """
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"pca_2d: need an (N, d) tensor with N >= 2, got shape {tuple(x.shape)}.")
+    centred = x.double() - x.double().mean(0)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    axes = vh[:2]
+    if axes.shape[0] < 2:  # d == 1: a zero second axis
+        axes = torch.cat([axes, torch.zeros_like(axes)])
+    signs = torch.sign(axes.gather(1, axes.abs().argmax(1, keepdim=True)))
+    axes = axes * torch.where(signs == 0, torch.ones_like(signs), signs)
+    return (centred @ axes.T).float()
+
+
+def _figure(**kwargs: Any) -> Any:
+    """A ``Figure`` on an Agg canvas (no pyplot, no global state)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError("The demo's plots need matplotlib: `pip install lightning-multimix[plot]`.") from err
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _integer_locator() -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
+def _colormap(name: str) -> Any:
+    import matplotlib
+
+    return matplotlib.colormaps[name]
+
+
+def plot_curves(results: Sequence[dict], path: Union[str, Path]) -> Path:
+    """Per-epoch curves of every method: training loss (the optimised objective), test loss and test accuracy.
+
+    ``results`` are :func:`lightning_multimix.demo.run_method` outputs (their ``"method"`` and ``"history"``).
+    """
+    fig = _figure(figsize=(15, 4.2))
+    axes = fig.subplots(1, 3)
+    panels = (("train_loss", "training loss (optimised objective)"), ("val_loss", "test loss"),
+              ("val_acc", "test accuracy"))
+    for ax, (key, title) in zip(axes, panels):
+        for result in results:
+            points = [(h["epoch"], h[key]) for h in result["history"] if h.get(key) is not None]
+            if points:
+                epochs, values = zip(*points)
+                ax.plot(epochs, values, marker="o", label=result["method"])
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(_integer_locator())
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_embeddings(results: Sequence[dict], path: Union[str, Path], class_names: Optional[Sequence[str]] = None,
+                    max_points: int = 2000) -> Path:
+    """One panel per method: the 2-D PCA (:func:`pca_2d`) of its L2-normalised test embeddings, coloured by class.
+
+    Normalised, because alignment and uniformity are measured on the sphere. At most ``max_points`` points (the
+    first ones) are drawn per panel.
+    """
+    count = len(results)
+    cols = min(count, 4)
+    rows = math.ceil(count / cols)
+    fig = _figure(figsize=(4.2 * cols, 4.2 * rows + 0.6))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    cmap = _colormap("tab10" if (class_names is None or len(class_names) <= 10) else "tab20")
+    for ax, result in zip(axes.flat, results):
+        embeddings = torch.nn.functional.normalize(result["embeddings"][:max_points].float(), dim=1)
+        labels = result["labels"][:max_points]
+        points = pca_2d(embeddings)
+        for c in labels.unique().tolist():
+            mask = labels == c
+            name = class_names[c] if class_names is not None else str(c)
+            ax.scatter(points[mask, 0], points[mask, 1], s=4, color=cmap(c % cmap.N), label=name, alpha=0.7)
+        ax.set_title(f"{result['method']}  (acc {result['test_acc']:.3f})")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in list(axes.flat)[count:]:
+        ax.axis("off")
+    handles, labels_ = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels_, loc="lower center", ncol=min(len(labels_), 10), markerscale=3, frameon=False)
+    fig.suptitle("Test embeddings, L2-normalised, first two principal components")
+    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path

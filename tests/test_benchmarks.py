@@ -1,0 +1,68 @@
+"""Smoke tests of the benchmark scripts: they run end to end (``--quick``) and report every method.
+
+No timing or accuracy is asserted: the numbers of a quick run on a CI machine mean nothing. Both tests are end-to-end
+runs of several Trainers (about a minute each on 2 CPU cores), hence ``slow``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+OVERHEAD_METHODS = ("none", "mixup", "cutmix", "pairs", "multimix-128", "multimix-1000", "multimix-10000", "dense-1000",
+                    "distill-1000")
+ACCURACY_METHODS = ("erm", "mixup", "cutmix", "pairs", "multimix", "dense", "distill")
+
+
+def _run(*args: str, timeout: int = 400) -> str:
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{args} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def _table_rows(stdout: str, title_start: str) -> list[list[str]]:
+    """The rows (split on whitespace) of the first table whose title line starts with ``title_start``."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(title_start))
+    rows = []
+    for line in lines[start + 3:]:  # title, header, rule
+        if not line.strip():
+            break
+        rows.append(line.split())
+    return rows
+
+
+@pytest.mark.slow
+def test_overhead_quick_prints_every_method_and_writes_csv(tmp_path: Path) -> None:
+    stdout = _run("benchmarks/overhead.py", "--quick", "--out", str(tmp_path))
+    assert "machine: " in stdout and "torch=" in stdout
+    for model in ("smallcnn", "preactresnet18"):
+        trainer_rows = _table_rows(stdout, f"== Trainer step, {model}")
+        assert [row[1] for row in trainer_rows] == list(OVERHEAD_METHODS)
+        core_rows = _table_rows(stdout, f"== The core alone (ms, medians of 3), {model}")
+        assert [row[1] for row in core_rows] == list(OVERHEAD_METHODS)
+    with open(tmp_path / "overhead_trainer.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["method"] for row in rows] == list(OVERHEAD_METHODS) * 2
+    assert (tmp_path / "overhead_core.csv").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_accuracy_quick_prints_every_method_and_writes_files(tmp_path: Path) -> None:
+    stdout = _run("benchmarks/accuracy.py", "--quick", "--out", str(tmp_path))
+    rows = _table_rows(stdout, "== Fashion-MNIST, mean +- std")
+    assert [row[0] for row in rows] == list(ACCURACY_METHODS)
+    for name in ("accuracy_runs.csv", "accuracy_summary.csv", "accuracy_meta.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(tmp_path / "accuracy_runs.csv", newline="") as handle:
+        runs = list(csv.DictReader(handle))
+    assert sorted(run["method"] for run in runs) == sorted(ACCURACY_METHODS)
+    assert all(0.0 <= float(run["test_acc"]) <= 1.0 for run in runs)

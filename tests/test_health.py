@@ -1,0 +1,90 @@
+"""Health checks: a non-finite loss or labels out of range raise a clear error naming the batch, with no host-device
+synchronisation at every step on an accelerator.
+
+The callback keeps a device-side flag (first bad batch, what went wrong) updated at every batch without synchronising,
+and reads it at the first batch, then every ``check_every_n_steps`` batches on an accelerator, every batch on CPU (where
+reading is free), and at the end of training. The accelerator schedule is tested on CPU by a callback that reports its
+device as CUDA to the scheduling method.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import NUM_CLASSES, TinyMLP, loader, trainer
+from lightning_multimix import MultiMix, MultiMixError
+
+
+class NaNAt(TinyMLP):
+    """Its inputs, hence its logits and the loss, turn NaN at training batch ``bad`` (0-based, over the run)."""
+
+    def __init__(self, bad: int) -> None:
+        super().__init__(lr=0.1)
+        self.bad, self.calls = bad, 0
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.calls == self.bad:
+            x = x * float("nan")
+        self.calls += 1
+        return nn.functional.cross_entropy(self(x), y)
+
+
+class LabelFree(TinyMLP):
+    """A user loss that never looks at the labels (so only MultiMix can notice they are out of range)."""
+
+    def training_step(self, batch, batch_idx):
+        return self(batch[0]).pow(2).mean()
+
+
+class AcceleratorSchedule(MultiMix):
+    """Reads the flag on the accelerator schedule, and records at which batches it read it."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.reads: list = []
+
+    def _health_read_due(self, batch, device):
+        return super()._health_read_due(batch, torch.device("cuda"))
+
+    def _raise_if_unhealthy(self, trainer):
+        self.reads.append(self._batches_seen - 1)
+        super()._raise_if_unhealthy(trainer)
+
+
+def test_nan_loss_raises_at_once_on_cpu_naming_the_batch():
+    model = NaNAt(bad=2)
+    with pytest.raises(MultiMixError, match=r"non-finite \(NaN or inf\) at training batch 2 \(noticed at global step 2\)"):
+        trainer([MultiMix(n_tuples=5)], max_steps=6, max_epochs=-1).fit(model, loader())
+    assert model.calls == 3  # raised in the step of batch 2: nothing was trained on it
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_accelerator_reads_the_flag_every_n_steps_and_names_the_first_bad_batch():
+    model, callback = NaNAt(bad=2), AcceleratorSchedule(n_tuples=5, check_every_n_steps=4)
+    with pytest.raises(MultiMixError, match=r"at training batch 2 \(noticed at global step 4\)"):
+        trainer([callback], max_steps=8, max_epochs=-1).fit(model, loader())
+    assert callback.reads == [0, 4]  # the first batch, then every 4: no read (no sync) at batches 1, 2, 3
+    assert model.calls == 5
+
+
+def test_flag_is_read_at_the_end_of_training():
+    model, callback = NaNAt(bad=2), AcceleratorSchedule(n_tuples=5, check_every_n_steps=50)
+    with pytest.raises(MultiMixError, match=r"at training batch 2 \(noticed at global step 4\)"):
+        trainer([callback], max_steps=4, max_epochs=-1).fit(model, loader())
+    assert callback.reads == [0, 3]  # the first batch, then on_train_end (after batch 3)
+
+
+def test_healthy_run_reads_without_raising():
+    callback = AcceleratorSchedule(n_tuples=5, check_every_n_steps=2)
+    trainer([callback], max_steps=5, max_epochs=-1).fit(TinyMLP(), loader(n=20))
+    assert callback.reads == [0, 2, 4, 4]  # ... and on_train_end
+
+
+@pytest.mark.parametrize("bad_label", [NUM_CLASSES, -1])
+def test_labels_out_of_range_raise_naming_the_range_and_the_batch(bad_label):
+    labels = torch.zeros(16, dtype=torch.long)
+    labels[5] = bad_label  # batch 1 (batches of 4)
+    model = LabelFree()
+    with pytest.raises(MultiMixError, match=rf"labels outside \[0, {NUM_CLASSES}\) at training batch 1"):
+        trainer([MultiMix(n_tuples=5)], max_steps=4).fit(model, loader(labels=labels))
