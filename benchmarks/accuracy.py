@@ -69,12 +69,15 @@ RUN_KEYS = ("method", "seed", "test_acc", "ece", "alignment", "uniformity", "sec
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--data-dir", default=None, help="folder with the full Fashion-MNIST (default: the subset "
                                                          "shipped in the package)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"epochs per run (the demo's: {DEFAULT_EPOCHS})")
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS,
+                        help=f"epochs per run (the demo's: {DEFAULT_EPOCHS})")
     parser.add_argument("--max-steps", type=int, default=-1, help="stop every run after this many steps (-1: none)")
     parser.add_argument("--max-minutes", type=float, default=None, help="wall-time budget of each run's training")
     parser.add_argument("--n-tuples", type=int, default=1000, help="MultiMix's n (multimix, dense, distill)")

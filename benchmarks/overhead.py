@@ -3,30 +3,37 @@
 What is measured
 ----------------
 One training step is forward + loss + backward + optimizer step (SGD, momentum 0.9) of the same model on the same
-batch (b = 128 by default). For every method a fresh ``Trainer.fit`` runs ``--warmup`` steps (excluded) and then
-``--steps`` timed steps; a small callback (:class:`StepTimer`) reads the clock in ``on_train_batch_start`` and in
-``on_train_batch_end`` (after the optimizer step and after MultiMix's own ``on_train_batch_end``, where the EMA teacher
-is updated), synchronising the device first. Methods are interleaved inside every repeat, in an order that rotates
-from repeat to repeat, so that load from other processes hits all of them alike.
+batch size (b = 128 by default), through a real ``lightning.Trainer``: every method gets its own ``Trainer.fit``
+(same initial weights), all fits of a repeat run at once in threads that a :class:`Turnstile` lets step one at a
+time, in rounds of one step per method in a shuffled order. Step ``i`` of every method thus runs within the same
+second or so, and load from other processes hits all methods alike. A small callback (:class:`StepTimer`) reads the
+clock in ``on_train_batch_start`` and in ``on_train_batch_end`` (after the optimizer step and after MultiMix's own
+``on_train_batch_end``, where the EMA teacher is updated), synchronising the device first. The first ``--warmup``
+steps are excluded.
 
 Methods: ``none`` (plain cross-entropy), ``mixup`` and ``cutmix`` (``torchvision.transforms.v2.MixUp``/``CutMix``
-applied to the batch inside ``training_step``, the way their documentation shows), ``pairs`` (``MultiMix(mode="pairs")``,
-last-layer manifold mixup), ``multimix-N`` (``MultiMix(n_tuples=N)``), ``dense-1000`` (``MultiMix(n_tuples=1000,
-dense=True)``; ``r`` is the number of positions of the feature map: 7x7 = 49 for the small CNN, 4x4 = 16 for
-PreActResNet-18) and ``distill-1000`` (``MultiMix(n_tuples=1000, distill=True)``, EMA teacher).
+applied to the batch inside ``training_step``, the way their documentation shows), ``pairs``
+(``MultiMix(mode="pairs")``, last-layer manifold mixup), ``multimix-N`` (``MultiMix(n_tuples=N)``), ``dense-1000``
+(``MultiMix(n_tuples=1000, dense=True)``; ``r`` is the number of positions of the feature map: 7x7 = 49 for the
+small CNN, 4x4 = 16 for PreActResNet-18) and ``distill-1000`` (``MultiMix(n_tuples=1000, distill=True)``, EMA
+teacher).
 
 How to read the tables
 ----------------------
-* Trainer table: ``ms/step`` is the median of all timed steps over all repeats; ``ratio`` is the median over repeats
-  of (method median / ``none`` median of the same repeat), the number the targets refer to; ``core ms`` and
-  ``core share`` come from the second table; ``extra MB`` is the peak memory of the step above the ``none`` step's
-  peak. On CUDA the peak is ``torch.cuda.max_memory_allocated`` during the step; on CPU it is the peak of live bytes of
-  tensors allocated during one extra (untimed) step, tracked by :class:`benchmarks._memory.LiveTensorBytes`.
-  ``distill`` also keeps a persistent copy of the model (the teacher), reported in the notes below the table.
+* Trainer table: ``ms/step`` is the median of all timed steps over all repeats; ``ratio`` is the median of the
+  step-by-step ratios (method step ``i`` / ``none`` step ``i``, same round), the number the targets refer to, with
+  a bootstrap 95% confidence interval of that median; ``core ms`` and ``core share`` come from the second table;
+  ``extra MB`` is the peak memory of the step above the ``none`` step's peak. On CUDA the peak is
+  ``torch.cuda.max_memory_allocated`` during the step; on CPU it is the peak of live bytes of tensors allocated
+  during one extra (untimed) step, tracked by :class:`benchmarks._memory.LiveTensorBytes`. ``distill`` also keeps a
+  persistent copy of the model (the teacher), reported in the notes below the table.
 * Core table ("the core alone"): the package's pure tensor functions on the tensors a real forward produced,
   without Lightning: ``sample`` (Dirichlet or Beta weights), ``mix`` (interpolation of logits and targets, or the
   torchvision transform of the images), ``loss`` (soft cross-entropy), ``backward`` (from the loss to the logits or
   feature map), ``other`` (dense: attention and per-position weights; distill: teacher forward and EMA update).
+  When the installed package has the class-major logit path (``interpolation.interpolate_columns``) and the
+  factorised dense loss (``dense.factorised_dense_logit_loss``), the table times those, as the callback runs them
+  (the factorised dense loss does mixing and loss in one call, reported under ``mix``).
   ``share`` is the core total over the ``none`` Trainer step. The difference between a method's Trainer overhead and
   its core total is the callback's own cost (hooks, checks, logging).
 * ``--core-alternatives`` times faster candidates for the core against the current functions on the same shapes
@@ -38,7 +45,9 @@ intra-op thread (``--threads 1``). On a machine shared with other jobs, wall tim
 pre-empted process loses whole scheduler slices, and OpenMP's barriers turn every parallel elementwise operator into
 a wait for a pre-empted thread (milliseconds each). CPU time of a single-threaded process counts only the work done.
 On CUDA the clock is wall time with the device synchronised (``--clock wall``); pass ``--threads 0`` to keep torch's
-default thread count.
+default thread count. On Linux CPU runs the script restarts itself with glibc malloc settings that keep freed memory
+in the process (:data:`STABLE_MALLOC_ENV`; ``--no-malloc-tuning`` to skip): with glibc's defaults each fit's thread
+pays page faults that depend on its allocator's history, which biased identical fits by up to 7%.
 
 Examples::
 
@@ -52,6 +61,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import random
 import sys
 import threading
 import time
@@ -139,7 +150,10 @@ MODELS: dict[str, ModelSpec] = {
         "smallcnn", (1, 28, 28), lambda w: SmallCNN(NUM_CLASSES, 1, **({} if w is None else {"width": w})), 49
     ),
     "preactresnet18": ModelSpec(
-        "preactresnet18", (3, 32, 32), lambda w: PreActResNet18(NUM_CLASSES, 3, **({} if w is None else {"width": w})), 16
+        "preactresnet18",
+        (3, 32, 32),
+        lambda w: PreActResNet18(NUM_CLASSES, 3, **({} if w is None else {"width": w})),
+        16,
     ),
 }
 
@@ -226,52 +240,53 @@ def synchronize(device: torch.device) -> None:
 
 
 class Turnstile:
-    """Exclusive, round-robin turns for the threads that run one ``Trainer.fit`` each: step-level interleaving.
+    """Exclusive turns, in rounds, for the threads that run one ``Trainer.fit`` each: step-level interleaving.
 
     A thread calls :meth:`turn` at the start of every training step; it returns when that thread may run one loop
-    iteration (its step and the untimed work up to its next step) while every other thread waits. Turns start once
-    every participant has reached its first step, so no fit's set-up overlaps another's timed step. :meth:`leave`
-    removes a finished (or failed) participant.
+    iteration (its step and the untimed work up to its next step) while every other thread waits. Every round gives
+    each participant one turn, in an order shuffled per round (seeded), so no method always follows the same one.
+    Turns start once every participant has reached its first step, so no fit's set-up overlaps another's timed step.
+    :meth:`leave` removes a finished (or failed) participant.
     """
 
-    def __init__(self, names: Sequence[str]) -> None:
+    def __init__(self, names: Sequence[str], seed: int = 0) -> None:
         self._cond = threading.Condition()
-        self._order = list(names)
+        self._members = list(names)
         self._waiting: set[str] = set()
         self._current: Optional[str] = None
+        self._round: list[str] = []
+        self._started = False
+        self._rng = random.Random(seed)
 
-    def _pass_on(self) -> None:
-        if self._current in self._order and len(self._order) > 1:
-            self._current = self._order[(self._order.index(self._current) + 1) % len(self._order)]
-        elif self._current not in self._order:
-            self._current = None
-        if self._current is None and self._order and self._waiting >= set(self._order):
-            self._current = self._order[0]
+    def _next(self) -> None:
+        """Give the turn to the next participant (the lock is held)."""
+        self._current = None
+        if not self._started and self._members and self._waiting >= set(self._members):
+            self._started = True
+        if self._started and self._members:
+            self._round = [name for name in self._round if name in self._members]
+            if not self._round:
+                self._round = list(self._members)
+                self._rng.shuffle(self._round)
+            self._current = self._round.pop(0)
         self._cond.notify_all()
 
     def turn(self, name: str) -> None:
         with self._cond:
-            if self._current == name:
-                self._pass_on()
             self._waiting.add(name)
-            if self._current is None:
-                self._pass_on()
+            if self._current in (name, None):
+                self._next()
             self._cond.wait_for(lambda: self._current == name)
             self._waiting.discard(name)
 
     def leave(self, name: str) -> None:
         with self._cond:
-            if name not in self._order:
+            if name not in self._members:
                 return
-            if self._current == name:
-                self._pass_on()
-            self._order.remove(name)
+            self._members.remove(name)
             self._waiting.discard(name)
-            if self._current == name:
-                self._current = None
-            if self._current is None:
-                self._pass_on()
-            self._cond.notify_all()
+            if self._current in (name, None):
+                self._next()
 
 
 class StepTimer(Callback):
@@ -311,7 +326,9 @@ class StepTimer(Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._leave()
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.turnstile is not None:
             self.turnstile.turn(self.name)
         synchronize(self.device)
@@ -418,13 +435,15 @@ def fit_once(
 _build_lock = threading.Lock()
 
 
-def run_trainer(spec: ModelSpec, methods: Sequence[Method], args: argparse.Namespace, device: torch.device) -> TrainerResult:
+def run_trainer(
+    spec: ModelSpec, methods: Sequence[Method], args: argparse.Namespace, device: torch.device
+) -> TrainerResult:
     """Every repeat runs one fit per method, each in its own thread, interleaved step by step by a turnstile."""
     times: dict[str, list[list[float]]] = defaultdict(list)
     peaks: dict[str, list[int]] = defaultdict(list)
     for repeat in range(args.repeats):
         order = rotated(methods, repeat)
-        turnstile = Turnstile([m.name for m in order])
+        turnstile = Turnstile([m.name for m in order], seed=repeat)
         timers: dict[str, StepTimer] = {}
         errors: list[BaseException] = []
 
@@ -445,20 +464,29 @@ def run_trainer(spec: ModelSpec, methods: Sequence[Method], args: argparse.Names
             times[method.name].append(timers[method.name].times_ms)
             peaks[method.name].extend(timers[method.name].peak_bytes)
             if args.verbose:
-                print(f"  [{spec.name}] repeat {repeat} {method.name}: median {median(timers[method.name].times_ms):.1f}"
-                      " ms", flush=True)
+                step_ms = median(timers[method.name].times_ms)
+                print(f"  [{spec.name}] repeat {repeat} {method.name}: median {step_ms:.1f} ms", flush=True)
     teacher = spec.build(args.width)
     teacher_bytes = sum(t.numel() * t.element_size() for t in [*teacher.parameters(), *teacher.buffers()])
     return TrainerResult(dict(times), dict(peaks), teacher_bytes)
 
 
-def paired_ratio(result: TrainerResult, name: str) -> float:
-    """Median over repeats of (median step of ``name`` / median step of ``none``) within each repeat."""
-    base = result.times_ms.get("none")
-    if not base:
-        return float("nan")
-    ratios = [median(mine) / median(ref) for mine, ref in zip(result.times_ms[name], base) if mine and ref]
-    return median(ratios)
+def paired_ratios(result: TrainerResult, name: str) -> list[float]:
+    """Step-by-step ratios ``name / none``: step ``i`` of both ran in the same round of the turnstile."""
+    base = result.times_ms.get("none", [])
+    return [mine / ref for steps, refs in zip(result.times_ms[name], base) for mine, ref in zip(steps, refs)]
+
+
+def median_ci(
+    values: Sequence[float], level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Bootstrap confidence interval of the median (percentile method, seeded)."""
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    rng = random.Random(seed)
+    medians = sorted(median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    tail = (1.0 - level) / 2.0
+    return medians[int(tail * resamples)], medians[min(resamples - 1, int((1.0 - tail) * resamples))]
 
 
 # ---------------------------------------------------------------------------------------------------- the core alone
@@ -676,21 +704,25 @@ def dense_factorised_logit_loss(
     targets: Tensor,
     weights: Tensor,
     attention: Tensor,
-    fallback: bool = True,
+    fallback: str = "where",
     class_major: bool = True,
 ) -> Tensor:
     r"""Candidate dense MultiMix loss without the ``(m, n, r)`` weight tensor.
 
     ``w_ikj = lambda_ik a_ij / D_kj`` with ``D = Lambda^T A`` (n x r), so
     ``sum_i w_ikj v_ij = (Lambda^T (A * V))_kj / D_kj``: one ``m``-deep matrix product for the logits and one for the
-    targets, then a division. Where ``D_kj == 0`` the current code falls back to the plain MultiMix weights;
-    ``fallback=True`` reproduces that exactly with one more product (``Lambda^T V``), ``fallback=False`` drops it
-    (only valid when every position has some attention, e.g. ``attention="softmax"``). ``class_major`` computes
-    ``(r*c x m) @ (m x n)`` (layout ``(r, c, n)``, softmax over dim 1) instead of ``(n x m) @ (m x r*c)``.
+    targets, then a division. Where ``D_kj == 0`` the current code falls back to the plain MultiMix weights:
+    ``fallback="where"`` reproduces that exactly with one more product (``Lambda^T V``) and a select;
+    ``fallback="dead-positions"`` gives the positions where no example has attention a uniform attention instead,
+    which is the same thing when every weight ``lambda_ik`` is positive (whole-batch tuples, ``tuple_size=None``)
+    and costs nothing; ``fallback="none"`` drops it (wrong where a position has no attention). ``class_major``
+    computes ``(r*c x m) @ (m x n)`` (layout ``(r, c, n)``, softmax over dim 1) instead of ``(n x m) @ (m x r*c)``.
     """
     m, r, c = position_logits.shape
     dtype = weights.dtype
     a = attention.to(dtype)  # (m, r), no grad
+    if fallback == "dead-positions":
+        a = torch.where(a.sum(0, keepdim=True) > 0, a, torch.ones_like(a))
     logits = position_logits.to(dtype)
 
     def mix(values: Tensor) -> Tensor:  # (m, r, f) -> (r, f, n) class-major or (n, r, f)
@@ -704,7 +736,7 @@ def dense_factorised_logit_loss(
         safe = denom.clamp_min(torch.finfo(dtype).tiny)
         mixed_targets = mix(a.unsqueeze(-1) * targets.to(dtype).unsqueeze(1)) / safe
     mixed_logits = mix(a.unsqueeze(-1) * logits) / safe
-    if fallback:
+    if fallback == "where":
         ok = denom > 0
         mixed_logits = torch.where(ok, mixed_logits, mix(logits))
         mixed_targets = torch.where(ok, mixed_targets, mix(targets.to(dtype).unsqueeze(1)))
@@ -749,10 +781,14 @@ def run_alternatives(args: argparse.Namespace, device: torch.device) -> list[tup
     # A. Dirichlet sampling, m = b examples, n tuples, alpha = 1 (the default) and alpha = 0.5
     for n in (1000, 10000):
         candidates = {
-            "current dirichlet_weights (exponential_)": lambda: dirichlet_weights(b, n, 1.0, generator=gen, device=device),
+            "current dirichlet_weights (exponential_)": lambda: dirichlet_weights(
+                b, n, 1.0, generator=gen, device=device
+            ),
             "_standard_gamma (the alpha != 1 path)": lambda: dirichlet_weights(b, n, 0.5, generator=gen, device=device),
             "-log1p(-rand), (m, n)": lambda: dirichlet_log1p(b, n, generator=gen, device=device),
-            "-log1p(-rand), sampled (n, m), .T": lambda: dirichlet_log1p(b, n, generator=gen, device=device, transposed=True),
+            "-log1p(-rand), sampled (n, m), .T": lambda: dirichlet_log1p(
+                b, n, generator=gen, device=device, transposed=True
+            ),
             "torch.distributions.Dirichlet (global RNG)": lambda: torch.distributions.Dirichlet(
                 torch.ones(n, b, device=device)
             ).sample(),
@@ -785,9 +821,10 @@ def run_alternatives(args: argparse.Namespace, device: torch.device) -> list[tup
             def embedding_space() -> Tensor:
                 return soft_cross_entropy(head(interpolate(z, w)), interpolate(y, w))
 
-            notes = {name: equal_note(current, fn, z) for name, fn in
-                     (("class-major (c x m) @ (m x n)", class_major), ("embedding space (logit_space='never')",
-                                                                        embedding_space))}
+            notes = {
+                "class-major (c x m) @ (m x n)": equal_note(current, class_major, z),
+                "embedding space (logit_space='never')": equal_note(current, embedding_space, z),
+            }
             candidates = {
                 "logit space, (n x m) @ (m x c) (current)": lambda: current().backward(),
                 "class-major (c x m) @ (m x n)": lambda: class_major().backward(),
@@ -825,9 +862,10 @@ def run_alternatives(args: argparse.Namespace, device: torch.device) -> list[tup
         def current() -> Tensor:
             per_position = dense_weights(weights, attention)
             logits = F.linear(features, head.weight, head.bias)
-            return soft_cross_entropy(dense_interpolate(logits, per_position), dense_interpolate_targets(targets, per_position))
+            mixed_targets = dense_interpolate_targets(targets, per_position)
+            return soft_cross_entropy(dense_interpolate(logits, per_position), mixed_targets)
 
-        def factorised(fallback: bool = True, class_major: bool = True) -> Callable[[], Tensor]:
+        def factorised(fallback: str = "where", class_major: bool = True) -> Callable[[], Tensor]:
             def loss() -> Tensor:
                 logits = F.linear(features, head.weight, head.bias)
                 return dense_factorised_logit_loss(logits, targets, weights, attention, fallback, class_major)
@@ -837,7 +875,8 @@ def run_alternatives(args: argparse.Namespace, device: torch.device) -> list[tup
             "current (dense_weights + einsum)": current,
             "factorised, (n x m) @ (m x rc)": factorised(class_major=False),
             "factorised, class-major (rc x m) @ (m x n)": factorised(),
-            "factorised, class-major, no fallback": factorised(fallback=False),
+            "factorised, class-major, dead positions uniform": factorised(fallback="dead-positions"),
+            "factorised, class-major, no fallback": factorised(fallback="none"),
         }
         notes = {name: equal_note(current, fn, features) for name, fn in variants.items() if fn is not current}
         for name, fn in variants.items():
@@ -879,8 +918,8 @@ class _LogCostModule(L.LightningModule):
 def measure_log_cost(device: torch.device, batch_size: int, steps: int = 60) -> float:
     data = TensorDataset(torch.randn(steps * batch_size, 8), torch.randint(0, NUM_CLASSES, (steps * batch_size,)))
     module = _LogCostModule()
-    trainer = L.Trainer(accelerator="cuda" if device.type == "cuda" else "cpu", devices=1, max_steps=steps, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(accelerator="cuda" if device.type == "cuda" else "cpu", devices=1, max_steps=steps,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, DataLoader(data, batch_size=batch_size))
     return median(module.samples_us[5:])
 
@@ -889,7 +928,9 @@ def measure_log_cost(device: torch.device, batch_size: int, steps: int = 60) -> 
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--models", default="smallcnn,preactresnet18", help="comma-separated: " + ",".join(MODELS))
     parser.add_argument("--methods", default=",".join(METHOD_NAMES), help="comma-separated subset of the methods")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -908,8 +949,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="what a step costs: 'cpu' = process CPU time (default on CPU: robust to other jobs on a "
                              "shared machine), 'wall' = elapsed time (default on CUDA)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU; 0 keeps the default")
-    parser.add_argument("--out", default=None, help="folder for the overhead_*.csv files (default: none with --quick, "
-                                                    "else benchmarks/results)")
+    parser.add_argument("--out", default=None, help="folder for the overhead_<tag>_*.csv files (default: none with "
+                                                    "--quick, else benchmarks/results)")
+    parser.add_argument("--no-malloc-tuning", action="store_true",
+                        help="keep glibc's default malloc settings (default on CPU: restart with STABLE_MALLOC_ENV)")
+    parser.add_argument("--tag", default=None, help="name part of the CSV files (default: the models, e.g. "
+                                                    "overhead_smallcnn_trainer.csv)")
     parser.add_argument("--quick", action="store_true", help="CI smoke run: tiny models, few steps (under a minute)")
     parser.add_argument("--verbose", action="store_true", help="print every fit's median as it finishes")
     args = parser.parse_args(argv)
@@ -924,6 +969,26 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+#: glibc malloc settings for CPU runs: keep freed memory in the process (no trimming, no per-step mmap/munmap of
+#: large tensors), so that steps do not pay page faults that depend on the allocator's history in each thread.
+#: Measured without them, identical ``none`` fits in different threads differed by up to 7% (CI excluding 1).
+STABLE_MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),  # glibc's maximum; also freezes the dynamic threshold
+    "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30),
+    "MALLOC_TOP_PAD_": str(2**30),
+}
+
+
+def reexec_with_stable_malloc(args: argparse.Namespace) -> None:
+    """Restart this script with :data:`STABLE_MALLOC_ENV` set (Linux, CPU device, unless ``--no-malloc-tuning``)."""
+    if args.no_malloc_tuning or not sys.platform.startswith("linux") or not args.device.startswith("cpu"):
+        return
+    if all(os.environ.get(key) == value for key, value in STABLE_MALLOC_ENV.items()):
+        return
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STABLE_MALLOC_ENV})
+
+
 def quiet_lightning() -> None:
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -933,6 +998,8 @@ def quiet_lightning() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if argv is None:  # run from the command line: restarting the process is possible
+        reexec_with_stable_malloc(args)
     quiet_lightning()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -960,7 +1027,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{'yes' if _interpolate_columns else 'no'}, factorised dense loss: {'yes' if _factorised_dense else 'no'})")
     print(f"settings: batch={args.batch_size} warmup={args.warmup} steps={args.steps} repeats={args.repeats} "
           f"width={args.width or 'default'} precision={args.precision} clock={args.clock} quick={args.quick}")
-    headers = ("model", "method", "r", f"ms/step ({args.clock})", "ratio", "target", "met", "core ms", "core share", "extra MB")
+    tuned = all(os.environ.get(key) == value for key, value in STABLE_MALLOC_ENV.items())
+    print("malloc: " + (" ".join(f"{k}={v}" for k, v in STABLE_MALLOC_ENV.items()) if tuned else "glibc defaults"))
+    headers = ("model", "method", "r", f"ms/step ({args.clock})", "ratio", "95% CI", "target", "met", "core ms",
+               "core share", "extra MB")
     context = [device.type, args.threads, args.batch_size, args.width or "default", args.precision]
     trainer_csv: list[list[Any]] = []
     core_csv: list[list[Any]] = []
@@ -973,19 +1043,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows = []
         for method in methods:
             pooled = [t for rep in trainer_result.times_ms[method.name] for t in rep]
-            ratio = paired_ratio(trainer_result, method.name)
+            ratios = paired_ratios(trainer_result, method.name)
+            ratio = median(ratios)
+            low, high = median_ci(ratios)
             target = TARGETS.get((spec.name, method.name))
             met = "" if target is None else ("n/a (quick)" if args.quick else ("yes" if ratio <= target else "NO"))
             peaks = trainer_result.peak_bytes.get(method.name)
             extra = (median(peaks) - base_peak) / MB if peaks and base_peak is not None else float("nan")
             core_total = core[method.name]["total"]
             row = [spec.name, method.name, spec.positions if method.kind == "dense" else "", f"{median(pooled):.1f}",
-                   f"{ratio:.3f}", "" if target is None else f"<= {target:.2f}", met, f"{core_total:.2f}",
+                   f"{ratio:.3f}", f"{low:.3f}-{high:.3f}", "" if target is None else f"<= {target:.2f}", met,
+                   f"{core_total:.2f}",
                    f"{100 * core_total / base_ms:.1f}%", f"{extra:.2f}"]
             rows.append(row)
             trainer_csv.append([*row, *context])
         print()
-        print(format_table(headers, rows, title=f"== Trainer step, {spec.name}, b={args.batch_size}, device={device} =="))
+        title = f"== Trainer step, {spec.name}, b={args.batch_size}, device={device} =="
+        print(format_table(headers, rows, title=title))
         print(f"notes: distill keeps a persistent teacher copy of {trainer_result.teacher_bytes / MB:.2f} MB "
               "(parameters + buffers), not in 'extra MB'; 'extra MB' is the peak above the 'none' step's peak.")
         core_rows = []
@@ -1003,12 +1077,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.out:
         context_headers = ("device", "threads", "batch", "width", "precision")
         out = Path(args.out)
+        tag = args.tag or "-".join(spec.name for spec in specs)
         written = []
         if trainer_csv:
-            write_csv(out / "overhead_trainer.csv", (*headers, *context_headers), trainer_csv)
-            write_csv(out / "overhead_core.csv", ("model", "method", *CORE_STAGES, "total", "share", *context_headers),
-                      core_csv)
-            written += ["overhead_trainer.csv", "overhead_core.csv"]
+            write_csv(out / f"overhead_{tag}_trainer.csv", (*headers, *context_headers), trainer_csv)
+            write_csv(out / f"overhead_{tag}_core.csv",
+                      ("model", "method", *CORE_STAGES, "total", "share", *context_headers), core_csv)
+            written += [f"overhead_{tag}_trainer.csv", f"overhead_{tag}_core.csv"]
         if alt_csv:
             write_csv(out / "overhead_alternatives.csv", ("group", "variant", "shape", "ms", *context_headers), alt_csv)
             written.append("overhead_alternatives.csv")

@@ -375,7 +375,9 @@ class MultiMix(Callback):
         step = self._batches_seen
         self._batches_seen += 1
         seed = step_seed(self._base_seed, trainer.global_rank, step)
-        if self.probability < 1.0 and not random.Random(seed).random() < self.probability:
+        # with sync_batch every process takes part in the gather, so all take rank 0's decision (else they deadlock)
+        decision_seed = step_seed(self._base_seed, 0, step) if self.sync_batch else seed
+        if self.probability < 1.0 and not random.Random(decision_seed).random() < self.probability:
             return original(*args, **kwargs)
 
         with contextlib.ExitStack() as stack:
@@ -402,7 +404,10 @@ class MultiMix(Callback):
             self._raise_if_unhealthy(trainer)
         self._verified = True
 
-        pl_module.log("multimix/loss", loss.detach(), on_step=True, on_epoch=True, batch_size=labels.shape[0])
+        # the step value is this process's; the epoch value is averaged over processes, once, at the epoch's end
+        pl_module.log("multimix/loss", loss.detach(), on_step=True, on_epoch=False, batch_size=labels.shape[0])
+        pl_module.log("multimix/loss_epoch", loss.detach(), on_step=False, on_epoch=True, sync_dist=True,
+                      batch_size=labels.shape[0])
         if self.distill:
             pl_module.log("multimix/distill_weight", self._distill_beta(trainer.global_step), on_step=True,
                           on_epoch=False, batch_size=labels.shape[0])
@@ -595,8 +600,8 @@ class MultiMix(Callback):
             )
         raise MultiMixError(
             f"MultiMix: the loss became non-finite (NaN or inf) at training batch {bad_step} (noticed at global "
-            f"step {trainer.global_step}). Lower the learning rate, clip gradients (`Trainer(gradient_clip_val=...)`), or "
-            "use bf16 instead of fp16."
+            f"step {trainer.global_step}). Lower the learning rate, clip gradients "
+            "(`Trainer(gradient_clip_val=...)`), or use bf16 instead of fp16."
         )
 
 
@@ -641,7 +646,8 @@ def _broadcast_buffers(module: nn.Module) -> None:
     for buffers in by_dtype.values():
         flat = torch.cat([b.reshape(-1) for b in buffers])
         torch.distributed.broadcast(flat, src=0)
-        torch._foreach_copy_(buffers, [f.view_as(b) for f, b in zip(flat.split([b.numel() for b in buffers]), buffers)])
+        received = flat.split([b.numel() for b in buffers])
+        torch._foreach_copy_(buffers, [r.view_as(b) for r, b in zip(received, buffers)])
 
 
 def _close(a: Tensor, b: Tensor) -> bool:

@@ -8,10 +8,10 @@ schedule over the run, batch 128). MultiMix uses the paper's hyper-parameters: `
 batch mixed. Per-epoch curves are measured on the test split (there is no model selection: the reported numbers are
 those of the last epoch).
 
-Options: ``--epochs``, ``--n-tuples``, ``--max-minutes`` (a budget for the whole run, shared equally by the methods),
+Options: ``--epochs``, ``--n-tuples``, ``--max-minutes`` (a training-time budget, shared equally by the methods),
 ``--quick`` (a sub-minute run on a smaller subset), ``--dense`` / ``--distill`` (add Dense MultiMix and
 MultiMix + self-distillation), ``--methods`` (any of :data:`METHODS`), ``--data-dir`` (full Fashion-MNIST from disk),
-``--out``, ``--seed``, ``--no-progress``.
+``--out``, ``--seed``, ``--batch-size``, ``--threads``, ``--no-progress``.
 
 For other scripts (``benchmarks/accuracy.py``): :func:`run_method` trains and tests one method and returns its
 numbers, history and test embeddings; ``train_data`` / ``test_data`` are the :class:`~lightning_multimix.data.ImageSet`
@@ -294,19 +294,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"training epochs per method (default {DEFAULT_EPOCHS}; {QUICK_EPOCHS} with --quick)")
     parser.add_argument("--n-tuples", type=int, default=1000, help="MultiMix's n, interpolations per batch (1000)")
     parser.add_argument("--max-minutes", type=float, default=None,
-                        help="wall-time budget for all the training, shared equally by the methods (default: none)")
+                        help="training-time budget for the whole run in minutes, shared equally by the methods; a "
+                             "method that runs out stops early and is tested as it is (default: none)")
     parser.add_argument("--quick", action="store_true",
                         help=f"a sub-minute run: {QUICK_TRAIN_PER_CLASS}/{QUICK_TEST_PER_CLASS} training/test images "
                              f"per class, {QUICK_EPOCHS} epochs")
     parser.add_argument("--dense", action="store_true", help="also train Dense MultiMix")
     parser.add_argument("--distill", action="store_true", help="also train MultiMix + self-distillation")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
-                        help=f"train exactly these methods (default: {' '.join(DEFAULT_METHODS)}, plus --dense/--distill)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None, metavar="METHOD",
+                        help=f"train exactly these methods, from {', '.join(METHODS)} (default: "
+                             f"{' '.join(DEFAULT_METHODS)}, plus --dense/--distill)")
     parser.add_argument("--data-dir", default=None,
                         help="directory with the full Fashion-MNIST files (default: the subset shipped in the package)")
     parser.add_argument("--out", default="./demo_out", help="output directory (default ./demo_out)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
     parser.add_argument("--batch-size", type=int, default=128, help="batch size (128, as in the paper)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice, usually the number of cores); on a "
+                             "machine shared with other jobs, 1 can be several times faster")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
@@ -321,6 +326,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
             parser.error(f"{name} {value}: expected a positive integer" + (" >= 2" if name == "--batch-size" else ""))
     if args.max_minutes is not None and not args.max_minutes > 0:
         parser.error(f"--max-minutes {args.max_minutes}: expected a positive number of minutes")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads {args.threads}: expected a positive integer")
     methods = list(args.methods or DEFAULT_METHODS)
     methods += [m for m, flag in (("dense", args.dense), ("distill", args.distill)) if flag and m not in methods]
 
@@ -330,6 +337,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         train, test = load_fashion_mnist(args.data_dir)
     except (OSError, DataFormatError) as err:
         parser.error(str(err))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.quick:
         train, test = train.balanced_subset(QUICK_TRAIN_PER_CLASS), test.balanced_subset(QUICK_TEST_PER_CLASS)
 

@@ -11,7 +11,9 @@ Both are over *all* pairs of the data seen, not pairs within a batch. How the ``
 * :class:`EmbeddingAlignment` keeps sum states per class: the count ``n_c``, the vector sum ``s_c = sum_i u_i`` and
   ``q_c = sum_i ||u_i||^2``. Since ``sum_{i<j} ||u_i - u_j||^2 = n_c q_c - ||s_c||^2`` within a class, the exact
   all-pairs value follows from the sums, in constant memory, and under DDP the states are summed
-  (``dist_reduce_fx="sum"``): the result equals one process on all the data.
+  (``dist_reduce_fx="sum"``): the result equals one process on all the data (up to float32 rounding of the
+  states, which are float32 so that they live on any device; each batch's sums and the final formula use float64
+  where the device has it).
 * :class:`EmbeddingUniformity` has no such sufficient statistic (``exp`` of a distance), so it keeps the normalised
   embeddings (a ``cat`` state, ``dist_reduce_fx="cat"``: all processes' embeddings are gathered before ``compute``)
   and computes all pairs in blocks of rows, in float64. Memory: ``N x d`` floats; time ``O(N^2 d)``.
@@ -48,8 +50,13 @@ def _check_labels(labels: Tensor, n: int, num_classes: Optional[int], where: str
                          f"{int(labels.max())}].")
 
 
+def _wide(device: torch.device) -> torch.dtype:
+    """float64 for the arithmetic, except on Apple's MPS, which has none."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _normalize(embeddings: Tensor) -> Tensor:
-    return F.normalize(embeddings.detach().double(), dim=1)
+    return F.normalize(embeddings.detach().to(_wide(embeddings.device)), dim=1)
 
 
 # ---------------------------------------------------------------------------------------------------- alignment
@@ -59,13 +66,15 @@ def _alignment_update(embeddings: Tensor, labels: Tensor, num_classes: int) -> t
     """Per-class count, vector sum and sum of squared norms of the normalised embeddings."""
     u = _normalize(embeddings)
     labels = labels.long()
-    counts = torch.bincount(labels, minlength=num_classes).double()
-    sums = torch.zeros(num_classes, u.shape[1], dtype=torch.float64, device=u.device).index_add_(0, labels, u)
-    squares = torch.zeros(num_classes, dtype=torch.float64, device=u.device).index_add_(0, labels, (u * u).sum(1))
+    counts = torch.bincount(labels, minlength=num_classes).to(u.dtype)
+    sums = torch.zeros(num_classes, u.shape[1], dtype=u.dtype, device=u.device).index_add_(0, labels, u)
+    squares = torch.zeros(num_classes, dtype=u.dtype, device=u.device).index_add_(0, labels, (u * u).sum(1))
     return counts, sums, squares
 
 
 def _alignment_compute(counts: Tensor, sums: Tensor, squares: Tensor) -> Tensor:
+    wide = _wide(counts.device)
+    counts, sums, squares = counts.to(wide), sums.to(wide), squares.to(wide)
     pair_sums = (counts * squares - (sums * sums).sum(1)).clamp_min(0.0)  # sum_{i<j, same class} ||u_i - u_j||^2
     pairs = (counts * (counts - 1) / 2).sum()
     if pairs == 0:
@@ -99,10 +108,10 @@ def _uniformity_compute(u: Tensor, t: float) -> Tensor:
     n = u.shape[0]
     if n < 2:
         return torch.tensor(float("nan"), device=u.device)
-    u = u.double()
+    u = u.to(_wide(u.device))
     squares = (u * u).sum(1)
     rows = max(1, _BLOCK_ELEMENTS // n)
-    total = torch.zeros((), dtype=torch.float64, device=u.device)
+    total = torch.zeros((), dtype=u.dtype, device=u.device)
     for start in range(0, n, rows):
         block = u[start:start + rows]
         distances = (squares[start:start + rows, None] + squares[None, :] - 2.0 * block @ u.T).clamp_min(0.0)
@@ -168,9 +177,10 @@ class EmbeddingAlignment(Metric):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"EmbeddingAlignment: {name}={value!r}; expected an int >= 1.")
         self.num_classes, self.embedding_dim = num_classes, embedding_dim
-        self.add_state("counts", torch.zeros(num_classes, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("sums", torch.zeros(num_classes, embedding_dim, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("squares", torch.zeros(num_classes, dtype=torch.float64), dist_reduce_fx="sum")
+        # float32 states (every device has float32; each batch's sums are formed in float64 where available)
+        self.add_state("counts", torch.zeros(num_classes), dist_reduce_fx="sum")
+        self.add_state("sums", torch.zeros(num_classes, embedding_dim), dist_reduce_fx="sum")
+        self.add_state("squares", torch.zeros(num_classes), dist_reduce_fx="sum")
 
     def update(self, embeddings: Tensor, labels: Tensor) -> None:
         _check_embeddings(embeddings, "EmbeddingAlignment")
@@ -179,9 +189,9 @@ class EmbeddingAlignment(Metric):
                              f"built with embedding_dim={self.embedding_dim}.")
         _check_labels(labels, embeddings.shape[0], self.num_classes, "EmbeddingAlignment")
         counts, sums, squares = _alignment_update(embeddings, labels, self.num_classes)
-        self.counts += counts
-        self.sums += sums
-        self.squares += squares
+        self.counts += counts.to(self.counts.dtype)
+        self.sums += sums.to(self.sums.dtype)
+        self.squares += squares.to(self.squares.dtype)
 
     def compute(self) -> Tensor:
         return _alignment_compute(self.counts, self.sums, self.squares)

@@ -8,6 +8,7 @@ spawned processes by pickling them) and can be imported by the scripts that ``st
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_multimix import MultiMix
+from lightning_multimix.sampling import dirichlet_weights
 
 NUM_CLASSES, DIM, HIDDEN = 3, 6, 8
 TESTS_DIR = Path(__file__).resolve().parent
@@ -115,7 +117,8 @@ class RecordingMultiMix(MultiMix):
         super().setup(trainer, pl_module, stage)
         self.rank = trainer.global_rank
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         self.batches.append([t.detach().cpu().clone() for t in batch])
 
@@ -171,7 +174,7 @@ def trainer(callbacks: Any = (), **kwargs: Any) -> L.Trainer:
     return L.Trainer(callbacks=list(callbacks), **{**defaults, **kwargs})
 
 
-def run_script(path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_script(path: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     """Run ``python path args`` with this folder importable, raising with its output if it fails.
 
     ``strategy="ddp"`` re-launches the running script once per extra process, so a DDP run must be a script of its
@@ -180,10 +183,19 @@ def run_script(path: Path, *args: str, timeout: float = 300) -> subprocess.Compl
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
     for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    result = subprocess.run([sys.executable, str(path), *args], env=env, capture_output=True, text=True,
-                            timeout=timeout, cwd=str(path.parent))
+    # its own session, so that a hung job (a deadlocked collective) is killed whole, the processes it launched too
+    process = subprocess.Popen([sys.executable, str(path), *args], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=str(path.parent), start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"{path.name} did not finish in {timeout} s (killed):\n{stdout[-4000:]}\n{stderr[-8000:]}")
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     if result.returncode != 0:
-        raise AssertionError(f"{path.name} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+        output = f"{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+        raise AssertionError(f"{path.name} failed ({result.returncode}):\n{output}")
     return result
 
 
@@ -204,6 +216,9 @@ MODES = {
     "distill": dict(n_tuples=7, distill=True, ema_decay=0.5, ema_warmup=False, distill_warmup_steps=0),
     # the global batch: features, labels, targets and the teacher's logits gathered from both processes
     "sync": dict(n_tuples=7, sync_batch=True, dense=True, distill=True, ema_decay=0.5, distill_warmup_steps=0),
+    # whether a batch is mixed is drawn per batch; with sync_batch every process must take the same decision (they
+    # all take part in the gather). With seed 3 rank 0's stream mixes batch 1 only and rank 1's would mix 0 and 1.
+    "sync_probability": dict(n_tuples=7, sync_batch=True, probability=0.5, seed=3),
 }
 
 
@@ -239,3 +254,28 @@ def fit_modes(strategy: str, out_dir: str, modes: tuple[str, ...] = tuple(MODES)
         callbacks = [RecordingMultiMix(**MODES[mode], out_dir=str(mode_dir)), CleanModuleCheck(str(mode_dir))]
         fit_trainer = trainer(callbacks, devices=2, strategy=strategy, max_steps=steps, max_epochs=-1)
         fit_trainer.fit(model, loader(n=16, batch_size=4, image=dense))
+
+
+SYNC_B, SYNC_N = 4, 5
+
+
+def sync_weights() -> dict[int, Tensor]:
+    """The known weight matrices of the sync_batch test: rank r mixes the global batch (2b rows) into n tuples."""
+    g = torch.Generator().manual_seed(7)
+    return {rank: dirichlet_weights(2 * SYNC_B, SYNC_N, alpha=0.5, generator=g) for rank in range(2)}
+
+
+def fit_sync(strategy: str, out_dir: str, logit_spaces: tuple[str, ...] = ("auto", "never")) -> None:
+    """One step with ``sync_batch=True`` and the known weights, per ``logit_space``; each rank writes
+    ``out_dir/<logit_space>/rank{r}.pt`` and rank 0 the initial weights (``initial.pt``)."""
+    for logit_space in logit_spaces:
+        torch.manual_seed(0)
+        model = TinyMLP(lr=0.1)
+        folder = Path(out_dir, logit_space)
+        folder.mkdir(parents=True, exist_ok=True)
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            torch.save(model.state_dict(), folder / "initial.pt")
+        callback = RecordingMultiMix(n_tuples=SYNC_N, sync_batch=True, logit_space=logit_space, fixed=sync_weights(),
+                                     out_dir=str(folder))
+        sync_trainer = trainer([callback], devices=2, strategy=strategy, max_steps=1)
+        sync_trainer.fit(model, loader(n=2 * SYNC_B, batch_size=SYNC_B))

@@ -48,10 +48,10 @@ def test_overhead_quick_prints_every_method_and_writes_csv(tmp_path: Path) -> No
         assert [row[1] for row in trainer_rows] == list(OVERHEAD_METHODS)
         core_rows = _table_rows(stdout, f"== The core alone (ms, medians of 3), {model}")
         assert [row[1] for row in core_rows] == list(OVERHEAD_METHODS)
-    with open(tmp_path / "overhead_trainer.csv", newline="") as handle:
+    with open(tmp_path / "overhead_smallcnn-preactresnet18_trainer.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["method"] for row in rows] == list(OVERHEAD_METHODS) * 2
-    assert (tmp_path / "overhead_core.csv").stat().st_size > 0
+    assert (tmp_path / "overhead_smallcnn-preactresnet18_core.csv").stat().st_size > 0
 
 
 @pytest.mark.slow

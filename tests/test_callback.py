@@ -162,7 +162,7 @@ def test_logs_multimix_loss_and_keeps_user_logs_and_validation():
     model = MLP()
     t = trainer(callbacks=[MultiMix(n_tuples=20, seed=0)], limit_val_batches=2)
     t.fit(model, data(), data(seed=1))
-    assert {"multimix/loss_step", "multimix/loss_epoch", "user_loss", "val_loss"} <= set(t.callback_metrics)
+    assert {"multimix/loss", "multimix/loss_epoch", "user_loss", "val_loss"} <= set(t.callback_metrics)
     # validation is untouched: it is the plain cross-entropy of the model
     x, y = next(iter(data(seed=1)))
     val_batches = [next(iter(data(seed=1)))]

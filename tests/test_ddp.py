@@ -6,47 +6,60 @@ the spawned processes, which is the pickling the callback must not break). Each 
 ``rank{r}.pt`` (see ``helpers.RecordingMultiMix``), and the tests compare the processes.
 """
 
-import copy
+import random
 from pathlib import Path
 
 import pytest
 import torch
 
 import helpers
-from helpers import MODES, RecordingMultiMix, TinyMLP, hand_multimix_loss, loader, run_script, trainer
+from helpers import MODES, TinyMLP, hand_multimix_loss, run_script, sync_weights
 from lightning_multimix.sampling import dirichlet_weights, step_seed
 
 pytestmark = pytest.mark.slow
 STEPS = 3
 
 
-@pytest.fixture(scope="module", params=["ddp", "ddp_spawn"])
-def runs(request, tmp_path_factory):
-    """``{mode: {"records": [rank 0's, rank 1's], "clean": [...]}}`` of one 2-process fit per mode (3 steps, batches
-    of 4 per process); see ``helpers.fit_modes``."""
-    strategy = request.param
-    out = tmp_path_factory.mktemp(strategy)
-    if strategy == "ddp":
-        script = out / "fit_ddp.py"
-        script.write_text("import sys\nimport helpers\nhelpers.fit_modes('ddp', sys.argv[1], steps=int(sys.argv[2]))\n")
-        run_script(script, str(out), str(STEPS))
-        modes = tuple(MODES)
-    else:
-        # sync_batch runs under ddp_spawn in test_sync_batch_equals_one_process_on_the_global_batch; a spawn costs
-        # two fresh interpreters, so it is not repeated here
-        modes = tuple(m for m in MODES if m != "sync")
-        helpers.fit_modes(strategy, str(out), modes=modes, steps=STEPS)
-    return {mode: _load(out / mode) for mode in modes}
+@pytest.fixture(scope="module")
+def ddp_out(tmp_path_factory) -> Path:
+    """One script, 2 processes, several fits in a row (the processes and the process group are reused): every mode
+    (``modes/``) and the sync_batch equivalence runs (``sync/``)."""
+    out = tmp_path_factory.mktemp("ddp")
+    script = out / "fit_ddp.py"
+    script.write_text(
+        "import sys\nimport helpers\n"
+        "helpers.fit_modes('ddp', sys.argv[1] + '/modes', steps=int(sys.argv[2]))\n"
+        "helpers.fit_sync('ddp', sys.argv[1] + '/sync')\n"
+    )
+    run_script(script, str(out), str(STEPS))
+    return out
 
 
-def _run(runs: dict, mode: str) -> dict:
-    if mode not in runs:
-        pytest.skip(f"mode {mode!r} is not run under this strategy (see the `runs` fixture)")
-    return runs[mode]
+@pytest.fixture(scope="module")
+def spawn_out(tmp_path_factory) -> Path:
+    """Every mode but the sync_batch ones under ddp_spawn: each fit spawns two fresh interpreters, so sync_batch (whose
+    arithmetic does not depend on how the processes were started) runs under ddp only."""
+    out = tmp_path_factory.mktemp("ddp_spawn")
+    modes = tuple(mode for mode in MODES if not MODES[mode].get("sync_batch"))
+    helpers.fit_modes("ddp_spawn", str(out / "modes"), modes=modes, steps=STEPS)
+    return out
+
+
+# (strategy, mode) pairs: every mode under both strategies, but sync_batch under ddp only (see spawn_out);
+# "sync_probability" has its own test (not every batch is mixed)
+CASES = [(strategy, mode) for strategy in ("ddp", "ddp_spawn") for mode in MODES
+         if mode != "sync_probability" and not (strategy == "ddp_spawn" and MODES[mode].get("sync_batch"))]
+TEACHER_CASES = [(strategy, mode) for strategy, mode in CASES if MODES[mode].get("distill")]
+
+
+def _run(request, strategy: str, mode: str) -> dict:
+    """``{"records": [rank 0's, rank 1's], "clean": [...]}`` of one 2-process fit (3 steps, batches of 4 per
+    process); see ``helpers.fit_modes``."""
+    return _load(request.getfixturevalue("ddp_out" if strategy == "ddp" else "spawn_out") / "modes" / mode)
 
 
 def _rows(mode: str) -> int:
-    return 8 if MODES[mode].get("sync_batch") else 4  # the batch mixed: 4 per process
+    return 8 if MODES[mode].get("sync_batch") else 4  # the batch mixed: 4 per process, or the global batch
 
 
 def _load(folder: Path) -> dict:
@@ -55,9 +68,9 @@ def _load(folder: Path) -> dict:
     return {"records": records, "clean": clean}
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-def test_trains_on_two_processes(runs, mode):
-    r0, r1 = _run(runs, mode)["records"]
+@pytest.mark.parametrize("strategy, mode", CASES)
+def test_trains_on_two_processes(request, strategy, mode):
+    r0, r1 = _run(request, strategy, mode)["records"]
     assert (r0["rank"], r1["rank"], r0["world_size"]) == (0, 1, 2)
     for record in (r0, r1):
         assert record["global_step"] == STEPS and record["batches_seen"] == STEPS
@@ -72,16 +85,16 @@ def test_trains_on_two_processes(runs, mode):
     assert all(torch.equal(r0["grads"][k], r1["grads"][k]) for k in params)
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-def test_module_is_clean_and_picklable_after_fit(runs, mode):
+@pytest.mark.parametrize("strategy, mode", CASES)
+def test_module_is_clean_and_picklable_after_fit(request, strategy, mode):
     # written by helpers.CleanModuleCheck, in the process that trained (a spawned one under ddp_spawn), after
     # MultiMix's teardown; it pickled the module there and found no hook and no wrapped training_step
-    assert _run(runs, mode)["clean"] == ["hooks=[] attributes=[]"] * 2
+    assert _run(request, strategy, mode)["clean"] == ["hooks=[] attributes=[]"] * 2
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-def test_each_process_draws_its_own_weights(runs, mode):
-    r0, r1 = _run(runs, mode)["records"]
+@pytest.mark.parametrize("strategy, mode", CASES)
+def test_each_process_draws_its_own_weights(request, strategy, mode):
+    r0, r1 = _run(request, strategy, mode)["records"]
     # one base seed for the job (broadcast from rank 0), then a stream per (rank, batch)
     assert r0["base_seed"] == r1["base_seed"]
     for step in range(STEPS):
@@ -93,9 +106,9 @@ def test_each_process_draws_its_own_weights(runs, mode):
             torch.testing.assert_close(record["weights"][step], expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("mode", ["distill", "sync"])
-def test_teacher_is_identical_across_processes(runs, mode):
-    r0, r1 = _run(runs, mode)["records"]
+@pytest.mark.parametrize("strategy, mode", TEACHER_CASES)
+def test_teacher_is_identical_across_processes(request, strategy, mode):
+    r0, r1 = _run(request, strategy, mode)["records"]
     assert r0["teacher_updates"] == r1["teacher_updates"] == STEPS
     teacher0, teacher1 = r0["teacher"], r1["teacher"]
     # parameters and batch-norm buffers alike (the processes' own statistics differ: see test_trains_on_two_processes)
@@ -108,25 +121,23 @@ def test_teacher_is_identical_across_processes(runs, mode):
 
 # ---------------------------------------------------------------------------------------------------- sync_batch
 
-B, N = 4, 5
-
 
 @pytest.mark.parametrize("logit_space", ["auto", "never"])
-def test_sync_batch_equals_one_process_on_the_global_batch(tmp_path, logit_space):
+def test_sync_batch_equals_one_process_on_the_global_batch(ddp_out, logit_space):
     """2 processes on batches A and B with sync_batch=True, rank r mixing the global batch with its own W_r (2b x n),
-    give the loss and the (DDP-averaged) gradients of one process on [A; B] with W = [W_0 | W_1] (2b x 2n)."""
-    g = torch.Generator().manual_seed(7)
-    fixed = {rank: dirichlet_weights(2 * B, N, alpha=0.5, generator=g) for rank in range(2)}
-    torch.manual_seed(0)
-    model = TinyMLP(lr=0.1)
-    initial = copy.deepcopy(model)
-    callback = RecordingMultiMix(n_tuples=N, sync_batch=True, logit_space=logit_space, fixed=fixed,
-                                 out_dir=str(tmp_path))
-    trainer([callback], devices=2, strategy="ddp_spawn", max_steps=1).fit(model, loader(n=2 * B, batch_size=B))
-    r0, r1 = (torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2))
+    give the loss and the (DDP-averaged) gradients of one process on [A; B] with W = [W_0 | W_1] (2b x 2n).
+
+    ``logit_space="auto"`` gathers the head's logits (linear head), ``"never"`` the embeddings, on which each rank then
+    runs the head: the gradients reach the encoder through the gradient-carrying all-gather either way."""
+    folder = ddp_out / "sync" / logit_space
+    fixed = sync_weights()
+    r0, r1 = (torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in range(2))
+    initial = TinyMLP()
+    initial.load_state_dict(torch.load(folder / "initial.pt"))
 
     (xa, ya), (xb, yb) = r0["batches"][0], r1["batches"][0]
     assert not torch.equal(xa, xb)
+    assert all(torch.equal(w, fixed[r["rank"]]) for r in (r0, r1) for w in r["weights"])  # the known weights were used
     x, y = torch.cat([xa, xb]), torch.cat([ya, yb])
     logits = initial(x)
     # each rank's loss: its own n tuples over the global batch
@@ -139,3 +150,20 @@ def test_sync_batch_equals_one_process_on_the_global_batch(tmp_path, logit_space
     for name, param in initial.named_parameters():
         torch.testing.assert_close(r0["grads"][name], param.grad, msg=name)
         torch.testing.assert_close(r1["grads"][name], param.grad, msg=name)
+
+
+def test_sync_batch_processes_take_the_same_mixing_decision(ddp_out):
+    """With ``probability < 1`` each batch is mixed or not; under sync_batch all processes must take rank 0's decision
+    (they all take part in the gather: a process that skipped it would leave the others waiting forever)."""
+    r0, r1 = _load(ddp_out / "modes" / "sync_probability")["records"]
+    config = MODES["sync_probability"]
+    decisions = {rank: [random.Random(step_seed(config["seed"], rank, step)).random() < config["probability"]
+                        for step in range(STEPS)] for rank in range(2)}
+    assert decisions[0] != decisions[1]  # the processes' own streams disagree: the test can fail
+    mixed = [step for step, mix in enumerate(decisions[0]) if mix]
+    assert 0 < len(mixed) < STEPS
+    for record in (r0, r1):
+        assert record["global_step"] == record["batches_seen"] == STEPS
+        assert len(record["losses"]) == len(record["weights"]) == len(mixed)
+        assert all(w.shape == (8, config["n_tuples"]) for w in record["weights"])  # the global batch
+    assert not torch.allclose(r0["weights"][0], r1["weights"][0])  # each its own weights, still

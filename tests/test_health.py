@@ -54,7 +54,8 @@ class AcceleratorSchedule(MultiMix):
 
 def test_nan_loss_raises_at_once_on_cpu_naming_the_batch():
     model = NaNAt(bad=2)
-    with pytest.raises(MultiMixError, match=r"non-finite \(NaN or inf\) at training batch 2 \(noticed at global step 2\)"):
+    message = r"non-finite \(NaN or inf\) at training batch 2 \(noticed at global step 2\)"
+    with pytest.raises(MultiMixError, match=message):
         trainer([MultiMix(n_tuples=5)], max_steps=6, max_epochs=-1).fit(model, loader())
     assert model.calls == 3  # raised in the step of batch 2: nothing was trained on it
     assert all(torch.isfinite(p).all() for p in model.parameters())
