@@ -233,7 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                            for _, key, _, fmt in MEASURES)] for row in summary]
     print()
     print(format_table(headers, rows, title=f"== Fashion-MNIST, mean +- std over {len(seeds)} seed(s) =="))
-    print(f"total wall time: {total / 60:.1f} min")
+    print(f"\ntotal wall time: {total / 60:.1f} min")
 
     write_csv(out / "accuracy_runs.csv", RUN_KEYS, [[run[key] for key in RUN_KEYS] for run in runs])
     summary_keys = ["method", "runs"] + [f"{key}_{stat}" for _, key, _, _ in MEASURES for stat in ("mean", "std")]

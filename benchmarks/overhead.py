@@ -22,7 +22,9 @@ How to read the tables
 ----------------------
 * Trainer table: ``ms/step`` is the median of all timed steps over all repeats; ``ratio`` is the median of the
   step-by-step ratios (method step ``i`` / ``none`` step ``i``, same round), the number the targets refer to, with
-  a bootstrap 95% confidence interval of that median; ``core ms`` and ``core share`` come from the second table;
+  a bootstrap 95% confidence interval of that median (``met`` is left "unresolved" below 20 paired steps);
+  ``extra ms`` is the median step-by-step difference to ``none``, which does not depend on the network (it
+  transfers to a larger network with the same head); ``core ms`` and ``core share`` come from the second table;
   ``extra MB`` is the peak memory of the step above the ``none`` step's peak. On CUDA the peak is
   ``torch.cuda.max_memory_allocated`` during the step; on CPU it is the peak of live bytes of tensors allocated
   during one extra (untimed) step, tracked by :class:`benchmarks._memory.LiveTensorBytes`. ``distill`` also keeps a
@@ -475,6 +477,24 @@ def paired_ratios(result: TrainerResult, name: str) -> list[float]:
     """Step-by-step ratios ``name / none``: step ``i`` of both ran in the same round of the turnstile."""
     base = result.times_ms.get("none", [])
     return [mine / ref for steps, refs in zip(result.times_ms[name], base) for mine, ref in zip(steps, refs)]
+
+
+def paired_differences(result: TrainerResult, name: str) -> list[float]:
+    """Step-by-step differences ``name - none`` in ms (same rounds as :func:`paired_ratios`)."""
+    base = result.times_ms.get("none", [])
+    return [mine - ref for steps, refs in zip(result.times_ms[name], base) for mine, ref in zip(steps, refs)]
+
+
+MIN_PAIRS_TO_JUDGE = 20
+
+
+def judge(ratio: float, target: float, pairs: int, quick: bool) -> str:
+    """``yes``/``NO`` against a target, or why not judged (a quick run, or too few paired steps to resolve it)."""
+    if quick:
+        return "n/a (quick)"
+    if pairs < MIN_PAIRS_TO_JUDGE:
+        return f"unresolved ({pairs} steps)"
+    return "yes" if ratio <= target else "NO"
 
 
 def median_ci(
@@ -1029,10 +1049,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"width={args.width or 'default'} precision={args.precision} clock={args.clock} quick={args.quick}")
     tuned = all(os.environ.get(key) == value for key, value in STABLE_MALLOC_ENV.items())
     print("malloc: " + (" ".join(f"{k}={v}" for k, v in STABLE_MALLOC_ENV.items()) if tuned else "glibc defaults"))
-    headers = ("model", "method", "r", f"ms/step ({args.clock})", "ratio", "95% CI", "target", "met", "core ms",
-               "core share", "extra MB")
+    headers = ("model", "method", "r", f"ms/step ({args.clock})", "extra ms", "ratio", "95% CI", "target", "met",
+               "core ms", "core share", "extra MB")
     context = [device.type, args.threads, args.batch_size, args.width or "default", args.precision]
     trainer_csv: list[list[Any]] = []
+    steps_csv: list[list[Any]] = []
     core_csv: list[list[Any]] = []
     alt_csv: list[list[Any]] = []
     for spec in [] if args.only_alternatives else specs:
@@ -1040,20 +1061,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         core = run_core(spec, methods, args, device)
         base_ms = median([t for rep in trainer_result.times_ms["none"] for t in rep])
         base_peak = median(trainer_result.peak_bytes.get("none", [])) if trainer_result.peak_bytes.get("none") else None
+        for method in methods:
+            for repeat, steps in enumerate(trainer_result.times_ms[method.name]):
+                steps_csv += [[spec.name, method.name, repeat, i, f"{ms:.3f}", args.clock]
+                              for i, ms in enumerate(steps)]
         rows = []
         for method in methods:
             pooled = [t for rep in trainer_result.times_ms[method.name] for t in rep]
             ratios = paired_ratios(trainer_result, method.name)
             ratio = median(ratios)
             low, high = median_ci(ratios)
+            extra_ms = median(paired_differences(trainer_result, method.name))
             target = TARGETS.get((spec.name, method.name))
-            met = "" if target is None else ("n/a (quick)" if args.quick else ("yes" if ratio <= target else "NO"))
+            met = "" if target is None else judge(ratio, target, len(ratios), args.quick)
             peaks = trainer_result.peak_bytes.get(method.name)
             extra = (median(peaks) - base_peak) / MB if peaks and base_peak is not None else float("nan")
             core_total = core[method.name]["total"]
             row = [spec.name, method.name, spec.positions if method.kind == "dense" else "", f"{median(pooled):.1f}",
-                   f"{ratio:.3f}", f"{low:.3f}-{high:.3f}", "" if target is None else f"<= {target:.2f}", met,
-                   f"{core_total:.2f}",
+                   f"{extra_ms:+.1f}", f"{ratio:.3f}", f"{low:.3f}-{high:.3f}",
+                   "" if target is None else f"<= {target:.2f}", met, f"{core_total:.2f}",
                    f"{100 * core_total / base_ms:.1f}%", f"{extra:.2f}"]
             rows.append(row)
             trainer_csv.append([*row, *context])
@@ -1083,7 +1109,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             write_csv(out / f"overhead_{tag}_trainer.csv", (*headers, *context_headers), trainer_csv)
             write_csv(out / f"overhead_{tag}_core.csv",
                       ("model", "method", *CORE_STAGES, "total", "share", *context_headers), core_csv)
-            written += [f"overhead_{tag}_trainer.csv", f"overhead_{tag}_core.csv"]
+            write_csv(out / f"overhead_{tag}_steps.csv", ("model", "method", "repeat", "step", "ms", "clock"),
+                      steps_csv)
+            written += [f"overhead_{tag}_trainer.csv", f"overhead_{tag}_core.csv", f"overhead_{tag}_steps.csv"]
         if alt_csv:
             write_csv(out / "overhead_alternatives.csv", ("group", "variant", "shape", "ms", *context_headers), alt_csv)
             written.append("overhead_alternatives.csv")

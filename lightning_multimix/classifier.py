@@ -108,7 +108,8 @@ class ImageClassifier(L.LightningModule):
                    milestones, "a non-empty list of epochs > 0 for schedule='step', e.g. [500, 1000, 1500]")
         _check(0.0 < gamma <= 1.0, "gamma", gamma, "a value in (0, 1]")
         _check(input_mix is None or input_mix in INPUT_MIXES, "input_mix", input_mix, f"None or one of {INPUT_MIXES}")
-        _check(math.isfinite(input_mix_alpha) and input_mix_alpha > 0, "input_mix_alpha", input_mix_alpha, "a value > 0")
+        _check(math.isfinite(input_mix_alpha) and input_mix_alpha > 0, "input_mix_alpha", input_mix_alpha,
+               "a value > 0")
         _check(0.0 <= label_smoothing < 1.0, "label_smoothing", label_smoothing, "a value in [0, 1)")
         _check(isinstance(ece_bins, int) and ece_bins >= 1, "ece_bins", ece_bins, "an int >= 1")
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
@@ -175,8 +176,8 @@ class ImageClassifier(L.LightningModule):
 
             if any(isinstance(c, MultiMix) for c in self.trainer.callbacks):
                 raise ValueError(
-                    f"ImageClassifier(input_mix={self.input_mix!r}) mixes inputs and targets itself, while the MultiMix "
-                    "callback mixes embeddings with the batch's integer labels: use one of the two, not both."
+                    f"ImageClassifier(input_mix={self.input_mix!r}) mixes inputs and targets itself, while the "
+                    "MultiMix callback mixes embeddings with the batch's integer labels: use one of the two, not both."
                 )
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -236,8 +237,8 @@ class ImageClassifier(L.LightningModule):
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total) or total < 1:
-            raise ValueError("ImageClassifier(schedule='cosine') anneals over the whole run: set Trainer(max_epochs=...) "
-                             "or Trainer(max_steps=...), or use schedule='constant'.")
+            raise ValueError("ImageClassifier(schedule='cosine') anneals over the whole run: set "
+                             "Trainer(max_epochs=...) or Trainer(max_steps=...), or use schedule='constant'.")
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -96,7 +96,9 @@ def read_idx(path: PathLike) -> Tensor:
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as err:
-            raise DataFormatError(f"'{path}' is not a valid gzip file ({err}); the file is corrupt or truncated.") from None
+            raise DataFormatError(
+                f"'{path}' is not a valid gzip file ({err}); the file is corrupt or truncated."
+            ) from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataFormatError(
             f"'{path}' is not an idx file: its magic number is {raw[:4].hex() or 'missing'}, expected 0000 followed "
@@ -224,7 +226,8 @@ class ImageSet(Dataset):
         """The first ``per_class`` examples of each class (in the order of the data set), kept in that order.
 
         Example:
-            >>> data = ImageSet(torch.zeros(6, 1, 1, 1, dtype=torch.uint8), torch.tensor([0, 1, 1, 0, 1, 0]), ("a", "b"))
+            >>> labels = torch.tensor([0, 1, 1, 0, 1, 0])
+            >>> data = ImageSet(torch.zeros(6, 1, 1, 1, dtype=torch.uint8), labels, ("a", "b"))
             >>> data.balanced_subset(2).labels
             tensor([0, 1, 1, 0])
         """
@@ -246,7 +249,9 @@ def balanced_indices(labels: Tensor, per_class: int, num_classes: Optional[int] 
     for c in range(num_classes):
         found = torch.nonzero(labels == c).flatten()
         if found.numel() < per_class:
-            raise ValueError(f"balanced_indices: class {c} has {found.numel()} examples, fewer than per_class={per_class}.")
+            raise ValueError(
+                f"balanced_indices: class {c} has {found.numel()} examples, fewer than per_class={per_class}."
+            )
         chosen.append(found[:per_class])
     return torch.cat(chosen).sort().values
 
@@ -303,8 +308,8 @@ def load_fashion_mnist(data_dir: Optional[PathLike] = None) -> tuple[ImageSet, I
             raise DataFormatError(f"'{image_path}': expected (N, 28, 28) uint8 Fashion-MNIST images, got "
                                   f"{tuple(images.shape)} {images.dtype}.")
         if labels.dtype != torch.uint8 or labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-            raise DataFormatError(f"'{label_path}': expected ({images.shape[0]},) uint8 labels matching '{image_path}', "
-                                  f"got {tuple(labels.shape)} {labels.dtype}.")
+            raise DataFormatError(f"'{label_path}': expected ({images.shape[0]},) uint8 labels matching "
+                                  f"'{image_path}', got {tuple(labels.shape)} {labels.dtype}.")
         if labels.numel() and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
             raise DataFormatError(f"'{label_path}': labels must lie in [0, 10), found {int(labels.max())}.")
         splits.append(ImageSet(images.unsqueeze(1), labels.long(), FASHION_MNIST_CLASSES,

@@ -21,7 +21,9 @@ pair that :func:`~lightning_multimix.data.load_fashion_mnist` returns.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import importlib.util
 import json
 import logging
 import os
@@ -29,7 +31,7 @@ import platform
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -54,7 +56,9 @@ METHOD_DESCRIPTIONS = {
     "dense": "Dense MultiMix: MultiMix(n_tuples=n, alpha=1, dense=True)",
     "distill": "MultiMix + self-distillation: MultiMix(n_tuples=n, alpha=1, distill=True)",
 }
-#: Epochs of the default demo: ERM + pairs + MultiMix in about 4 minutes on 2 shared CPU cores (measured, see README).
+#: Epochs of the default demo (ERM + pairs + MultiMix). Measured on 2 CPU cores: about 10 s per ERM epoch when the
+#: cores are free, i.e. about 3-4 minutes in all; 12 minutes when the same cores were shared with three other jobs
+#: (see examples/demo_output/README.md).
 DEFAULT_EPOCHS = 5
 #: ``--quick``: this many training / test images per class, and epochs.
 QUICK_TRAIN_PER_CLASS, QUICK_TEST_PER_CLASS, QUICK_EPOCHS = 200, 50, 2
@@ -275,12 +279,22 @@ def prepare_output_dir(out: Union[str, os.PathLike]) -> Path:
 # ---------------------------------------------------------------------------------------------------- command line
 
 
-def _quiet_lightning() -> None:
-    """The command line prints its own account of the run: hide Lightning's set-up chatter and known noise."""
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")  # Lightning 2.6's pytree use on newer torch
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """The command line prints its own account of the run: hide Lightning's set-up chatter and known noise (restored
+    on exit, so that calling :func:`main` from Python leaves logging and warnings as they were)."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "lightning_fabric")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")  # Lightning 2.6's pytree use on newer torch
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,12 +345,24 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     methods = list(args.methods or DEFAULT_METHODS)
     methods += [m for m, flag in (("dense", args.dense), ("distill", args.distill)) if flag and m not in methods]
 
-    _quiet_lightning()
     try:  # everything that can fail on bad input fails here, before any training
         out = prepare_output_dir(args.out)
         train, test = load_fashion_mnist(args.data_dir)
     except (OSError, DataFormatError) as err:
         parser.error(str(err))
+    needed = [("matplotlib", "the pictures")]
+    if {"mixup", "cutmix"} & set(methods):
+        needed.append(("torchvision", "--methods mixup/cutmix"))
+    missing = [(package, why) for package, why in needed if importlib.util.find_spec(package) is None]
+    if missing:
+        parser.error("; ".join(f"{why} need {package}" for package, why in missing)
+                     + ": pip install 'lightning-multimix[plot,vision]'")
+    with _quiet_lightning():
+        return _run(args, methods, epochs, out, train, test)
+
+
+def _run(args: argparse.Namespace, methods: list[str], epochs: int, out: Path, train: ImageSet,
+         test: ImageSet) -> list[dict]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -372,7 +398,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     curves = plot_curves(results, out / "curves.png")
     embeddings = plot_embeddings(results, out / "embeddings.png", class_names=train.classes)
 
-    print(f"\nResults on the test split ({len(test)} images), after {total / 60:.1f} minutes of training and testing:\n")
+    print(f"\nResults on the test split ({len(test)} images), after {total / 60:.1f} minutes of training and "
+          "testing:\n")
     print(format_table(results))
     print("\ntest acc: top-1 accuracy. ECE: expected calibration error (15 bins; lower is better calibrated). "
           "alignment: mean squared distance between normalised test embeddings of the same class (lower: tighter "

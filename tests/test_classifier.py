@@ -99,7 +99,8 @@ def test_schedules(schedule: str, extra: dict, expected: list[float]) -> None:
     trainer(max_epochs=2, callbacks=[record], limit_val_batches=0).fit(model, tiny_loader())
     assert record.lrs == pytest.approx(expected)
     optimizer = model.optimizers().optimizer  # LightningOptimizer wraps torch's
-    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9 and optimizer.defaults["weight_decay"] == 5e-4
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.defaults["momentum"] == 0.9 and optimizer.defaults["weight_decay"] == 5e-4
 
 
 def test_cosine_needs_a_finite_run() -> None:
@@ -155,7 +156,8 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
         low, high = b / bins, (b + 1) / bins
         inside = (confidence > low) & (confidence <= high)
         if inside.any():
-            total += inside.float().mean().item() * abs(correct[inside].mean().item() - confidence[inside].mean().item())
+            gap = abs(correct[inside].mean().item() - confidence[inside].mean().item())
+            total += inside.float().mean().item() * gap
     return total
 
 

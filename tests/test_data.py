@@ -201,7 +201,8 @@ def test_embedded_files_checksums_size_and_license() -> None:
     assert all(digest in readme for digest in EMBEDDED_SHA256.values())
 
 
-@pytest.mark.skipif(not DEBIAN_DIR.is_dir(), reason="full Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(not DEBIAN_DIR.is_dir(),
+                    reason="full Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 def test_embedded_subset_matches_first_images_per_class_of_full_set() -> None:
     def raw(name: str, offset: int) -> np.ndarray:
         return np.frombuffer(gzip.decompress((DEBIAN_DIR / name).read_bytes()), dtype=np.uint8, offset=offset)

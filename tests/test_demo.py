@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -135,12 +136,23 @@ def test_corrupt_data_file_names_path(tmp_path: Path, capsys: pytest.CaptureFixt
     assert str(data_dir / "train-images-idx3-ubyte.gz") in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("args", "match"), [(["--epochs", "0"], "--epochs 0"), (["--max-minutes", "0"], "--max-minutes"),
+@pytest.mark.parametrize(("args", "match"), [(["--epochs", "0"], "--epochs 0"),
+                                             (["--max-minutes", "0"], "--max-minutes"),
+                                             (["--threads", "0"], "--threads 0"),
                                              (["--methods", "bogus"], "invalid choice")])
 def test_bad_options(args: list[str], match: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         demo.main([*args, "--out", str(tmp_path)])
     assert match in capsys.readouterr().err
+
+
+def test_missing_optional_package_fails_before_training(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    real = demo.importlib.util.find_spec
+    monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name: None if name == "matplotlib" else real(name))
+    with pytest.raises(SystemExit):
+        demo.main(["--quick", "--out", str(tmp_path)])
+    assert "the pictures need matplotlib" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
@@ -165,10 +177,13 @@ def check_outputs(out: Path, methods: list[str], stdout: str) -> list[dict]:
 def test_main_small_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
     # a time budget of 0.6 s per method: each stops after its first step(s), then tests, plots and saves
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
     demo.main(["--quick", "--epochs", "1", "--methods", "erm", "multimix", "--max-minutes", "0.02", "--no-progress",
                "--out", str(out)])
     results = check_outputs(out, ["erm", "multimix"], capsys.readouterr().out)
     assert all(1 <= r["steps"] < 2000 // 128 for r in results)
+    assert logger.level == level  # main() quiets Lightning only while it runs
 
 
 @pytest.mark.slow

@@ -49,7 +49,8 @@ def test_three_points_by_hand() -> None:
     expected = math.log((2 * math.exp(-4.0) + math.exp(-8.0)) / 3)
     assert embedding_uniformity(POINTS).item() == pytest.approx(expected, rel=1e-6)
     # t = 1: exp(-2), exp(-4), exp(-2)
-    assert embedding_uniformity(POINTS, t=1.0).item() == pytest.approx(math.log((2 * math.exp(-2.0) + math.exp(-4.0)) / 3))
+    expected_t1 = math.log((2 * math.exp(-2.0) + math.exp(-4.0)) / 3)
+    assert embedding_uniformity(POINTS, t=1.0).item() == pytest.approx(expected_t1)
 
 
 def test_identical_and_antipodal_points() -> None:
