@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_multimix.capture import Capture
@@ -19,13 +19,20 @@ from lightning_multimix.dense import (
     ATTENTION_KINDS,
     attention_from_scores,
     class_scores,
-    dense_multimix_logit_loss,
     dense_multimix_loss,
     dense_weights,
+    factorised_dense_logit_loss,
     per_position,
 )
-from lightning_multimix.heads import classifier_block, find_head, find_pooling, is_affine, is_torchvision_vit, resolve_module
-from lightning_multimix.interpolation import interpolate, labels_out_of_range, one_hot
+from lightning_multimix.heads import (
+    classifier_block,
+    find_head,
+    find_pooling,
+    is_affine,
+    is_torchvision_vit,
+    resolve_module,
+)
+from lightning_multimix.interpolation import interpolate, interpolate_columns, labels_out_of_range, one_hot
 from lightning_multimix.losses import soft_cross_entropy
 from lightning_multimix.mixin import default_labels
 from lightning_multimix.sampling import dirichlet_weights, pair_weights, step_seed
@@ -417,7 +424,7 @@ class MultiMix(Callback):
 
     def _checked_capture(self, labels: Any) -> tuple[Tensor, Tensor, Tensor]:
         head = self._captures["head"]
-        how = (f"Pass `MultiMix(head='dotted.path')` naming the classifier head, or add `MultiMixMixin` and override "
+        how = ("Pass `MultiMix(head='dotted.path')` naming the classifier head, or add `MultiMixMixin` and override "
                "`multimix_head()`.")
         if head.calls != 1:
             raise MultiMixError(
@@ -425,7 +432,8 @@ class MultiMix(Callback):
                 f"penultimate embeddings; it ran {head.calls} times. {how}"
             )
         embeddings, logits = head.input, head.output
-        if not isinstance(embeddings, Tensor) or embeddings.ndim != 2 or not isinstance(logits, Tensor) or logits.ndim != 2:
+        is_2d = [isinstance(t, Tensor) and t.ndim == 2 for t in (embeddings, logits)]
+        if not all(is_2d):
             shape_in = tuple(embeddings.shape) if isinstance(embeddings, Tensor) else type(embeddings).__name__
             shape_out = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
             raise MultiMixError(
@@ -475,7 +483,10 @@ class MultiMix(Callback):
 
         features = self._features(embeddings) if self.dense else None
         if self.sync_batch and pl_module.trainer.world_size > 1:
-            gather = lambda t: None if t is None else pl_module.all_gather(t, sync_grads=True).flatten(0, 1)  # noqa: E731
+
+            def gather(t: Optional[Tensor]) -> Optional[Tensor]:
+                return None if t is None else pl_module.all_gather(t, sync_grads=True).flatten(0, 1)
+
             embeddings, logits, labels, targets = map(gather, (embeddings, logits, labels, targets))
             teacher_embeddings, teacher_logits, features = map(gather, (teacher_embeddings, teacher_logits, features))
 
@@ -485,20 +496,29 @@ class MultiMix(Callback):
         if features is not None:
             return self._dense_loss(features, targets, labels, weights, in_logit_space)
 
-        mixed_logits = interpolate(logits, weights) if in_logit_space else head(interpolate(embeddings, weights).to(embeddings.dtype))
-        mixed_targets = interpolate(targets, weights)
+        if in_logit_space:
+            # class-major (c, n): CPU BLAS computes (c x m) @ (m x n) several times faster than (n x m) @ (m x c)
+            class_dim = 0
+            mixed_logits = interpolate_columns(logits, weights)
+            mixed_targets = interpolate_columns(targets, weights)
+        else:
+            class_dim = -1
+            mixed_logits = head(interpolate(embeddings, weights).to(embeddings.dtype))
+            mixed_targets = interpolate(targets, weights)
         if self.teacher is not None and self.distill_targets == "logits":
             with torch.no_grad():
                 teacher_head = self._teacher_captures["head"].module
                 if in_logit_space:
-                    mixed_teacher = interpolate(teacher_logits, weights)
+                    mixed_teacher = interpolate_columns(teacher_logits, weights)
                 else:
                     mixed_teacher = teacher_head(interpolate(teacher_embeddings, weights).to(teacher_embeddings.dtype))
-                teacher_probs = torch.softmax(mixed_teacher.float() / self.distill_temperature, dim=-1)
+                teacher_probs = torch.softmax(mixed_teacher.float() / self.distill_temperature, dim=class_dim)
             mixed_targets = (1.0 - beta) * mixed_targets + beta * teacher_probs
-        return soft_cross_entropy(mixed_logits, mixed_targets, self.label_smoothing)
+        return soft_cross_entropy(mixed_logits, mixed_targets, self.label_smoothing, dim=class_dim)
 
-    def _dense_loss(self, features: Tensor, targets: Tensor, labels: Tensor, weights: Tensor, in_logit_space: bool) -> Tensor:
+    def _dense_loss(
+        self, features: Tensor, targets: Tensor, labels: Tensor, weights: Tensor, in_logit_space: bool
+    ) -> Tensor:
         head = self._head_module
         linear = isinstance(head, nn.Linear)
         with torch.no_grad():
@@ -508,11 +528,10 @@ class MultiMix(Callback):
                 own_class = labels.view(-1, 1, 1).expand(-1, features.shape[1], 1)
                 scores = per_position(head, features).float().gather(-1, own_class)[..., 0]
             attention = attention_from_scores(scores, self.attention)
-        position_weights = dense_weights(weights, attention)
         if in_logit_space:
             position_logits = F.linear(features, head.weight, head.bias) if linear else per_position(head, features)
-            return dense_multimix_logit_loss(position_logits, targets, position_weights, self.label_smoothing)
-        return dense_multimix_loss(features, targets, position_weights, head, self.label_smoothing)
+            return factorised_dense_logit_loss(position_logits, targets, weights, attention, self.label_smoothing)
+        return dense_multimix_loss(features, targets, dense_weights(weights, attention), head, self.label_smoothing)
 
     def _features(self, embeddings: Tensor) -> Tensor:
         """The captured feature map as ``(b, r, d)``, checked on the first batch against the head's input."""
@@ -568,7 +587,8 @@ class MultiMix(Callback):
         if self.mode == "pairs":
             return pair_weights(num_examples, self.alpha, generator=self._generator, device=device)
         return dirichlet_weights(
-            num_examples, self.n_tuples, self.alpha, tuple_size=self.tuple_size, generator=self._generator, device=device
+            num_examples, self.n_tuples, self.alpha, tuple_size=self.tuple_size, generator=self._generator,
+            device=device,
         )
 
     # ------------------------------------------------------------------ health: non-finite loss, labels out of range

@@ -7,16 +7,17 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from lightning_multimix.interpolation import interpolate, one_hot  # noqa: F401 (one_hot: doctests)
+from lightning_multimix.interpolation import interpolate, interpolate_columns, one_hot  # noqa: F401 (one_hot: doctests)
 
 
-def soft_cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+def soft_cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0, dim: int = -1) -> Tensor:
     r"""Mean over rows of ``-sum_c t_c log softmax(logits)_c``, computed in float32 whatever the input dtype.
 
     Args:
         logits: ``(N, c)`` or ``(N, ..., c)`` unnormalised scores.
         targets: same shape, rows on the simplex.
         label_smoothing: ``eps`` in ``[0, 1)``: targets become ``(1 - eps) t + eps / c``.
+        dim: the class dimension; the mean runs over all the others (``dim=0``: the class-major ``(c, N)`` layout).
 
     Example:
         >>> logits = torch.tensor([[0.0, 0.0]])
@@ -29,9 +30,9 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float =
         raise ValueError(f"Expected `label_smoothing` in [0, 1), got {label_smoothing!r}.")
     targets = targets.float()
     if label_smoothing > 0:
-        targets = targets * (1.0 - label_smoothing) + label_smoothing / targets.shape[-1]
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    return -(targets * log_probs).sum(-1).mean()
+        targets = targets * (1.0 - label_smoothing) + label_smoothing / targets.shape[dim]
+    log_probs = torch.log_softmax(logits.float(), dim=dim)
+    return -(targets * log_probs).sum(dim).mean()
 
 
 def multimix_loss(
@@ -77,4 +78,5 @@ def multimix_logit_loss(logits: Tensor, targets: Tensor, weights: Tensor, label_
         >>> torch.allclose(multimix_logit_loss(head(z), t, w), multimix_loss(z, t, w, head), atol=1e-6)
         True
     """
-    return soft_cross_entropy(interpolate(logits, weights), interpolate(targets, weights), label_smoothing)
+    mixed_logits = interpolate_columns(logits, weights)  # (c, n): the fast product layout
+    return soft_cross_entropy(mixed_logits, interpolate_columns(targets, weights), label_smoothing, dim=0)

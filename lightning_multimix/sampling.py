@@ -35,7 +35,9 @@ def sample_gamma(
 ) -> Tensor:
     """Draw ``Gamma(concentration, 1)`` samples of the given shape from ``generator``.
 
-    ``concentration == 1`` takes the fast path ``Exponential(1) = Gamma(1, 1)``.
+    ``concentration == 1`` takes the fast path ``Gamma(1, 1) = Exponential(1) = -log(1 - U)``, ``U ~ Uniform[0, 1)``
+    from ``torch.rand``: ``1 - U`` lies in ``(0, 1]``, so every sample is finite. On CPU it is about 3x faster than
+    ``Tensor.exponential_`` (``benchmarks/overhead.py --core-alternatives``).
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -45,7 +47,7 @@ def sample_gamma(
     if not concentration > 0:
         raise ValueError(f"Expected `concentration` > 0, got {concentration!r}.")
     if concentration == 1.0:
-        return torch.empty(shape, device=device, dtype=dtype).exponential_(generator=generator)
+        return torch.rand(shape, generator=generator, device=device, dtype=dtype).neg_().log1p_().neg_()
     rate = torch.full(shape, float(concentration), device=device, dtype=dtype)
     return torch._standard_gamma(rate, generator=generator)
 

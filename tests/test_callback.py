@@ -164,8 +164,6 @@ def test_logs_multimix_loss_and_keeps_user_logs_and_validation():
     t.fit(model, data(), data(seed=1))
     assert {"multimix/loss", "multimix/loss_epoch", "user_loss", "val_loss"} <= set(t.callback_metrics)
     # validation is untouched: it is the plain cross-entropy of the model
-    x, y = next(iter(data(seed=1)))
-    val_batches = [next(iter(data(seed=1)))]
     loader = data(seed=1)
     expected = torch.stack([nn.functional.cross_entropy(model(x), y) for x, y in list(loader)[:2]]).mean()
     torch.testing.assert_close(t.callback_metrics["val_loss"], expected.detach())

@@ -490,3 +490,24 @@ def test_bf16_mixed_dense_runs():
 def test_dense_with_logit_distillation_rejected():
     with pytest.raises(ValueError, match="distill_targets='probs'"):
         MultiMix(dense=True, distill=True, distill_targets="logits")
+
+
+def test_factorised_dense_loss_equals_the_per_position_weights_path():
+    """The fast path (no m x n x r tensor) against the explicit per-position weights, values and gradients, with a
+    position where no selected example has attention (the plain-weights fallback)."""
+    from lightning_multimix.dense import dense_multimix_logit_loss, factorised_dense_logit_loss
+
+    torch.manual_seed(0)
+    m, n, r, c = 5, 7, 4, 3
+    logits = torch.randn(m, r, c, requires_grad=True)
+    targets = torch.eye(c)[torch.tensor([0, 1, 2, 0, 1])]
+    weights = torch.distributions.Dirichlet(torch.ones(m)).sample((n,)).T
+    weights[:, 0] = torch.tensor([0.0, 0.0, 0.0, 0.5, 0.5])  # tuple 0 uses examples 3 and 4 only
+    attention = torch.rand(m, r)
+    attention[3:, 1] = 0.0  # ... which have no attention at position 1
+    reference = dense_multimix_logit_loss(logits, targets, dense_weights(weights, attention), label_smoothing=0.1)
+    fast = factorised_dense_logit_loss(logits, targets, weights, attention, label_smoothing=0.1)
+    torch.testing.assert_close(fast, reference)
+    (g_ref,) = torch.autograd.grad(reference, logits)
+    (g_fast,) = torch.autograd.grad(fast, logits)
+    torch.testing.assert_close(g_fast, g_ref)
