@@ -191,6 +191,7 @@ class MultiMix(Callback):
         # state of one fit, built in setup/on_fit_start, removed in teardown
         self._head_path: Optional[str] = None
         self._head_module: Optional[nn.Module] = None
+        self._in_logit_space = False  # decided in setup: interpolate the head's logits (exact for an affine head)
         self._feature_spec: Optional[tuple[str, str]] = None  # (path of module, "output" | "input" | "vit")
         self._captures: dict[str, Capture] = {}
         self._teacher_captures: dict[str, Capture] = {}
@@ -218,10 +219,13 @@ class MultiMix(Callback):
             self.teacher = None  # a teacher of another module (this callback fitted a different one before)
         self._head_path = self._resolve_head_path(pl_module)
         self._head_module = pl_module.get_submodule(self._head_path)
-        if self.logit_space == "never" or (self.logit_space == "auto" and not is_affine(self._head_module)):
-            path_kind = "embedding space (the head runs on every interpolated embedding)"
-        else:
+        self._in_logit_space = self.logit_space == "always" or (
+            self.logit_space == "auto" and is_affine(self._head_module)
+        )
+        if self._in_logit_space:
             path_kind = "logit space (exact for an affine head)"
+        else:
+            path_kind = "embedding space (the head runs on every interpolated embedding)"
         if self.dense:
             self._feature_spec = self._resolve_feature_spec(pl_module)
         if self._base_seed is None:
@@ -492,7 +496,7 @@ class MultiMix(Callback):
 
         weights = self._sample_weights(labels.shape[0], logits.device)
         head = self._head_module
-        in_logit_space = self.logit_space == "always" or (self.logit_space == "auto" and is_affine(head))
+        in_logit_space = self._in_logit_space
         if features is not None:
             return self._dense_loss(features, targets, labels, weights, in_logit_space)
 
