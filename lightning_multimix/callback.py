@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_multimix.capture import Capture
@@ -32,13 +32,20 @@ from lightning_multimix.heads import (
     is_torchvision_vit,
     resolve_module,
 )
-from lightning_multimix.interpolation import interpolate, interpolate_columns, labels_out_of_range, one_hot
+from lightning_multimix.interpolation import (
+    interpolate,
+    interpolate_columns,
+    labels_out_of_range,
+    mix_with_partner,
+    one_hot,
+)
 from lightning_multimix.losses import soft_cross_entropy
-from lightning_multimix.mixin import default_labels
-from lightning_multimix.sampling import dirichlet_weights, pair_weights, step_seed
+from lightning_multimix.mixin import default_labels, default_mix_inputs
+from lightning_multimix.sampling import dirichlet_weights, mixup_pairing, pair_weights, step_seed
 from lightning_multimix.teacher import EMATeacher
 
 MODES = ("multimix", "pairs")
+OTHER_BATCHES = ("input_mixup", "pairs", "own_loss")
 LOGIT_SPACES = ("auto", "always", "never")
 DISTILL_TARGETS = ("probs", "logits")
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -58,10 +65,17 @@ class MultiMix(Callback):
     MultiMix loss the value the optimizer backpropagates. Your module, its ``forward`` and its ``training_step`` stay
     unchanged; validation, test and predict are untouched.
 
+    The defaults follow the paper's protocol: every training batch is mixed, with probability ``probability`` (0.5)
+    by MultiMix at the last layer, otherwise by input mixup (``other_batches``): the callback mixes the batch's inputs
+    with one ``lambda ~ Beta(mixup_alpha, mixup_alpha)`` and a random partner permutation before your
+    ``training_step`` runs, and trains on the soft cross-entropy of the head's logits against the same mix of the
+    one-hot targets. MultiMix on every batch (``probability=1``) stalls: its whole-batch targets are close to the
+    batch's class histogram.
+
     Example::
 
         from lightning_multimix import MultiMix
-        trainer = L.Trainer(callbacks=[MultiMix(n_tuples=1000, alpha=1.0)])
+        trainer = L.Trainer(callbacks=[MultiMix()])
 
     Args:
         n_tuples: ``n``, interpolated examples per batch (ignored in ``"pairs"`` mode, where ``n = b``).
@@ -70,8 +84,18 @@ class MultiMix(Callback):
             partners by a random permutation), the baseline.
         tuple_size: ``m``, examples combined by each interpolation (a random subset per tuple); ``None``: the whole
             batch.
-        probability: chance that a batch is mixed; an unmixed batch trains on your own loss.
-        clean_loss_weight: adds this times your own loss to the MultiMix loss.
+        probability: chance that a batch is mixed by ``mode`` at the last layer; the other batches are mixed as
+            ``other_batches`` says.
+        other_batches: what the batches not mixed by ``mode`` do. ``"input_mixup"`` (the paper's protocol): input
+            mixup, done by the callback (inputs found by ``MultiMixMixin.multimix_mix_inputs``: ``batch[0]`` or the
+            usual dict keys; inputs that cannot be interpolated, such as integer token ids, fall back to
+            ``"pairs"``, said once in the log); ``"pairs"``: last-layer pairs (Manifold Mixup at the last layer);
+            ``"own_loss"``: your ``training_step``'s own loss, unmixed. ``None``: ``"input_mixup"``. Not allowed
+            with ``probability=1``, where there are no other batches.
+        mixup_alpha: ``Beta(mixup_alpha, mixup_alpha)`` of ``lambda`` on the other batches (input mixup or pairs);
+            ``None``: 1.0. Not allowed when the other batches are not mixed.
+        clean_loss_weight: adds this times your own loss to the loss of batches mixed at the last layer (your step
+            ran on clean inputs there; input-mixup batches have no clean forward and train on the mixup loss alone).
         label_smoothing: label smoothing of the interpolated targets.
         head: dotted path of the classifier head in your LightningModule (``"model.fc"``); ``None``: the
             ``MultiMixMixin.multimix_head`` of your module, else the last ``nn.Linear`` it contains.
@@ -107,7 +131,9 @@ class MultiMix(Callback):
         alpha: float = 1.0,
         mode: Literal["multimix", "pairs"] = "multimix",
         tuple_size: Optional[int] = None,
-        probability: float = 1.0,
+        probability: float = 0.5,
+        other_batches: Optional[Literal["input_mixup", "pairs", "own_loss"]] = None,
+        mixup_alpha: Optional[float] = None,
         clean_loss_weight: float = 0.0,
         label_smoothing: float = 0.0,
         head: Optional[str] = None,
@@ -133,6 +159,23 @@ class MultiMix(Callback):
         if tuple_size is not None:
             _check_int("tuple_size", tuple_size, 2, "None (the whole batch) or an int >= 2")
         _check(0.0 <= probability <= 1.0, "probability", probability, "a probability in [0, 1]")
+        _check(other_batches is None or other_batches in OTHER_BATCHES, "other_batches", other_batches,
+               f"None or one of {OTHER_BATCHES}")
+        if other_batches is not None and probability == 1.0:
+            raise ValueError(
+                f"MultiMix: `other_batches={other_batches!r}` does not apply with `probability=1.0`: every batch is "
+                "mixed by MultiMix. Leave `other_batches` unset, or lower `probability`."
+            )
+        if mixup_alpha is not None:
+            _check(isinstance(mixup_alpha, (int, float)) and math.isfinite(mixup_alpha) and mixup_alpha > 0,
+                   "mixup_alpha", mixup_alpha, "None or a finite value > 0, e.g. 1.0")
+            if probability == 1.0 or other_batches == "own_loss":
+                raise ValueError(
+                    f"MultiMix: `mixup_alpha={mixup_alpha!r}` does not apply: "
+                    + ("every batch is mixed by MultiMix (`probability=1.0`)" if probability == 1.0
+                       else "the other batches train on your own loss (`other_batches='own_loss'`)")
+                    + ". Leave `mixup_alpha` unset."
+                )
         _check(math.isfinite(clean_loss_weight) and clean_loss_weight >= 0, "clean_loss_weight", clean_loss_weight,
                "a finite value >= 0")
         _check(0.0 <= label_smoothing < 1.0, "label_smoothing", label_smoothing, "a value in [0, 1)")
@@ -162,6 +205,8 @@ class MultiMix(Callback):
         self.mode = mode
         self.tuple_size = tuple_size
         self.probability = float(probability)
+        self.other_batches = other_batches if other_batches is not None else "input_mixup"
+        self.mixup_alpha = float(mixup_alpha) if mixup_alpha is not None else 1.0
         self.clean_loss_weight = float(clean_loss_weight)
         self.label_smoothing = float(label_smoothing)
         self.head = head
@@ -202,7 +247,13 @@ class MultiMix(Callback):
         self._num_classes: Optional[int] = None
         self._original_step: Any = None
         self._verified = False
+        self._features_verified = False
+        self._inputs_mixable: Optional[bool] = None  # None: not known yet (found on the first input-mixup batch)
+        self._warned_small_batch = False
         self._swapped = False
+        #: how many training batches of this fit went each way: mixed by "multimix", "pairs", "input_mixup", or
+        #: trained on the user's "own_loss" (host-side counters: no device synchronisation)
+        self.batch_counts: dict[str, int] = dict.fromkeys(("multimix", "pairs", "input_mixup", "own_loss"), 0)
 
     # ------------------------------------------------------------------ life cycle
 
@@ -254,7 +305,9 @@ class MultiMix(Callback):
             self._teacher_captures = {"head": Capture(self.teacher.module.get_submodule(self._head_path))}
         self._generator = torch.Generator(device=device)
         self._health = torch.tensor([-1, 0], device=device)
-        self._verified = False
+        self._verified = self._features_verified = False
+        self._inputs_mixable = None
+        self.batch_counts = dict.fromkeys(self.batch_counts, 0)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -388,8 +441,34 @@ class MultiMix(Callback):
         seed = step_seed(self._base_seed, trainer.global_rank, step)
         # with sync_batch every process takes part in the gather, so all take rank 0's decision (else they deadlock)
         decision_seed = step_seed(self._base_seed, 0, step) if self.sync_batch else seed
+        kind = self.mode
         if self.probability < 1.0 and not random.Random(decision_seed).random() < self.probability:
+            kind = self.other_batches
+        if kind == "own_loss":
+            self.batch_counts["own_loss"] += 1
             return original(*args, **kwargs)
+
+        batch = args[0] if args else kwargs["batch"]
+        labels = pl_module.multimix_labels(batch) if hasattr(pl_module, "multimix_labels") else default_labels(batch)
+        if isinstance(labels, Tensor) and labels.ndim == 1 and labels.shape[0] < 2:
+            if not self._warned_small_batch:
+                rank_zero_warn(
+                    f"MultiMix: a training batch of {labels.shape[0]} example cannot be mixed; such batches train on "
+                    "your own loss. Pass `DataLoader(..., drop_last=True)` to drop them."
+                )
+                self._warned_small_batch = True
+            self.batch_counts["own_loss"] += 1
+            return original(*args, **kwargs)
+        self._generator.manual_seed(seed)
+        pairing: Optional[tuple[Tensor, Tensor]] = None
+        if kind == "input_mixup":
+            mixed_batch, pairing = self._mix_inputs(pl_module, batch)
+            if mixed_batch is None:
+                kind = "pairs"  # the inputs cannot be interpolated: mix this batch at the last layer instead
+            elif args:
+                args = (mixed_batch, *args[1:])
+            else:
+                kwargs = {**kwargs, "batch": mixed_batch}
 
         with contextlib.ExitStack() as stack:
             for capture in self._captures.values():
@@ -402,14 +481,17 @@ class MultiMix(Callback):
             raise MultiMixError(
                 f"`training_step` returned {type(output).__name__}; MultiMix needs a loss tensor or a dict with 'loss'."
             )
-        batch = args[0] if args else kwargs["batch"]
-        labels = pl_module.multimix_labels(batch) if hasattr(pl_module, "multimix_labels") else default_labels(batch)
         embeddings, logits, labels = self._checked_capture(labels)
+        if self.dense and not self._features_verified:
+            self._features(embeddings)  # the feature map is checked on the first batch, whichever way it is mixed
 
-        self._generator.manual_seed(seed)
-        loss = self._mixed_loss(pl_module, embeddings, logits, labels)
-        if self.clean_loss_weight > 0:
-            loss = loss + self.clean_loss_weight * user_loss.float()
+        if pairing is not None:
+            loss = self._input_mixup_loss(pl_module, logits, labels, *pairing)
+        else:
+            loss = self._mixed_loss(pl_module, embeddings, logits, labels, pairs=kind == "pairs")
+            if self.clean_loss_weight > 0:
+                loss = loss + self.clean_loss_weight * user_loss.float()
+        self.batch_counts[kind] += 1
         self._update_health(loss, labels, logits.shape[-1])
         if self._health_read_due(step, loss.device):
             self._raise_if_unhealthy(trainer)
@@ -425,6 +507,60 @@ class MultiMix(Callback):
         if isinstance(output, dict):
             return {**output, "loss": loss}
         return loss
+
+    def _mix_inputs(self, pl_module: pl.LightningModule, batch: Any) -> tuple[Any, Optional[tuple[Tensor, Tensor]]]:
+        """The batch with its inputs mixed (one ``lambda`` and partner permutation from the callback's generator), and
+        that ``(lambda, partner)``; ``(None, None)`` when the inputs cannot be interpolated."""
+        if self._inputs_mixable is False:
+            return None, None
+        draw: list[tuple[Tensor, Tensor]] = []
+
+        def mix(inputs: Tensor) -> Tensor:
+            if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
+                what = f"dtype {inputs.dtype}" if isinstance(inputs, Tensor) else type(inputs).__name__
+                raise MultiMixError(
+                    f"MultiMix: `multimix_mix_inputs` asked to interpolate {what}; only floating-point tensors can "
+                    "be mixed. Return None from `multimix_mix_inputs` for inputs that cannot be (such batches are "
+                    "then mixed at the last layer), or pass `MultiMix(other_batches='pairs')`."
+                )
+            if not draw:
+                draw.append(mixup_pairing(inputs.shape[0], self.mixup_alpha, generator=self._generator,
+                                          device=self._generator.device))
+            lam, partner = draw[0]
+            if partner.shape[0] != inputs.shape[0]:
+                raise MultiMixError(
+                    f"MultiMix: `multimix_mix_inputs` asked to mix tensors of {partner.shape[0]} and "
+                    f"{inputs.shape[0]} rows in one batch; every mixed tensor needs one row per example."
+                )
+            return mix_with_partner(inputs, lam.to(inputs.device), partner.to(inputs.device))
+
+        hook = getattr(pl_module, "multimix_mix_inputs", None)
+        mixed = hook(batch, mix) if hook is not None else default_mix_inputs(batch, mix)
+        if mixed is None or not draw:
+            if self._inputs_mixable is None:
+                rank_zero_info(
+                    f"MultiMix: the inputs of {type(pl_module).__name__}'s batches cannot be interpolated (not a "
+                    "floating-point tensor in `batch[0]` or under a usual dict key): the batches not mixed by "
+                    f"{self.mode!r} are mixed by last-layer pairs instead of input mixup. Override "
+                    "`MultiMixMixin.multimix_mix_inputs` to say where the inputs are."
+                )
+            self._inputs_mixable = False
+            return None, None
+        self._inputs_mixable = True
+        return mixed, draw[0]
+
+    def _input_mixup_loss(self, pl_module: pl.LightningModule, logits: Tensor, labels: Tensor, lam: Tensor,
+                          partner: Tensor) -> Tensor:
+        """Soft cross-entropy of the head's logits on the mixed inputs against the same mix of the one-hot targets
+        (with self-distillation: and of the teacher's predictions on the same mixed inputs)."""
+        lam, partner = lam.to(logits.device), partner.to(logits.device)
+        targets = mix_with_partner(one_hot(labels, logits.shape[-1]), lam.float(), partner)
+        if self.teacher is not None:
+            beta = self._distill_beta(pl_module.trainer.global_step)
+            _, teacher_logits = self._run_teacher()
+            teacher_probs = torch.softmax(teacher_logits.float() / self.distill_temperature, dim=-1)
+            targets = (1.0 - beta) * targets + beta * teacher_probs
+        return soft_cross_entropy(logits, targets, self.label_smoothing)
 
     def _checked_capture(self, labels: Any) -> tuple[Tensor, Tensor, Tensor]:
         head = self._captures["head"]
@@ -473,7 +609,8 @@ class MultiMix(Callback):
             )
         return embeddings, logits, labels.to(logits.device).long()
 
-    def _mixed_loss(self, pl_module: pl.LightningModule, embeddings: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
+    def _mixed_loss(self, pl_module: pl.LightningModule, embeddings: Tensor, logits: Tensor, labels: Tensor,
+                    pairs: bool = False) -> Tensor:
         num_classes = logits.shape[-1]
         targets = one_hot(labels, num_classes)
         teacher_logits = teacher_embeddings = None
@@ -485,7 +622,8 @@ class MultiMix(Callback):
                 teacher_probs = torch.softmax(teacher_logits.float() / self.distill_temperature, dim=-1)
                 targets = (1.0 - beta) * targets + beta * teacher_probs
 
-        features = self._features(embeddings) if self.dense else None
+        # dense mixing belongs to the batches mixed by `mode`; the last-layer pairs of other batches mix pooled vectors
+        features = self._features(embeddings) if self.dense and (self.mode == "pairs" or not pairs) else None
         if self.sync_batch and pl_module.trainer.world_size > 1:
 
             def gather(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -494,7 +632,7 @@ class MultiMix(Callback):
             embeddings, logits, labels, targets = map(gather, (embeddings, logits, labels, targets))
             teacher_embeddings, teacher_logits, features = map(gather, (teacher_embeddings, teacher_logits, features))
 
-        weights = self._sample_weights(labels.shape[0], logits.device)
+        weights = self.sample_weights(labels.shape[0], "pairs" if pairs else self.mode, self._generator)
         head = self._head_module
         in_logit_space = self._in_logit_space
         if features is not None:
@@ -556,7 +694,7 @@ class MultiMix(Callback):
             # a pooling's input is channels-first, (b, d, h, w) or (b, d, l); a declared 3-d map is (b, r, d) tokens
             features = raw.flatten(2).transpose(1, 2) if raw.ndim == 4 or kind == "input" else raw
             summary = features.mean(1)
-        if not self._verified:
+        if not self._features_verified:
             if summary.shape != embeddings.shape or not _close(summary, embeddings):
                 what = "its class token" if kind == "vit" else "its mean over positions"
                 raise MultiMixError(
@@ -566,6 +704,7 @@ class MultiMix(Callback):
                     "and the head, name as head the module that takes the pooled embedding, e.g. "
                     "`MultiMix(head='model.classifier')`."
                 )
+            self._features_verified = True
         return features
 
     def _run_teacher(self) -> tuple[Tensor, Tensor]:
@@ -586,13 +725,19 @@ class MultiMix(Callback):
             return self.distill_weight
         return self.distill_weight * min(1.0, global_step / self.distill_warmup_steps)
 
-    def _sample_weights(self, num_examples: int, device: torch.device) -> Tensor:
-        """The ``(m, n)`` weight matrix of one step, drawn from the callback's generator."""
-        if self.mode == "pairs":
-            return pair_weights(num_examples, self.alpha, generator=self._generator, device=device)
+    def sample_weights(self, num_examples: int, mode: Literal["multimix", "pairs"],
+                       generator: torch.Generator) -> Tensor:
+        """The ``(num_examples, n)`` weight matrix of one batch mixed at the last layer; each column on the simplex.
+
+        ``mode`` is ``"multimix"`` (``n_tuples`` Dirichlet columns) or ``"pairs"`` (Manifold Mixup's pairs, ``n = b``).
+        Override it to customise the weights; draw only from ``generator`` (on the training device, re-seeded from
+        ``(seed, rank, batch)`` at every batch) so that runs stay reproducible and resume exactly.
+        """
+        if mode == "pairs":
+            return pair_weights(num_examples, self.alpha, generator=generator, device=generator.device)
         return dirichlet_weights(
-            num_examples, self.n_tuples, self.alpha, tuple_size=self.tuple_size, generator=self._generator,
-            device=device,
+            num_examples, self.n_tuples, self.alpha, tuple_size=self.tuple_size, generator=generator,
+            device=generator.device,
         )
 
     # ------------------------------------------------------------------ health: non-finite loss, labels out of range

@@ -100,3 +100,24 @@ def interpolate_columns(values: Tensor, weights: Tensor) -> Tensor:
         )
     with full_precision(values):
         return values.to(weights.dtype).T @ weights
+
+
+def mix_with_partner(values: Tensor, lam: Tensor, partner: Tensor) -> Tensor:
+    r"""Mixup of one batch: ``lam * values[i] + (1 - lam) * values[partner[i]]`` for every row ``i``.
+
+    ``values`` keeps its dtype (images in the training dtype, one-hot targets in float32); ``lam`` is a 0-dim tensor
+    and ``partner`` a permutation (see :func:`~lightning_multimix.sampling.mixup_pairing`). The same ``lam`` and
+    ``partner`` mix the inputs and the targets, so they can never disagree.
+
+    Example:
+        >>> mix_with_partner(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor(0.75), torch.tensor([1, 0]))
+        tensor([[0.7500, 0.2500],
+                [0.2500, 0.7500]])
+    """
+    if not values.is_floating_point():
+        raise ValueError(f"mixup interpolates floating-point values, got dtype {values.dtype}.")
+    if partner.shape != values.shape[:1]:
+        raise ValueError(f"`partner` {tuple(partner.shape)} must hold one index per row of `values` "
+                         f"{tuple(values.shape)}.")
+    lam = lam.to(values.dtype)
+    return values * lam + values[partner] * (1 - lam)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+import copy
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Any, Callable, Optional
 
 from torch import Tensor, nn
 
 LABEL_KEYS = ("label", "labels", "target", "targets", "y")
+INPUT_KEYS = ("image", "images", "img", "input", "inputs", "x", "pixel_values", "input_values", "input_ids")
 
 
 def default_labels(batch: Any) -> Tensor:
@@ -37,6 +39,45 @@ def default_labels(batch: Any) -> Tensor:
     )
 
 
+def default_mix_inputs(batch: Any, mix: Callable[[Tensor], Tensor]) -> Optional[Any]:
+    """The batch with its inputs mixed by ``mix``, or ``None`` where the inputs cannot be interpolated.
+
+    The inputs are ``batch[0]`` of a tuple or list, or the first of ``INPUT_KEYS`` in a dict. Integer inputs (token
+    ids) or a batch without such inputs give ``None``: the batch is then mixed at the last layer instead. The batch
+    is copied, never modified in place.
+
+    Example:
+        >>> import torch
+        >>> halve = lambda t: t / 2
+        >>> default_mix_inputs((torch.ones(2, 3), torch.tensor([1, 0])), halve)[0]
+        tensor([[0.5000, 0.5000, 0.5000],
+                [0.5000, 0.5000, 0.5000]])
+        >>> default_mix_inputs({"input_ids": torch.tensor([[3, 4]]), "labels": torch.tensor([1])}, halve) is None
+        True
+    """
+    if isinstance(batch, Mapping):
+        key = next((k for k in INPUT_KEYS if k in batch), None)
+        if key is None or not _floating(batch[key]):
+            return None
+        if isinstance(batch, MutableMapping):
+            mixed = copy.copy(batch)
+            mixed[key] = mix(batch[key])
+            return mixed
+        return {**batch, key: mix(batch[key])}
+    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 1:
+        if not _floating(batch[0]):
+            return None
+        first = mix(batch[0])
+        if isinstance(batch, tuple) and hasattr(batch, "_replace"):  # a namedtuple
+            return batch._replace(**{batch._fields[0]: first})
+        return type(batch)([first, *batch[1:]]) if isinstance(batch, (tuple, list)) else [first, *batch[1:]]
+    return None
+
+
+def _floating(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.is_floating_point()
+
+
 class MultiMixMixin:
     """Lets a LightningModule name its classifier head, its feature map and its labels for :class:`MultiMix`.
 
@@ -50,6 +91,8 @@ class MultiMixMixin:
                 return batch["class_id"]
 
     ``multimix_head`` returns a module called once per forward on ``(b, d)`` embeddings giving ``(b, c)`` logits.
+    ``multimix_mix_inputs`` (batches mixed in input space) returns the batch with ``mix`` applied to every tensor that
+    should be interpolated (e.g. ``{**batch, "img": mix(batch["img"])}``), or ``None`` when nothing can be.
     ``multimix_feature_map`` (dense mode) returns a module whose output is the un-pooled feature map, ``(b, d, h, w)``
     or ``(b, r, d)`` tokens, whose mean over positions is the head's input.
     The callback's ``head=`` argument, when given, takes precedence over ``multimix_head``.
@@ -66,3 +109,12 @@ class MultiMixMixin:
     def multimix_labels(self, batch: Any) -> Tensor:
         """Integer class labels ``(b,)`` of a training batch."""
         return default_labels(batch)
+
+    def multimix_mix_inputs(self, batch: Any, mix: Callable[[Tensor], Tensor]) -> Optional[Any]:
+        """A training batch with its inputs replaced by ``mix(inputs)``, for the batches that :class:`MultiMix` mixes
+        in input space; ``None``: the inputs cannot be interpolated (those batches are mixed at the last layer).
+
+        ``mix`` applies the same ``lambda`` and partner permutation to every tensor it is given (``(b, ...)``
+        floating-point tensors). The default mixes ``batch[0]`` or the first of ``INPUT_KEYS`` in a dict.
+        """
+        return default_mix_inputs(batch, mix)

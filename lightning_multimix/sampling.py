@@ -103,6 +103,34 @@ def dirichlet_weights(
     return torch.zeros(num_examples, n_tuples, device=device, dtype=dtype).scatter_(0, support, gammas)
 
 
+def mixup_pairing(
+    num_examples: int,
+    alpha: float = 1.0,
+    *,
+    generator: Optional[torch.Generator] = None,
+    device: Union[torch.device, str, None] = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    r"""The draw of mixup for one batch: ``lambda ~ Beta(alpha, alpha)`` and a random permutation of the examples.
+
+    Example ``i`` is mixed with its partner ``partner[i]`` as ``lambda * x_i + (1 - lambda) * x_partner[i]`` (see
+    :func:`~lightning_multimix.interpolation.mix_with_partner`); :func:`pair_weights` is the same draw written as a
+    weight matrix. ``lambda`` is a 0-dim tensor on ``device``, drawn as ``g_1 / (g_1 + g_2)`` with
+    ``g ~ Gamma(alpha, 1)``, so nothing is read back to the host.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> lam, partner = mixup_pairing(5, 1.0, generator=g)
+        >>> lam.shape, bool(0 <= lam <= 1), sorted(partner.tolist())
+        (torch.Size([]), True, [0, 1, 2, 3, 4])
+    """
+    _validate(num_examples, alpha, min_examples=2)
+    g = sample_gamma(alpha, (2,), generator=generator, device=device, dtype=dtype)
+    lam = g[0] / g.sum().clamp_min(torch.finfo(dtype).tiny)
+    partner = torch.randperm(num_examples, generator=generator, device=device)
+    return lam, partner
+
+
 def pair_weights(
     num_examples: int,
     alpha: float = 1.0,
@@ -123,10 +151,7 @@ def pair_weights(
         >>> w.shape, bool((w > 0).sum(0).le(2).all()), torch.allclose(w.sum(0), torch.ones(5))
         (torch.Size([5, 5]), True, True)
     """
-    _validate(num_examples, alpha, min_examples=2)
-    g = sample_gamma(alpha, (2,), generator=generator, device=device, dtype=dtype)
-    lam = g[0] / g.sum().clamp_min(torch.finfo(dtype).tiny)
-    partner = torch.randperm(num_examples, generator=generator, device=device)
+    lam, partner = mixup_pairing(num_examples, alpha, generator=generator, device=device, dtype=dtype)
     columns = torch.arange(num_examples, device=device)
     weights = torch.zeros(num_examples, num_examples, device=device, dtype=dtype)
     weights[columns, columns] = lam

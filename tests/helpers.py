@@ -105,10 +105,12 @@ class RecordingMultiMix(MultiMix):
 
     def __init__(self, *args: Any, fixed: Optional[dict[int, Tensor]] = None, out_dir: Optional[str] = None,
                  **kwargs: Any) -> None:
+        kwargs.setdefault("probability", 1.0)  # these tests are about the MultiMix batches; the protocol has its own
         super().__init__(*args, **kwargs)
         self.fixed, self.out_dir = fixed, out_dir
         self.weights: list[Tensor] = []
         self.losses: list[Tensor] = []
+        self.step_losses: list[Tensor] = []  # what every training step returned, whichever way the batch was mixed
         self.grads: dict[str, Tensor] = {}
         self.batches: list[Any] = []
         self.rank = 0
@@ -122,12 +124,13 @@ class RecordingMultiMix(MultiMix):
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         self.batches.append([t.detach().cpu().clone() for t in batch])
 
-    def _sample_weights(self, num_examples: int, device: torch.device) -> Tensor:
+    def sample_weights(self, num_examples: int, mode: str, generator: torch.Generator) -> Tensor:
+        device = generator.device
         if self.fixed is not None:
             weights = self.fixed[self.rank].to(device)
             assert weights.shape[0] == num_examples, (weights.shape, num_examples)
         else:
-            weights = super()._sample_weights(num_examples, device)
+            weights = super().sample_weights(num_examples, mode, generator)
         self.weights.append(weights.detach().cpu().clone())
         return weights
 
@@ -135,6 +138,11 @@ class RecordingMultiMix(MultiMix):
         loss = super()._mixed_loss(*args, **kwargs)
         self.losses.append(loss.detach().cpu().clone())
         return loss
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self.step_losses.append(outputs["loss"].detach().cpu().clone())
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         # after backward (and DDP's gradient averaging), before clipping and the update
@@ -155,6 +163,8 @@ class RecordingMultiMix(MultiMix):
             "global_step": trainer.global_step,
             "weights": self.weights,
             "losses": self.losses,
+            "step_losses": self.step_losses,
+            "batch_counts": dict(self.batch_counts),
             "grads": self.grads,
             "batches": self.batches,
             "model": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()},

@@ -95,9 +95,11 @@ class TinyMLP(nn.Module):
 
 class Recording(MultiMix):
     """MultiMix that uses the weights ``weights(m, device)`` gives (when given) and records its weights, losses,
-    the teacher's outputs and the gradients of the first step."""
+    the teacher's outputs and the gradients of the first step. Every batch is mixed by MultiMix unless
+    ``probability`` says otherwise (these tests are about the MultiMix batches; the protocol has its own)."""
 
     def __init__(self, *args: Any, weights: Optional[Callable[[int], Tensor]] = None, **kwargs: Any) -> None:
+        kwargs.setdefault("probability", 1.0)
         super().__init__(*args, **kwargs)
         self.fixed_weights = weights
         self.drawn: list[Tensor] = []
@@ -105,11 +107,11 @@ class Recording(MultiMix):
         self.teacher_outputs: list[tuple[Tensor, Tensor]] = []
         self.grads: dict[str, Tensor] = {}
 
-    def _sample_weights(self, num_examples: int, device: torch.device) -> Tensor:
+    def sample_weights(self, num_examples: int, mode: str, generator: torch.Generator) -> Tensor:
         if self.fixed_weights is None:
-            weights = super()._sample_weights(num_examples, device)
+            weights = super().sample_weights(num_examples, mode, generator)
         else:
-            weights = self.fixed_weights(num_examples).to(device)
+            weights = self.fixed_weights(num_examples).to(generator.device)
         self.drawn.append(weights.detach().clone())
         return weights
 

@@ -60,12 +60,13 @@ class FixedWeights(MultiMix):
     """MultiMix with a known weight matrix, recording the loss it returns at every step."""
 
     def __init__(self, weights: torch.Tensor, **kwargs: Any) -> None:
+        kwargs.setdefault("probability", 1.0)
         super().__init__(n_tuples=weights.shape[1], **kwargs)
         self.fixed = weights
         self.losses: list = []
 
-    def _sample_weights(self, num_examples, device):
-        return self.fixed.to(device)
+    def sample_weights(self, num_examples, mode, generator):
+        return self.fixed.to(generator.device)
 
     def _mixed_loss(self, *args, **kwargs):
         loss = super()._mixed_loss(*args, **kwargs)
@@ -129,7 +130,7 @@ def test_both_paths_train_to_the_same_weights(logit_space):
 
 def test_probability_zero_leaves_the_users_training_exactly():
     finals = []
-    for callbacks in ([], [MultiMix(probability=0.0)]):
+    for callbacks in ([], [MultiMix(probability=0.0, other_batches="own_loss")]):
         torch.manual_seed(0)
         model = MLP()
         trainer(callbacks=callbacks, max_epochs=2).fit(model, data())
@@ -181,12 +182,12 @@ def test_pairs_mode_trains_with_pair_weights():
     seen = []
 
     class Spy(MultiMix):
-        def _sample_weights(self, num_examples, device):
-            w = super()._sample_weights(num_examples, device)
+        def sample_weights(self, num_examples, mode, generator):
+            w = super().sample_weights(num_examples, mode, generator)
             seen.append(w)
             return w
 
-    trainer(callbacks=[Spy(mode="pairs", seed=0)]).fit(MLP(), data())
+    trainer(callbacks=[Spy(mode="pairs", seed=0, probability=1.0)]).fit(MLP(), data())
     assert len(seen) == 4
     for w in seen:
         assert w.shape == (8, 8)
@@ -375,9 +376,22 @@ def test_labels_out_of_range():
         trainer(callbacks=[MultiMix()]).fit(Net(), data(n=8, labels=torch.tensor([0, 1, 2, 0, 1, 2, 5, 0])))
 
 
-def test_batch_of_one():
-    with pytest.raises(MultiMixError, match="batch of 1.*drop_last"):
-        trainer(callbacks=[MultiMix()]).fit(MLP(), data(n=1, batch_size=1))
+def test_a_last_batch_of_one_trains_on_the_users_loss_with_one_warning():
+    returned = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            returned.append(outputs["loss"].detach())
+
+    callback = MultiMix(n_tuples=10, seed=0)
+    model = MLP()
+    with pytest.warns(UserWarning, match="batch of 1 example.*drop_last=True") as record:
+        trainer(callbacks=[callback, Spy()], max_epochs=2).fit(model, data(n=9, batch_size=4))
+    assert sum("batch of 1" in str(w.message) for w in record) == 1  # once, not once per epoch
+    assert callback.batch_counts["own_loss"] == 2 and sum(callback.batch_counts.values()) == 6
+    # the batch of one (the 3rd and 6th step) trained on exactly the user's loss
+    torch.testing.assert_close(returned[2], model.user_losses[2])
+    torch.testing.assert_close(returned[5], model.user_losses[5])
 
 
 def test_head_output_not_b_by_c():

@@ -167,3 +167,6 @@ def test_sync_batch_processes_take_the_same_mixing_decision(ddp_out):
         assert len(record["losses"]) == len(record["weights"]) == len(mixed)
         assert all(w.shape == (8, config["n_tuples"]) for w in record["weights"])  # the global batch
     assert not torch.allclose(r0["weights"][0], r1["weights"][0])  # each its own weights, still
+    # the other batches were mixed in input space (the protocol's default), on every process alike
+    expected = {"multimix": len(mixed), "input_mixup": STEPS - len(mixed), "pairs": 0, "own_loss": 0}
+    assert r0["batch_counts"] == r1["batch_counts"] == expected

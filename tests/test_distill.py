@@ -185,9 +185,9 @@ def test_beta_ramps_linearly_and_is_logged_and_used():
     student_logits: list[Tensor] = []
     original = callback._mixed_loss
 
-    def spy(pl_module, embeddings, logits, labels):
+    def spy(pl_module, embeddings, logits, labels, **kwargs):
         student_logits.append(logits.detach().clone())
-        return original(pl_module, embeddings, logits, labels)
+        return original(pl_module, embeddings, logits, labels, **kwargs)
 
     callback._mixed_loss = spy
     logged = LoggedBeta()

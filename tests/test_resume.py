@@ -23,6 +23,11 @@ CONFIGS = {
     # seed=None: the base seed is drawn from the global RNG at setup, so only the checkpoint can restore it
     "plain": dict(n_tuples=6, seed=None),
     "distill": dict(n_tuples=6, seed=None, distill=True, ema_decay=0.9, distill_warmup_steps=3),
+    # the paper's protocol: each batch mixed by MultiMix or by input mixup, decided from the callback's stream; with
+    # seed 2 both halves of the run hold both kinds (input mixup, MultiMix, MultiMix, input mixup)
+    "protocol": dict(n_tuples=6, seed=2, probability=0.5),
+    "protocol-distill": dict(n_tuples=6, seed=2, probability=0.5, distill=True, ema_decay=0.9,
+                             distill_warmup_steps=3),
 }
 
 
@@ -53,11 +58,17 @@ def test_two_plus_two_steps_equal_four_bit_for_bit(tmp_path, mode):
     assert resumed._batches_seen == full._batches_seen == 4
     assert resumed._base_seed == first._base_seed == full._base_seed
     # the random stream: the resumed run drew the weights the uninterrupted run drew at batches 2 and 3
-    assert len(resumed.weights) == 2
-    for drawn, expected in zip(resumed.weights, full.weights[2:]):
+    assert len(first.weights) + len(resumed.weights) == len(full.weights)
+    for drawn, expected in zip(first.weights + resumed.weights, full.weights):
         assert torch.equal(drawn, expected)
-    assert all(not torch.equal(a, b) for a, b in zip(full.weights[2:], full.weights[:2]))  # not a replay of 0 and 1
-    for loss, expected in zip(first.losses + resumed.losses, full.losses):
+    if config.get("probability", 1.0) == 1.0:
+        assert all(not torch.equal(a, b) for a, b in zip(full.weights[2:], full.weights[:2]))  # not a replay
+    else:  # the protocol: both kinds of batch in the 4 steps, and the resumed run took the same decisions
+        assert full.batch_counts["multimix"] == full.batch_counts["input_mixup"] == 2, full.batch_counts
+        assert resumed.batch_counts["multimix"] == resumed.batch_counts["input_mixup"] == 1
+        assert {k: first.batch_counts[k] + resumed.batch_counts[k] for k in full.batch_counts} == full.batch_counts
+    assert len(first.step_losses) + len(resumed.step_losses) == len(full.step_losses) == 4
+    for loss, expected in zip(first.step_losses + resumed.step_losses, full.step_losses):
         assert torch.equal(loss, expected)
     # the weights (and batch-norm buffers), hence the optimizer's momentum too
     full_state, resumed_state = full_model.state_dict(), resumed_model.state_dict()
