@@ -1,256 +1,270 @@
-"""Accuracy of MultiMix and its peers on Fashion-MNIST with the demo's CNN: mean +- std over seeds.
+"""Does MultiMix make the demo's model better? Every method, three regimes, mean +- std over seeds.
 
 What is measured
 ----------------
-Every method trains :class:`~lightning_multimix.models.SmallCNN` through :func:`lightning_multimix.demo.run_method`
-(the demo's training: same initial weights and batch order for a given seed, SGD lr 0.1 with momentum, Nesterov,
-weight decay 5e-4 and a cosine schedule, batch 128) and is tested on the test split. Methods: ``erm`` (no mixing),
-``mixup`` and ``cutmix`` (torchvision ``v2.MixUp`` / ``v2.CutMix``, alpha 1), ``pairs`` (last-layer manifold mixup),
-``multimix`` (n = 1000), ``dense`` (Dense MultiMix, n = 1000) and ``distill`` (MultiMix + EMA self-distillation).
-
-Data: the full Fashion-MNIST when ``--data-dir`` holds it, else the subset shipped in the package (10,000 training,
-2,000 test images). ``--train-per-class`` / ``--test-per-class`` take balanced subsets of either.
+Every method trains the demo's SmallCNN through :func:`lightning_multimix.demo.training.run_method` (same initial
+weights and batch order for a given seed; SGD lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4, cosine schedule,
+batch 128) and is tested on the 2,000 test images shipped in the package (always clean). Methods
+(``lightning_multimix.demo.training.METHODS``): ``erm``, ``mixup`` and ``cutmix`` (torchvision's ``v2.MixUp`` /
+``v2.CutMix``, alpha 1, every batch), ``pairs`` (``MultiMix(mode="pairs")``), ``multimix`` (``MultiMix()``: the
+paper's protocol), ``multimix_every`` (``MultiMix(probability=1.0)``), ``dense`` and ``distill`` (with the protocol).
+Regimes (``REGIMES``): ``clean`` (10,000 images, 5 epochs), ``low_data`` (100 images per class, 100 epochs),
+``noisy`` (300 images per class, 40% of their labels replaced by random ones, 60 epochs).
 
 How to read the output
 ----------------------
-One line per run as it finishes, then a table of mean +- std over seeds: ``test acc`` (top-1, %), ``ECE`` (expected
-calibration error, 15 bins, lower is better calibrated), ``alignment`` (mean squared distance between normalised
-test embeddings of the same class: lower = tighter classes), ``uniformity`` (log mean ``exp(-2 d^2)`` over all pairs:
-lower = more uniformly spread), ``s/epoch`` (training wall seconds per epoch, evaluation excluded: noisy on a shared
-machine, compare with ``benchmarks/overhead.py`` for step costs). With few epochs the ranking of methods is not the
-converged one: mixing methods regularise and usually need more epochs than ERM to pay off.
+One line per run as it finishes, then one table per regime: test accuracy after the last epoch (the number to
+compare) and the best over epochs (model selection on the test set: optimistic, shown because mixup papers report
+it), ECE (15 bins, lower is better calibrated), alignment and uniformity of the test embeddings (lower is tighter /
+more uniform), training seconds per epoch. Then the goal: MultiMix's defaults within 1 point of input mixup in every
+regime, and ahead of both ERM and input mixup with noisy labels.
 
-Files written into ``--out`` (default ``benchmarks/results``): ``accuracy_runs.csv`` (one row per run),
-``accuracy_summary.csv`` (mean and std per method), ``accuracy.png`` (the four measures with error bars) and
-``accuracy_meta.json`` (command, machine, date, settings).
+Files written into ``--out`` (default ``benchmarks/results``): ``accuracy_runs.csv`` (one row per run, appended as
+runs finish; ``--resume`` skips the runs already there), ``accuracy_summary.csv``, ``accuracy.md`` (command, date,
+machine, the tables) and ``accuracy.png``.
 
 Examples::
 
-    python benchmarks/accuracy.py --quick --out /tmp/acc                # CI smoke run, one seed, a few steps
-    python benchmarks/accuracy.py --epochs 2 --jobs 2                    # embedded subset, 3 seeds, 2 processes
-    python benchmarks/accuracy.py --data-dir ~/data/fashion-mnist        # full data set, the demo's 5 epochs
+    python benchmarks/accuracy.py --quick --out /tmp/acc          # CI smoke run: one seed, two steps per run
+    python benchmarks/accuracy.py --jobs 2                         # the README's table (about 1 hour on 2 cores)
+    python benchmarks/accuracy.py --regimes noisy --methods erm,mixup,multimix --seeds 0
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import math
 import sys
-import textwrap
 import time
-import warnings
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Optional
 
 if __package__ in (None, ""):
-    sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: an A/B run can point it elsewhere
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from benchmarks._common import format_table, machine_info, mean_std, print_machine, write_csv
-from lightning_multimix.data import load_fashion_mnist
-from lightning_multimix.demo import DEFAULT_EPOCHS, METHODS, run_method
+from benchmarks._harness import (
+    append_csv,
+    format_table,
+    machine_info,
+    mean_std,
+    print_machine,
+    quiet,
+    read_csv,
+    results_header,
+    run_tasks,
+    write_csv,
+)
+from lightning_multimix.demo.data import load_fashion_mnist
+from lightning_multimix.demo.training import METHODS, REGIMES, Regime, run_method
 
-#: (column title, result key, scale, format) of the summary table
+RUN_KEYS = ("regime", "method", "seed", "test_acc", "best_acc", "best_epoch", "ece", "alignment", "uniformity",
+            "sec_per_epoch", "epochs", "steps", "wall_seconds")
+#: (column title, run key, scale, format) of the summary tables
 MEASURES: tuple[tuple[str, str, float, str], ...] = (
-    ("test acc %", "test_acc", 100.0, "{:.2f}"),
-    ("ECE", "ece", 1.0, "{:.4f}"),
-    ("alignment", "alignment", 1.0, "{:.4f}"),
-    ("uniformity", "uniformity", 1.0, "{:.4f}"),
+    ("last acc %", "test_acc", 100.0, "{:.2f}"),
+    ("best acc %", "best_acc", 100.0, "{:.2f}"),
+    ("ECE", "ece", 1.0, "{:.3f}"),
+    ("alignment", "alignment", 1.0, "{:.3f}"),
+    ("uniformity", "uniformity", 1.0, "{:.3f}"),
     ("s/epoch", "sec_per_epoch", 1.0, "{:.1f}"),
 )
-RUN_KEYS = ("method", "seed", "test_acc", "ece", "alignment", "uniformity", "sec_per_epoch", "epochs", "steps",
-            "wall_seconds")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--regimes", default=",".join(REGIMES), help="comma-separated, from " + ",".join(REGIMES))
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ",".join(METHODS))
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--data-dir", default=None, help="folder with the full Fashion-MNIST (default: the subset "
                                                          "shipped in the package)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS,
-                        help=f"epochs per run (the demo's: {DEFAULT_EPOCHS})")
-    parser.add_argument("--max-steps", type=int, default=-1, help="stop every run after this many steps (-1: none)")
-    parser.add_argument("--max-minutes", type=float, default=None, help="wall-time budget of each run's training")
-    parser.add_argument("--n-tuples", type=int, default=1000, help="MultiMix's n (multimix, dense, distill)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--train-per-class", type=int, default=None, help="balanced training subset (default: all)")
-    parser.add_argument("--test-per-class", type=int, default=None, help="balanced test subset (default: all)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (0: torch's default)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each (default 1)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="output folder")
-    parser.add_argument("--progress", action="store_true", help="show Lightning's progress bars (with --jobs 1)")
-    parser.add_argument("--quick", action="store_true", help="CI smoke run: one seed, a few steps on a small subset")
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in accuracy_runs.csv")
+    parser.add_argument("--quick", action="store_true", help="CI smoke run: seed 0, 2 steps per run, tiny data")
     args = parser.parse_args(argv)
+    for name, known in (("regimes", REGIMES), ("methods", METHODS)):
+        unknown = set(getattr(args, name).split(",")) - set(known)
+        if unknown:
+            parser.error(f"--{name}: unknown {sorted(unknown)}; expected names from {tuple(known)}")
+    if args.jobs < 1 or args.threads < 0:
+        parser.error("--jobs must be >= 1 and --threads >= 0")
     if args.quick:
-        args.seeds, args.epochs, args.max_steps = "0", 1, 3
-        args.train_per_class = args.train_per_class or 40
-        args.test_per_class = args.test_per_class or 20
-    unknown = set(args.methods.split(",")) - set(METHODS)
-    if unknown:
-        parser.error(f"--methods: unknown {sorted(unknown)}; expected names from {METHODS}")
-    if args.epochs < 1 or args.jobs < 1:
-        parser.error("--epochs and --jobs must be >= 1")
+        args.seeds = "0"
     return args
 
 
-def _quiet() -> None:
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module=r"lightning.*")
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-
-
-def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    train, test = load_fashion_mnist(args.data_dir)
-    if args.train_per_class:
-        train = train.balanced_subset(args.train_per_class)
-    if args.test_per_class:
-        test = test.balanced_subset(args.test_per_class)
-    return train, test
-
+# ---------------------------------------------------------------------------------------------------- one run
 
 _DATA: Optional[tuple[Any, Any]] = None
 
 
-def _init_worker(args: argparse.Namespace) -> None:
+def _init_worker(data_dir: Optional[str], threads: int, quick: bool) -> None:
     global _DATA
-    _quiet()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    _DATA = _load(args)
+    quiet()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    train, test = load_fashion_mnist(data_dir)
+    _DATA = (train.balanced_subset(26), test.balanced_subset(20)) if quick else (train, test)
 
 
-def _run_one(args: argparse.Namespace, method: str, seed: int) -> dict[str, Any]:
-    """One training run; only scalars travel back (not the embeddings)."""
-    assert _DATA is not None
+def _regime(name: str, quick: bool) -> Regime:
+    regime = REGIMES[name]
+    if quick:  # the regime's data handling (subset, label noise), on a few steps
+        return Regime(regime.description, epochs=1, train_per_class=13 if regime.train_per_class else None,
+                      label_noise=regime.label_noise)
+    return regime
+
+
+def run_one(regime_name: str, method: str, seed: int, quick: bool) -> dict[str, Any]:
+    """One training run; only scalars travel back."""
+    assert _DATA is not None, "call _init_worker first"
     train, test = _DATA
+    regime = _regime(regime_name, quick)
     started = time.perf_counter()
-    result = run_method(method, train_data=train, test_data=test, epochs=args.epochs, seed=seed,
-                        n_tuples=args.n_tuples, batch_size=args.batch_size, max_steps=args.max_steps,
-                        max_minutes=args.max_minutes, progress=args.progress and args.jobs == 1)
-    out = {key: result.get(key) for key in RUN_KEYS}
-    out["wall_seconds"] = time.perf_counter() - started
-    return out
+    result = run_method(method, train_data=regime.training_set(train, seed), test_data=test, epochs=regime.epochs,
+                        seed=seed, max_steps=2 if quick else -1, progress=False)
+    result.update(regime=regime_name, wall_seconds=time.perf_counter() - started)
+    return {key: result[key] for key in RUN_KEYS}
 
 
-def summarise(runs: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[dict[str, Any]]:
-    """Mean and standard deviation over seeds of every measure, per method (in ``methods`` order)."""
+# ---------------------------------------------------------------------------------------------------- summary
+
+
+def summarise(runs: Sequence[dict[str, Any]], regimes: Sequence[str], methods: Sequence[str]) -> list[dict[str, Any]]:
+    """Mean and sample standard deviation over seeds of every measure, per regime and method."""
     rows = []
-    for method in methods:
-        mine = [r for r in runs if r["method"] == method]
-        row: dict[str, Any] = {"method": method, "runs": len(mine)}
-        for _, key, scale, _ in MEASURES:
-            values = [scale * float(r[key]) for r in mine if r[key] is not None and not math.isnan(float(r[key]))]
-            row[f"{key}_mean"], row[f"{key}_std"] = mean_std(values)
-        rows.append(row)
+    for regime in regimes:
+        for method in methods:
+            mine = [r for r in runs if r["regime"] == regime and r["method"] == method]
+            if not mine:
+                continue
+            row: dict[str, Any] = {"regime": regime, "method": method, "runs": len(mine)}
+            for _, key, scale, _ in MEASURES:
+                values = [scale * float(r[key]) for r in mine if not math.isnan(float(r[key]))]
+                row[f"{key}_mean"], row[f"{key}_std"] = mean_std(values)
+            rows.append(row)
     return rows
 
 
-def plot(summary: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
-    """Accuracy, ECE, alignment vs uniformity, seconds per epoch, with +- one standard deviation."""
+def regime_table(summary: Sequence[dict[str, Any]], regime: str) -> str:
+    headers = ("method", "runs", *(title for title, *_ in MEASURES))
+    rows = [[row["method"], row["runs"], *(f"{fmt.format(row[f'{key}_mean'])} +- {fmt.format(row[f'{key}_std'])}"
+                                           for _, key, _, fmt in MEASURES)]
+            for row in summary if row["regime"] == regime]
+    title = f"== {regime}: {REGIMES[regime].description}; mean +- std over seeds =="
+    return format_table(headers, rows, title=title)
+
+
+def goal_table(summary: Sequence[dict[str, Any]], regimes: Sequence[str]) -> Optional[str]:
+    """MultiMix's defaults against input mixup and ERM (last-epoch accuracy, points), per regime."""
+    by = {(r["regime"], r["method"]): r for r in summary}
+    rows = []
+    for regime in regimes:
+        if not all((regime, m) in by for m in ("erm", "mixup", "multimix")):
+            continue
+        acc = {m: by[(regime, m)]["test_acc_mean"] for m in ("erm", "mixup", "multimix")}
+        gap = acc["multimix"] - acc["mixup"]
+        goal = gap > 0 and acc["multimix"] > acc["erm"] if regime == "noisy" else gap >= -1.0
+        rows.append([regime, f"{acc['erm']:.2f}", f"{acc['mixup']:.2f}", f"{acc['multimix']:.2f}", f"{gap:+.2f}",
+                     f"{acc['multimix'] - acc['erm']:+.2f}",
+                     ("ahead of both: " if regime == "noisy" else "within 1 point: ") + ("yes" if goal else "NO")])
+    if not rows:
+        return None
+    headers = ("regime", "ERM", "input mixup", "MultiMix()", "vs mixup", "vs ERM", "goal")
+    return format_table(headers, rows, title="== the goal (last-epoch test accuracy %, means over seeds) ==")
+
+
+def plot(summary: Sequence[dict[str, Any]], regimes: Sequence[str], path: Path, title: str) -> Path:
+    """Per regime: last-epoch accuracy (bars, +- std) with the best epoch's (dots), and ECE."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [row["method"] for row in summary]
-    colors = [plt.get_cmap("tab10")(i % 10) for i in range(len(names))]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    for ax, (label, key) in zip(axes.flat[:2], (("test accuracy (%)", "test_acc"), ("ECE (lower is better)", "ece"))):
-        ax.bar(names, [r[f"{key}_mean"] for r in summary], yerr=[r[f"{key}_std"] for r in summary], color=colors,
-               capsize=4)
-        ax.set_ylabel(label)
-        ax.tick_params(axis="x", rotation=30)
-        if key == "test_acc":
-            low = min(r["test_acc_mean"] - r["test_acc_std"] for r in summary)
-            ax.set_ylim(max(0.0, low - 2.0), None)
-    ax = axes.flat[2]
-    for row, color in zip(summary, colors):
-        ax.errorbar(row["uniformity_mean"], row["alignment_mean"], xerr=row["uniformity_std"],
-                    yerr=row["alignment_std"], fmt="o", color=color, label=row["method"], capsize=3)
-    ax.set_xlabel("uniformity (lower: more uniform)")
-    ax.set_ylabel("alignment (lower: tighter classes)")
-    ax.legend(fontsize=8)
-    ax = axes.flat[3]
-    ax.bar(names, [r["sec_per_epoch_mean"] for r in summary], yerr=[r["sec_per_epoch_std"] for r in summary],
-           color=colors, capsize=4)
-    ax.set_ylabel("training seconds per epoch")
-    ax.tick_params(axis="x", rotation=30)
-    fig.suptitle("\n".join(textwrap.fill(line, 130) for line in title.splitlines()), fontsize=9)
+    fig, axes = plt.subplots(2, len(regimes), figsize=(5.2 * len(regimes), 7.5), squeeze=False)
+    for column, regime in enumerate(regimes):
+        rows = [r for r in summary if r["regime"] == regime]
+        names = [r["method"] for r in rows]
+        colors = [plt.get_cmap("tab10")(i % 10) for i in range(len(rows))]
+        ax = axes[0][column]
+        ax.bar(names, [r["test_acc_mean"] for r in rows], yerr=[r["test_acc_std"] for r in rows], color=colors,
+               capsize=3)
+        ax.plot(names, [r["best_acc_mean"] for r in rows], "k.", label="best epoch")
+        top = max(r["best_acc_mean"] for r in rows)
+        low = sorted(r["test_acc_mean"] for r in rows)[len(rows) // 4]  # keep the collapsed methods from flattening
+        ax.set_ylim(max(0.0, low - 8.0), min(100.0, top + 2.0))
+        ax.set_title(f"{regime}: {REGIMES[regime].description}", fontsize=8)
+        ax.set_ylabel("test accuracy % (last epoch; dot: best)")
+        ax.tick_params(axis="x", rotation=45, labelsize=7)
+        ax = axes[1][column]
+        ax.bar(names, [r["ece_mean"] for r in rows], yerr=[r["ece_std"] for r in rows], color=colors, capsize=3)
+        ax.set_ylabel("ECE (lower is better)")
+        ax.tick_params(axis="x", rotation=45, labelsize=7)
+    fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
+# ---------------------------------------------------------------------------------------------------- main
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    _quiet()
+    quiet()
+    regimes = [r for r in REGIMES if r in args.regimes.split(",")]
     methods = [m for m in METHODS if m in args.methods.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _init_worker(args)  # also loads the data here, so a bad --data-dir fails before any training
-    assert _DATA is not None
-    train, test = _DATA
+    runs_path = out / "accuracy_runs.csv"
+    _init_worker(args.data_dir, args.threads, args.quick)  # a bad --data-dir fails here, before any training
     info = machine_info("cpu")
     print_machine(info)
-    source = "the subset shipped in the package" if args.data_dir is None else repr(args.data_dir)
-    settings = (f"Fashion-MNIST from {source}: {len(train)} train / {len(test)} test images; SmallCNN, batch "
-                f"{args.batch_size}, {args.epochs} epoch(s), max_steps {args.max_steps}, n_tuples {args.n_tuples}, "
-                f"seeds {seeds}, {args.threads or 'default'} thread(s) per run, {args.jobs} job(s)")
+    settings = (f"SmallCNN on Fashion-MNIST ({'the subset shipped in the package' if args.data_dir is None else args.data_dir}"
+                f"{', --quick' if args.quick else ''}); regimes {regimes}; seeds {seeds}; {args.threads or 'default'} "
+                f"thread(s) per run, {args.jobs} job(s)")
     print("settings: " + settings, flush=True)
 
-    tasks = [(method, seed) for seed in seeds for method in methods]  # seed-major: partial results stay balanced
-    runs: list[dict[str, Any]] = []
+    done: list[dict[str, Any]] = []
+    if args.resume:
+        done = [row for row in read_csv(runs_path) if row["regime"] in regimes and row["method"] in methods
+                and int(row["seed"]) in seeds]
+        print(f"resuming: {len(done)} run(s) already in {runs_path}")
+    elif runs_path.exists():
+        runs_path.unlink()
+    finished = {(row["regime"], row["method"], int(row["seed"])) for row in done}
+    # seed-major, then the long regimes first: partial results stay balanced and the pool ends on short runs
+    order = sorted(regimes, key=lambda r: -REGIMES[r].epochs * (REGIMES[r].train_per_class or 1000))
+    tasks = [(regime, method, seed, args.quick) for seed in seeds for regime in order for method in methods
+             if (regime, method, seed) not in finished]
     started = time.perf_counter()
-    if args.jobs == 1:
-        for method, seed in tasks:
-            runs.append(_run_one(args, method, seed))
-            _print_run(runs[-1])
-    else:
-        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=_init_worker,
-                                 initargs=(args,)) as pool:
-            futures = [pool.submit(_run_one, args, method, seed) for method, seed in tasks]
-            for future in futures:
-                runs.append(future.result())
-                _print_run(runs[-1])
+    for run in run_tasks(run_one, tasks, args.jobs, _init_worker, (args.data_dir, args.threads, args.quick)):
+        append_csv(runs_path, RUN_KEYS, [run[key] for key in RUN_KEYS])
+        done.append(run)
+        print(f"  {run['regime']:>8} {run['method']:>14} seed {run['seed']}: last {100 * float(run['test_acc']):.2f}%"
+              f"  best {100 * float(run['best_acc']):.2f}%  ECE {float(run['ece']):.3f}  "
+              f"({float(run['wall_seconds']):.0f} s)", flush=True)
     total = time.perf_counter() - started
 
-    summary = summarise(runs, methods)
-    headers = ("method", "runs", *(title for title, *_ in MEASURES))
-    rows = [[row["method"], row["runs"], *(f"{fmt.format(row[f'{key}_mean'])} +- {fmt.format(row[f'{key}_std'])}"
-                                           for _, key, _, fmt in MEASURES)] for row in summary]
-    print()
-    print(format_table(headers, rows, title=f"== Fashion-MNIST, mean +- std over {len(seeds)} seed(s) =="))
-    print(f"\ntotal wall time: {total / 60:.1f} min")
-
-    write_csv(out / "accuracy_runs.csv", RUN_KEYS, [[run[key] for key in RUN_KEYS] for run in runs])
-    summary_keys = ["method", "runs"] + [f"{key}_{stat}" for _, key, _, _ in MEASURES for stat in ("mean", "std")]
+    summary = summarise(done, regimes, methods)
+    tables = [regime_table(summary, regime) for regime in regimes]
+    goal = goal_table(summary, regimes)
+    report = "\n\n".join(tables + ([goal] if goal else []))
+    print("\n" + report + f"\n\nwall time of this invocation: {total / 60:.1f} min")
+    summary_keys = ["regime", "method", "runs"] + [f"{key}_{s}" for _, key, _, _ in MEASURES for s in ("mean", "std")]
     write_csv(out / "accuracy_summary.csv", summary_keys, [[row[k] for k in summary_keys] for row in summary])
-    png = plot(summary, out / "accuracy.png", f"{settings}\n{info['date']}, {info['cpu']}")
-    meta = {"command": " ".join(["python", *sys.argv]), "machine": info, "settings": settings,
-            "args": vars(args), "total_seconds": total}
-    (out / "accuracy_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"wrote {out / 'accuracy_runs.csv'}, {out / 'accuracy_summary.csv'}, {png}, {out / 'accuracy_meta.json'}")
+    (out / "accuracy.md").write_text(results_header(info, settings) + "\n```\n" + report + "\n```\n")
+    png = plot(summary, regimes, out / "accuracy.png", f"{settings}\n{info['date']}, {info['cpu']}")
+    print(f"wrote {runs_path}, {out / 'accuracy_summary.csv'}, {out / 'accuracy.md'}, {png}")
     return 0
-
-
-def _print_run(run: dict[str, Any]) -> None:
-    print(f"  {run['method']:>9} seed {run['seed']}: test acc {100 * run['test_acc']:.2f}%  ECE {run['ece']:.4f}  "
-          f"alignment {run['alignment']:.4f}  uniformity {run['uniformity']:.4f}  "
-          f"{run['sec_per_epoch']:.1f} s/epoch  ({run['epochs']} epoch(s), {run['steps']} steps, "
-          f"{run['wall_seconds']:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def _colormap(name: str) -> Any:
 def plot_curves(results: Sequence[dict], path: Union[str, Path]) -> Path:
     """Per-epoch curves of every method: training loss (the optimised objective), test loss and test accuracy.
 
-    ``results`` are :func:`lightning_multimix.demo.run_method` outputs (their ``"method"`` and ``"history"``).
+    ``results`` are :func:`lightning_multimix.demo.training.run_method` outputs (their ``"method"`` and ``"history"``).
     """
     fig = _figure(figsize=(15, 4.2))
     axes = fig.subplots(1, 3)

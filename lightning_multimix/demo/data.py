@@ -236,6 +236,26 @@ class ImageSet(Dataset):
     def with_augment(self, augment: bool) -> "ImageSet":
         return dataclasses.replace(self, augment=augment)
 
+    def with_label_noise(self, fraction: float, seed: int = 0) -> "ImageSet":
+        """A copy in which ``round(fraction * N)`` examples, chosen at random, have a label drawn uniformly from all
+        classes (so about ``1 / C`` of them keep their true label): symmetric label noise, for the noisy-label
+        scenario. The same ``seed`` gives the same noise.
+
+        Example:
+            >>> data = ImageSet(torch.zeros(100, 1, 1, 1, dtype=torch.uint8), torch.arange(100) % 10,
+            ...                 tuple("abcdefghij"))
+            >>> noisy = data.with_label_noise(0.4, seed=0)
+            >>> 0.4 * (1 - 1 / 10) - 0.15 < float((noisy.labels != data.labels).float().mean()) <= 0.4
+            True
+        """
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"ImageSet.with_label_noise: fraction={fraction!r}; expected a value in [0, 1].")
+        generator = torch.Generator().manual_seed(seed)
+        chosen = torch.randperm(len(self), generator=generator)[: round(fraction * len(self))]
+        labels = self.labels.clone()
+        labels[chosen] = torch.randint(0, self.num_classes, (chosen.numel(),), generator=generator)
+        return dataclasses.replace(self, labels=labels)
+
 
 def balanced_indices(labels: Tensor, per_class: int, num_classes: Optional[int] = None) -> Tensor:
     """Sorted indices of the first ``per_class`` examples of each class; raises if a class has fewer.
@@ -280,7 +300,7 @@ def load_fashion_mnist(data_dir: Optional[PathLike] = None) -> tuple[ImageSet, I
 
     Args:
         data_dir: ``None``: the subset shipped in this package (10,000 training and 2,000 test images, the first
-            1,000 and 200 of each class in file order; see ``lightning_multimix/data_files/README.md``). A
+            1,000 and 200 of each class in file order; see ``lightning_multimix/demo/data_files/README.md``). A
             directory: the full data set, read from the standard file names (``train-images-idx3-ubyte.gz``,
             ``train-labels-idx1-ubyte.gz``, ``t10k-images-idx3-ubyte.gz``, ``t10k-labels-idx1-ubyte.gz``, each also
             accepted without ``.gz``) in that directory or in its ``FashionMNIST/raw`` (torchvision's layout).
@@ -337,7 +357,7 @@ def write_fashion_mnist_subset(source_dir: PathLike, out_dir: PathLike, train_pe
     """Write the class-balanced subset of the Fashion-MNIST files in ``source_dir`` to ``out_dir`` (standard names).
 
     This is how ``data_files/`` was made: ``write_fashion_mnist_subset("/usr/share/datasets/fashion-mnist",
-    "lightning_multimix/data_files")`` (the first ``train_per_class`` / ``test_per_class`` images of each class in
+    "lightning_multimix/demo/data_files")`` (the first ``train_per_class`` / ``test_per_class`` images of each class in
     file order, kept in file order, gzip level 9 without time stamp).
     """
     train, test = load_fashion_mnist(source_dir)

@@ -24,7 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 
 from lightning_multimix.heads import find_head, resolve_module
 from lightning_multimix.metrics import EmbeddingAlignment, EmbeddingUniformity
-from lightning_multimix.models import PreActResNet18, SmallCNN
+from lightning_multimix.demo.models import PreActResNet18, SmallCNN
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {"small_cnn": SmallCNN, "preact_resnet18": PreActResNet18}
 SCHEDULES = ("cosine", "step", "constant")

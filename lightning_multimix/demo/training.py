@@ -1,0 +1,252 @@
+"""Train and test the demo's small CNN with one method in one regime: what the demo and the benchmarks run.
+
+Every method trains the same :class:`~lightning_multimix.demo.models.SmallCNN` from the same initial weights, on the
+same batches in the same order for a given seed, with SGD (lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4, cosine
+schedule over the run, batch 128, last incomplete batch dropped). Test accuracy is measured after every epoch on the
+test split; there is no model selection (the "best epoch" numbers are reported beside the last epoch's as what a
+peeking practitioner would see, never instead of them).
+
+Methods (:data:`METHODS`): ``erm`` (no mixing), ``mixup`` / ``cutmix`` (torchvision's input-space ``v2.MixUp`` /
+``v2.CutMix``, alpha 1, on every batch: the peers a user would pick instead), and the callback's:
+
+- ``pairs``: ``MultiMix(mode="pairs")``: last-layer pairs on half the batches, input mixup on the others (the
+  protocol's default), i.e. Manifold Mixup over the input and the last layer;
+- ``multimix``: ``MultiMix()`` with its defaults (the paper's protocol: MultiMix, n = 1000, alpha = 1 over the whole
+  batch on half the batches, input mixup on the others);
+- ``multimix_every``: ``MultiMix(probability=1.0)``: MultiMix on every batch, without the protocol;
+- ``dense``, ``distill``: Dense MultiMix and MultiMix + self-distillation, with the protocol.
+
+Regimes (:data:`REGIMES`) on the Fashion-MNIST subset shipped in the package: ``clean`` (10,000 training images,
+5 epochs), ``low_data`` (100 images per class, 100 epochs) and ``noisy`` (300 images per class with 40% of the labels
+replaced by labels drawn uniformly from the 10 classes, 60 epochs; the test set is clean).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Optional
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
+
+from lightning_multimix.callback import MultiMix
+from lightning_multimix.demo.classifier import ImageClassifier
+from lightning_multimix.demo.data import ImageSet
+
+
+@dataclass(frozen=True)
+class Method:
+    """A training method: torchvision's input mixing (``input_mix``) or the MultiMix callback (``multimix``: its
+    arguments), or neither (ERM)."""
+
+    description: str
+    input_mix: Optional[str] = None
+    multimix: Optional[dict[str, Any]] = None
+
+
+METHODS: dict[str, Method] = {
+    "erm": Method("ERM: cross-entropy on clean images, no mixing"),
+    "mixup": Method("input mixup: torchvision v2.MixUp(alpha=1) on every batch", input_mix="mixup"),
+    "cutmix": Method("CutMix: torchvision v2.CutMix(alpha=1) on every batch", input_mix="cutmix"),
+    "pairs": Method("pairs: MultiMix(mode='pairs'): last-layer pairs or input mixup, 50/50", multimix={"mode": "pairs"}),
+    "multimix": Method("MultiMix(): MultiMix (n=1000, alpha=1, whole batch) or input mixup, 50/50 (the paper's "
+                       "protocol)", multimix={}),
+    "multimix_every": Method("MultiMix(probability=1.0): MultiMix on every batch", multimix={"probability": 1.0}),
+    "dense": Method("Dense MultiMix or input mixup, 50/50", multimix={"dense": True}),
+    "distill": Method("MultiMix + self-distillation or input mixup, 50/50", multimix={"distill": True}),
+}
+DEFAULT_METHODS: tuple[str, ...] = ("erm", "mixup", "pairs", "multimix")
+
+
+@dataclass(frozen=True)
+class Regime:
+    """How much data, how long, how noisy: ``train_per_class`` images of each class (``None``: all), ``epochs``,
+    and the fraction of training labels replaced by random ones."""
+
+    description: str
+    epochs: int
+    train_per_class: Optional[int] = None
+    label_noise: float = 0.0
+
+    def training_set(self, train: ImageSet, seed: int) -> ImageSet:
+        """The regime's training set from ``train`` (the label noise depends on ``seed``)."""
+        data = train.balanced_subset(self.train_per_class) if self.train_per_class is not None else train
+        return data.with_label_noise(self.label_noise, seed=seed) if self.label_noise > 0 else data
+
+
+REGIMES: dict[str, Regime] = {
+    "clean": Regime("all 10,000 training images, 5 epochs", epochs=5),
+    "low_data": Regime("100 training images per class, 100 epochs", epochs=100, train_per_class=100),
+    "noisy": Regime("300 training images per class, 40% of their labels random, 60 epochs", epochs=60,
+                    train_per_class=300, label_noise=0.4),
+}
+#: The optimiser of every method.
+OPTIMIZER = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": True, "schedule": "cosine"}
+
+
+class History(Callback):
+    """Per-epoch record: mean training objective, test loss / accuracy / ECE, training seconds (evaluation excluded)."""
+
+    def __init__(self) -> None:
+        self.epochs: list[dict[str, Any]] = []
+        self._start = self._eval_seconds = self._eval_start = 0.0
+        self._loss_sum: Any = 0.0
+        self._steps = 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start, self._eval_seconds, self._loss_sum, self._steps = time.perf_counter(), 0.0, 0.0, 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self._loss_sum = self._loss_sum + loss.detach()
+            self._steps += 1
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._eval_start = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._eval_seconds += time.perf_counter() - self._eval_start
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        value = lambda name: float(metrics[name]) if name in metrics else None  # noqa: E731
+        self.epochs.append({
+            "epoch": trainer.current_epoch + 1,
+            "steps": self._steps,
+            "train_loss": float(self._loss_sum) / self._steps if self._steps else None,
+            "val_loss": value("val/loss"),
+            "val_acc": value("val/acc"),
+            "val_ece": value("val/ece"),
+            "train_seconds": time.perf_counter() - self._start - self._eval_seconds,
+        })
+
+
+def method_callbacks(method: str, *, seed: int, total_steps: int, head: str,
+                     multimix_options: Optional[dict[str, Any]] = None) -> list[Callback]:
+    """The MultiMix callback of ``method`` (none for ERM and torchvision's mixing), with ``multimix_options``
+    overriding its arguments; distillation's ``beta`` ramps up over the first half of the run.
+
+    Example:
+        >>> [type(c).__name__ for c in method_callbacks("multimix", seed=0, total_steps=100, head="fc")]
+        ['MultiMix']
+        >>> method_callbacks("erm", seed=0, total_steps=100, head="fc")
+        []
+    """
+    spec = _method(method)
+    if spec.multimix is None:
+        if multimix_options:
+            raise ValueError(f"method {method!r} does not use MultiMix: multimix_options={multimix_options!r} "
+                             "would be ignored.")
+        return []
+    options = {"seed": seed, "head": head, **spec.multimix, **(multimix_options or {})}
+    if options.get("distill"):
+        # the callback's default warm-up (1000 steps) is longer than a demo run: beta reaches its weight half-way
+        options.setdefault("distill_warmup_steps", max(1, total_steps // 2))
+    return [MultiMix(**options)]
+
+
+def run_method(
+    method: str,
+    *,
+    train_data: ImageSet,
+    test_data: ImageSet,
+    epochs: int,
+    seed: int,
+    batch_size: int = 128,
+    multimix_options: Optional[dict[str, Any]] = None,
+    max_steps: int = -1,
+    max_minutes: Optional[float] = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the demo's SmallCNN with ``method`` on ``train_data``, test it on ``test_data``, return the numbers.
+
+    Args:
+        method: a key of :data:`METHODS`.
+        train_data, test_data: :class:`~lightning_multimix.demo.data.ImageSet` s (e.g. a regime's training set).
+        epochs: training epochs (the cosine schedule spans them, or ``max_steps`` if that is smaller).
+        seed: seeds the initial weights, the batch order and the mixing; equal seeds give every method the same
+            initial weights and batches.
+        batch_size: training batch size (the last incomplete batch is dropped).
+        multimix_options: arguments of ``MultiMix`` overriding the method's (the sweep's ``alpha``, ``n_tuples``...).
+        max_steps: stop after this many optimizer steps (``-1``: no limit).
+        max_minutes: stop training after this much wall time (then test).
+        progress: show Lightning's progress bar.
+
+    Returns:
+        ``{"method", "seed", "test_acc", "best_acc", "best_epoch", "ece", "alignment", "uniformity",
+        "sec_per_epoch", "epochs", "steps", "history", "embeddings", "labels"}``: test accuracy in [0, 1] after the
+        last epoch and the best over epochs (with its epoch), expected calibration error (15 bins), alignment and
+        uniformity of the test embeddings (:mod:`lightning_multimix.metrics`), all after the last epoch; mean training
+        seconds per epoch (evaluation excluded), epochs run, optimizer steps, one dict per epoch (``epoch``, ``steps``,
+        ``train_loss`` (the optimised objective), ``val_loss``, ``val_acc``, ``val_ece`` on the test split,
+        ``train_seconds``), and the test embeddings ``(N, d)`` (the head's input) with their labels ``(N,)``.
+    """
+    spec = _method(method)
+    for name, value, minimum in (("epochs", epochs, 1), ("batch_size", batch_size, 2)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"run_method: {name}={value!r}; expected an int >= {minimum}.")
+    if len(train_data) < batch_size:
+        raise ValueError(f"run_method: {len(train_data)} training examples, fewer than batch_size={batch_size}.")
+    if max_minutes is not None and not max_minutes > 0:
+        raise ValueError(f"run_method: max_minutes={max_minutes!r}; expected None or a value > 0.")
+
+    L.seed_everything(seed, workers=True, verbose=False)
+    model = ImageClassifier("small_cnn", num_classes=train_data.num_classes, in_channels=train_data.in_channels,
+                            input_mix=spec.input_mix, **OPTIMIZER)
+    steps_per_epoch = len(train_data) // batch_size
+    total_steps = epochs * steps_per_epoch if max_steps < 0 else min(max_steps, epochs * steps_per_epoch)
+    history = History()
+    callbacks = [*method_callbacks(method, seed=seed, total_steps=total_steps, head=model.head_path,
+                                   multimix_options=multimix_options), history]
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=epochs, max_steps=max_steps,
+        max_time=timedelta(minutes=max_minutes) if max_minutes is not None else None,
+        callbacks=callbacks, logger=False, enable_checkpointing=False, enable_model_summary=False,
+        enable_progress_bar=progress, num_sanity_val_steps=0,
+    )
+    train_loader = DataLoader(train_data, batch_size=batch_size, shuffle=True, drop_last=True,
+                              generator=torch.Generator().manual_seed(seed))
+    test_loader = DataLoader(test_data, batch_size=500)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*`max_epochs` was not set.*")
+        trainer.fit(model, train_loader, test_loader)
+        scores = trainer.test(model, test_loader, verbose=False)[0]
+    embeddings, labels = model.test_embeddings()
+    full = [h["train_seconds"] for h in history.epochs if h["steps"] == steps_per_epoch]
+    seconds = full or [h["train_seconds"] for h in history.epochs]
+    accuracies = [(h["val_acc"], h["epoch"]) for h in history.epochs if h["val_acc"] is not None]
+    best_acc, best_epoch = max(accuracies, key=lambda a: a[0]) if accuracies else (float("nan"), 0)
+    return {
+        "method": method,
+        "seed": seed,
+        "test_acc": float(scores["test/acc"]),
+        "best_acc": best_acc,
+        "best_epoch": best_epoch,
+        "ece": float(scores["test/ece"]),
+        "alignment": float(scores["test/alignment"]),
+        "uniformity": float(scores["test/uniformity"]),
+        "sec_per_epoch": sum(seconds) / len(seconds) if seconds else float("nan"),
+        "epochs": len(history.epochs),
+        "steps": trainer.global_step,
+        "history": history.epochs,
+        "embeddings": embeddings,
+        "labels": labels,
+    }
+
+
+def _method(method: str) -> Method:
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; expected one of {tuple(METHODS)}.")
+    return METHODS[method]
+
+
+__all__ = ["DEFAULT_METHODS", "METHODS", "OPTIMIZER", "REGIMES", "History", "Method", "Regime", "method_callbacks",
+           "run_method"]
