@@ -85,7 +85,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks._common import format_table, machine_info, median, print_machine, write_csv
+from benchmarks._harness import format_table, machine_info, median, print_machine, write_csv
 from benchmarks._memory import LiveTensorBytes
 from lightning_multimix import MultiMix
 from lightning_multimix.capture import Capture
@@ -98,7 +98,7 @@ from lightning_multimix.dense import (
 )
 from lightning_multimix.interpolation import interpolate, one_hot
 from lightning_multimix.losses import soft_cross_entropy
-from lightning_multimix.models import PreActResNet18, SmallCNN
+from lightning_multimix.demo.models import PreActResNet18, SmallCNN
 from lightning_multimix.sampling import dirichlet_weights, pair_weights
 from lightning_multimix.teacher import EMATeacher
 

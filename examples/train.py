@@ -1,4 +1,4 @@
-"""Train an :class:`~lightning_multimix.classifier.ImageClassifier` from a YAML config with LightningCLI.
+"""Train an :class:`~lightning_multimix.demo.classifier.ImageClassifier` from a YAML config with LightningCLI.
 
 Run from the repository root::
 
@@ -25,8 +25,8 @@ from typing import Optional
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lightning_multimix.classifier import ImageClassifier
-from lightning_multimix.data import ImageDataModule
+from lightning_multimix.demo.classifier import ImageClassifier
+from lightning_multimix.demo.data import ImageDataModule
 
 
 class MultiMixCLI(LightningCLI):

@@ -17,7 +17,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 OVERHEAD_METHODS = ("none", "mixup", "cutmix", "pairs", "multimix-128", "multimix-1000", "multimix-10000", "dense-1000",
                     "distill-1000")
-ACCURACY_METHODS = ("erm", "mixup", "cutmix", "pairs", "multimix", "dense", "distill")
+ACCURACY_METHODS = ("erm", "mixup", "cutmix", "pairs", "multimix", "multimix_every", "dense", "distill")
+REGIMES = ("clean", "low_data", "noisy")
+SWEEP_CONFIGS = ("default", "alpha=0.1", "alpha=0.5", "alpha=2", "tuple_size=2", "tuple_size=4", "tuple_size=8",
+                 "n_tuples=100", "n_tuples=10000", "probability=0.25", "probability=0.75", "probability=1")
 
 
 def _run(*args: str, timeout: int = 400) -> str:
@@ -56,14 +59,34 @@ def test_overhead_quick_prints_every_method_and_writes_csv(tmp_path: Path) -> No
 
 
 @pytest.mark.slow
-def test_accuracy_quick_prints_every_method_and_writes_files(tmp_path: Path) -> None:
+def test_accuracy_quick_prints_every_regime_and_method_and_writes_files(tmp_path: Path) -> None:
     stdout = _run("benchmarks/accuracy.py", "--quick", "--out", str(tmp_path))
-    rows = _table_rows(stdout, "== Fashion-MNIST, mean +- std")
-    assert [row[0] for row in rows] == list(ACCURACY_METHODS)
-    for name in ("accuracy_runs.csv", "accuracy_summary.csv", "accuracy_meta.json"):
+    for regime in REGIMES:
+        rows = _table_rows(stdout, f"== {regime}: ")
+        assert [row[0] for row in rows] == list(ACCURACY_METHODS)
+    goal = _table_rows(stdout, "== the goal")
+    assert [row[0] for row in goal] == list(REGIMES)
+    for name in ("accuracy_runs.csv", "accuracy_summary.csv"):
         assert (tmp_path / name).stat().st_size > 0
+    header = (tmp_path / "accuracy.md").read_text().splitlines()
+    assert header[0] == f"command: python benchmarks/accuracy.py --quick --out {tmp_path}"
+    assert header[1].startswith("date: ") and header[2].startswith("machine: ")
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(tmp_path / "accuracy_runs.csv", newline="") as handle:
         runs = list(csv.DictReader(handle))
-    assert sorted(run["method"] for run in runs) == sorted(ACCURACY_METHODS)
-    assert all(0.0 <= float(run["test_acc"]) <= 1.0 for run in runs)
+    assert sorted((run["regime"], run["method"]) for run in runs) == sorted(
+        (regime, method) for regime in REGIMES for method in ACCURACY_METHODS)
+    assert all(0.0 <= float(run["test_acc"]) <= float(run["best_acc"]) <= 1.0 for run in runs)
+    # --resume keeps the finished runs and trains nothing more
+    again = _run("benchmarks/accuracy.py", "--quick", "--resume", "--out", str(tmp_path))
+    assert f"resuming: {len(runs)} run(s)" in again
+    with open(tmp_path / "accuracy_runs.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == len(runs)
+
+
+@pytest.mark.slow
+def test_sweep_quick_reports_every_configuration(tmp_path: Path) -> None:
+    stdout = _run("benchmarks/sweep.py", "--quick", "--out", str(tmp_path))
+    rows = _table_rows(stdout, "== MultiMix settings, noisy")
+    assert [row[0] for row in rows] == list(SWEEP_CONFIGS)
+    assert (tmp_path / "sweep_noisy.md").read_text().startswith("command: python benchmarks/sweep.py --quick")

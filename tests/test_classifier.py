@@ -15,9 +15,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_multimix import MultiMix
-from lightning_multimix.classifier import ImageClassifier
+from lightning_multimix.demo.classifier import ImageClassifier
 from lightning_multimix.metrics import embedding_alignment, embedding_uniformity
-from lightning_multimix.models import PreActResNet18, SmallCNN
+from lightning_multimix.demo.models import PreActResNet18, SmallCNN
 
 
 def tiny_loader(n: int = 16, batch_size: int = 4, seed: int = 0, shuffle: bool = False) -> DataLoader:

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_multimix import data as D
-from lightning_multimix.data import (
+from lightning_multimix.demo import data as D
+from lightning_multimix.demo.data import (
     EMBEDDED_DIR,
     DataFormatError,
     ImageDataModule,

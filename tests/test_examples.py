@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from lightning_multimix.data import write_cifar, write_idx
+from lightning_multimix.demo.data import write_cifar, write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
@@ -62,8 +62,8 @@ def test_config_instantiates_in_process(config: Path, tmp_path: Path) -> None:
     """Fast check of every config: it parses and builds model, data and trainer (no training)."""
     from examples.train import MultiMixCLI
     from lightning_multimix import MultiMix
-    from lightning_multimix.classifier import ImageClassifier
-    from lightning_multimix.data import ImageDataModule
+    from lightning_multimix.demo.classifier import ImageClassifier
+    from lightning_multimix.demo.data import ImageDataModule
 
     settings = yaml.safe_load(config.read_text())
     cli = MultiMixCLI(ImageClassifier, ImageDataModule, run=False,
@@ -125,8 +125,8 @@ def test_print_config_shows_multimix_arguments() -> None:
 
 def test_cifar_without_data_dir_fails_clearly(tmp_path: Path) -> None:
     from examples.train import MultiMixCLI
-    from lightning_multimix.classifier import ImageClassifier
-    from lightning_multimix.data import ImageDataModule
+    from lightning_multimix.demo.classifier import ImageClassifier
+    from lightning_multimix.demo.data import ImageDataModule
 
     with pytest.raises(ValueError, match="needs data_dir, the directory holding 'cifar-10-batches-py/'"):
         MultiMixCLI(ImageClassifier, ImageDataModule, run=False,

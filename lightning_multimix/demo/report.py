@@ -1,0 +1,59 @@
+"""The demo's account of a run: the comparison table and the results files (JSON, CSV, Markdown)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Union
+
+TABLE_COLUMNS = (("method", "method", "{}"), ("epochs", "epochs", "{:d}"), ("test acc", "test_acc", "{:.4f}"),
+                 ("best acc", "best_acc", "{:.4f}"), ("ECE", "ece", "{:.4f}"), ("alignment", "alignment", "{:.4f}"),
+                 ("uniformity", "uniformity", "{:.4f}"), ("s/epoch", "sec_per_epoch", "{:.1f}"))
+
+
+def format_table(results: Sequence[dict]) -> str:
+    """The comparison table, one row per method, as Markdown.
+
+    Example:
+        >>> print(format_table([{"method": "erm", "epochs": 1, "test_acc": 0.5, "best_acc": 0.5, "ece": 0.1,
+        ...                      "alignment": 1.0, "uniformity": -2.0, "sec_per_epoch": 3.0}]))
+        | method | epochs | test acc | best acc | ECE    | alignment | uniformity | s/epoch |
+        |--------|--------|----------|----------|--------|-----------|------------|---------|
+        | erm    | 1      | 0.5000   | 0.5000   | 0.1000 | 1.0000    | -2.0000    | 3.0     |
+    """
+    rows = [[fmt.format(r[key]) for _, key, fmt in TABLE_COLUMNS] for r in results]
+    headers = [title for title, _, _ in TABLE_COLUMNS]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def save_results(results: Sequence[dict], out: Path, config: dict) -> dict[str, Path]:
+    """Write ``results.json`` (config, per-method numbers and history), ``results.csv`` and ``table.md``."""
+    scalars = [{k: v for k, v in r.items() if k not in ("embeddings", "labels")} for r in results]
+    paths = {"json": out / "results.json", "csv": out / "results.csv", "table": out / "table.md"}
+    paths["json"].write_text(json.dumps({"config": config, "results": scalars}, indent=2) + "\n")
+    fields = [key for _, key, _ in TABLE_COLUMNS] + ["best_epoch", "steps", "seed"]
+    with paths["csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(scalars)
+    paths["table"].write_text(format_table(results) + "\n")
+    return paths
+
+
+def prepare_output_dir(out: Union[str, os.PathLike]) -> Path:
+    """Create ``out`` if needed and check that files can be written in it; raise ``OSError`` naming it otherwise."""
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise OSError(f"--out '{path}' is not a writable directory ({type(err).__name__}: {err.strerror or err}). "
+                      "Pass --out pointing to a directory you can write to.") from None
+    return path.resolve()
