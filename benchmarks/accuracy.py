@@ -228,9 +228,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _init_worker(args.data_dir, args.threads, args.quick)  # a bad --data-dir fails here, before any training
     info = machine_info("cpu")
     print_machine(info)
-    settings = (f"SmallCNN on Fashion-MNIST ({'the subset shipped in the package' if args.data_dir is None else args.data_dir}"
-                f"{', --quick' if args.quick else ''}); regimes {regimes}; seeds {seeds}; {args.threads or 'default'} "
-                f"thread(s) per run, {args.jobs} job(s)")
+    source = "the subset shipped in the package" if args.data_dir is None else args.data_dir
+    settings = (f"SmallCNN on Fashion-MNIST ({source}{', --quick' if args.quick else ''}); regimes {regimes}; seeds "
+                f"{seeds}; {args.threads or 'default'} thread(s) per run, {args.jobs} job(s)")
     print("settings: " + settings, flush=True)
 
     done: list[dict[str, Any]] = []

@@ -1,15 +1,25 @@
-"""Forward hooks that record what flows through one module during a training step (torch only, no Lightning).
+"""Forward hooks that record what flows through a model during a training step (torch only, no Lightning).
 
 A :class:`Capture` is armed for the duration of the user's ``training_step`` and disarmed before the callback computes
 its loss, so the callback's own calls to the head are never recorded. Hooks are removed with :meth:`Capture.remove`,
-which leaves the module exactly as it was (and picklable).
+which leaves the module exactly as it was (and picklable). :class:`StepCapture` holds the captures of one model (the
+head, the feature map of dense mode, the modules on the way to the head whose inputs the teacher re-runs) and checks
+what they recorded.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional
 
 from torch import Tensor, nn
+
+from lightning_multimix.errors import MultiMixError
+
+_HOW_HEAD = ("Pass `MultiMix(head='dotted.path')` naming the classifier head, or add `MultiMixMixin` and override "
+             "`multimix_head()`.")
+_HOW_MAP = ("Pass `Dense(feature_map='dotted.path')` naming the module whose output is the feature map, or override "
+            "`MultiMixMixin.multimix_feature_map()`.")
 
 
 class Capture:
@@ -71,3 +81,117 @@ class Capture:
         for handle in self._handles:
             handle.remove()
         self.reset()
+
+
+class StepCapture:
+    """The captures of one model for a training step: the head's input and output, the feature map (dense mode:
+    ``feature_spec = (path, "output" | "input" | "vit")``) and, with ``inputs=True``, the arguments of every module on
+    the way from the model down to the head (the teacher re-runs the outermost one that was called).
+
+    Example:
+        >>> import torch
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> step = StepCapture(net, "2")
+        >>> with step:
+        ...     _ = net(torch.randn(5, 3))
+        >>> embeddings, logits = step.head_tensors()
+        >>> tuple(embeddings.shape), tuple(logits.shape)
+        ((5, 4), (5, 2))
+        >>> step.remove()
+    """
+
+    def __init__(self, model: nn.Module, head_path: str, feature_spec: Optional[tuple[str, str]] = None,
+                 inputs: bool = False) -> None:
+        self.head_path, self.feature_spec = head_path, feature_spec
+        self.head = Capture(model.get_submodule(head_path), clone_input=True)
+        self.features = Capture(model.get_submodule(feature_spec[0])) if feature_spec is not None else None
+        parts = head_path.split(".")
+        paths = [".".join(parts[:i]) for i in range(len(parts))] if inputs else []
+        self.inputs = {path: Capture(model.get_submodule(path)) for path in paths}
+
+    def _all(self) -> list[Capture]:
+        return [self.head, *([self.features] if self.features is not None else []), *self.inputs.values()]
+
+    def __enter__(self) -> "StepCapture":
+        self._stack = contextlib.ExitStack()
+        for capture in self._all():
+            self._stack.enter_context(capture)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.close()
+
+    def remove(self) -> None:
+        for capture in self._all():
+            capture.remove()
+
+    def head_tensors(self) -> tuple[Tensor, Tensor]:
+        """``(embeddings (b, d), logits (b, c))`` of the step, checked: the head ran exactly once, on 2-d input, and
+        gives at least two classes."""
+        if self.head.calls != 1:
+            raise MultiMixError(
+                f"MultiMix expects the head {self.head_path!r} to run exactly once per training step, on the "
+                f"penultimate embeddings; it ran {self.head.calls} times. {_HOW_HEAD}"
+            )
+        embeddings, logits = self.head.input, self.head.output
+        if not all(isinstance(t, Tensor) and t.ndim == 2 for t in (embeddings, logits)):
+            shape_in = tuple(embeddings.shape) if isinstance(embeddings, Tensor) else type(embeddings).__name__
+            shape_out = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise MultiMixError(
+                f"The head {self.head_path!r} maps {shape_in} to {shape_out}; MultiMix needs a classifier head "
+                f"mapping (b, d) embeddings to (b, c) logits. {_HOW_HEAD}"
+            )
+        if logits.shape[-1] < 2:
+            raise MultiMixError(
+                f"The head {self.head_path!r} has {logits.shape[-1]} output; a classifier head has one per class "
+                f"(at least 2). {_HOW_HEAD}"
+            )
+        if embeddings.shape[0] != logits.shape[0]:
+            raise MultiMixError(f"The head {self.head_path!r} maps {embeddings.shape[0]} rows to "
+                                f"{logits.shape[0]}. {_HOW_HEAD}")
+        return embeddings, logits
+
+    def feature_map(self, embeddings: Tensor, verify: bool) -> Tensor:
+        """The captured feature map as ``(b, r, d)``; with ``verify``, checked against the head's input (its mean over
+        positions, or a ViT's class token, must be it)."""
+        assert self.features is not None and self.feature_spec is not None
+        path, kind = self.feature_spec
+        raw = self.features.input if kind == "input" else self.features.output
+        if self.features.calls < 1 or not isinstance(raw, Tensor) or raw.ndim not in (3, 4):
+            shape = tuple(raw.shape) if isinstance(raw, Tensor) else type(raw).__name__
+            raise MultiMixError(
+                f"Dense MultiMix expected a (b, d, h, w) or (b, r, d) feature map from {path!r}, got {shape} "
+                f"({self.features.calls} calls). {_HOW_MAP}"
+            )
+        if kind == "vit":
+            summary, features = raw[:, 0], raw[:, 1:]
+        else:
+            # a pooling's input is channels-first, (b, d, h, w) or (b, d, l); a declared 3-d map is (b, r, d) tokens
+            features = raw.flatten(2).transpose(1, 2) if raw.ndim == 4 or kind == "input" else raw
+            summary = features.mean(1)
+        if verify and (summary.shape != embeddings.shape or not _close(summary, embeddings)):
+            what = "its class token" if kind == "vit" else "its mean over positions"
+            raise MultiMixError(
+                f"Dense MultiMix: the feature map from {path!r} ({tuple(features.shape)} as (b, r, d)) does not "
+                f"match the head's input {tuple(embeddings.shape)} through {what}, so it is not the map that feeds "
+                f"the head. {_HOW_MAP} If the map is right but layers (dropout, an MLP) sit between the pooling and "
+                "the head, name as head the module that takes the pooled embedding, e.g. "
+                "`MultiMix(head='model.classifier')`."
+            )
+        return features
+
+    def model_inputs(self) -> tuple[str, tuple, dict]:
+        """``(path, args, kwargs)`` of the outermost module on the way to the head that the step called."""
+        for path, capture in self.inputs.items():
+            if capture.calls > 0:
+                return path, capture.args, capture.kwargs
+        raise MultiMixError(
+            "Self-distillation runs the teacher on the inputs of your model, but the training step called no module "
+            f"on the way to the head {self.head_path!r}."
+        )
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    """Equal up to the precision of the dtypes involved (bf16 autocast included)."""
+    a, b = a.detach().float(), b.detach().float()
+    return bool(((a - b).norm() <= 2e-2 * b.norm() + 1e-4).item())

@@ -12,6 +12,8 @@ from typing import Optional
 
 from torch import nn
 
+from lightning_multimix.errors import MultiMixError
+
 POOLING_TYPES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AvgPool1d)
 
 
@@ -107,3 +109,71 @@ def is_torchvision_vit(model: nn.Module) -> bool:
     """Whether ``model`` is (or wraps as an attribute) torchvision's ``VisionTransformer`` (checked by name, so
     torchvision need not be installed)."""
     return type(model).__name__ == "VisionTransformer" and hasattr(model, "encoder") and hasattr(model, "heads")
+
+
+def path_of(root: nn.Module, module: nn.Module, where: str) -> str:
+    """The dotted path of ``module`` inside ``root``; ``where`` names what returned it, for the error.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 4))
+        >>> path_of(net, net[2], "multimix_head()")
+        '2'
+    """
+    for name, candidate in root.named_modules():
+        if candidate is module:
+            return name
+    raise MultiMixError(f"`{where}` returned a module that is not a submodule of {type(root).__name__}.")
+
+
+def resolve_head(model: nn.Module, head: Optional[str] = None, dense: bool = False) -> str:
+    """The dotted path of the classifier head: ``head`` if given, else the model's ``multimix_head()`` (the mixin),
+    else the last ``nn.Linear``; in dense mode, the classifier block that takes the pooled embedding
+    (:func:`classifier_block`).
+
+    Example:
+        >>> resolve_head(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 4)))
+        '2'
+    """
+    if head is not None:
+        resolve_module(model, head)
+        return head
+    declared = model.multimix_head() if hasattr(model, "multimix_head") else None
+    if declared is not None:
+        return path_of(model, declared, "multimix_head()")
+    found = find_head(model)
+    if found is None:
+        raise MultiMixError(
+            f"MultiMix found no classifier head in {type(model).__name__}: it has no nn.Linear. Pass "
+            "`MultiMix(head='dotted.path')` or add `MultiMixMixin` and override `multimix_head()`."
+        )
+    # dense mode applies the head at every position: it must take the pooled embedding itself
+    return classifier_block(model, found) if dense else found
+
+
+def resolve_feature_map(model: nn.Module, head_path: str, feature_map: Optional[str] = None) -> tuple[str, str]:
+    """Where dense mode reads the feature map: ``(dotted path, "output" | "input" | "vit")``: the output of
+    ``feature_map`` or of the mixin's ``multimix_feature_map()``, else the input of the average pooling that feeds
+    the head, else the encoder of a torchvision ``VisionTransformer`` (tokens after the class token).
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+        >>> resolve_feature_map(net, "3")
+        ('1', 'input')
+    """
+    if feature_map is not None:
+        resolve_module(model, feature_map)
+        return feature_map, "output"
+    declared = model.multimix_feature_map() if hasattr(model, "multimix_feature_map") else None
+    if declared is not None:
+        return path_of(model, declared, "multimix_feature_map()"), "output"
+    for name, module in model.named_modules():
+        if is_torchvision_vit(module) and head_path.startswith(f"{name}.heads" if name else "heads"):
+            return (f"{name}.encoder" if name else "encoder"), "vit"
+    pooling = find_pooling(model, head_path)
+    if pooling is None:
+        raise MultiMixError(
+            f"Dense MultiMix found no average pooling feeding the head {head_path!r}. Pass "
+            "`Dense(feature_map='dotted.path')` naming the module whose output is the feature map, or override "
+            "`MultiMixMixin.multimix_feature_map()`."
+        )
+    return pooling, "input"

@@ -74,7 +74,8 @@ def interpolate(values: Tensor, weights: Tensor) -> Tensor:
     """
     if values.shape[0] != weights.shape[0]:
         raise ValueError(
-            f"`values` has {values.shape[0]} rows but `weights` has {weights.shape[0]}: weights must be (m, n) for m rows."
+            f"`values` has {values.shape[0]} rows but `weights` has {weights.shape[0]}: weights must be (m, n) for m "
+            "rows."
         )
     flat = values.reshape(values.shape[0], -1).to(weights.dtype)
     with full_precision(values):

@@ -1,4 +1,6 @@
-r"""The self-distillation teacher: an exponential moving average (EMA) of the student's weights.
+r"""Self-distillation: the EMA teacher (an exponential moving average of the student's weights) and
+:class:`Distiller`, which owns everything distillation needs during a fit (the teacher's copy, its targets, its
+updates, its buffers across processes, validation on its weights, its place in checkpoints).
 
 Update after optimizer step ``t`` (``t = 0, 1, ...``), with the warm-up of the decay (``warmup=True``)::
 
@@ -17,11 +19,18 @@ over all parameters). The step count lives on the host, so an update never synch
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+from lightning_multimix.capture import Capture
+from lightning_multimix.objective import TeacherOutputs
+from lightning_multimix.options import SelfDistillation
+
+# what `lightning.pytorch.utilities.compile.from_compiled` replaces on the instance of a `torch.compile`d module
+_COMPILED_METHODS = ("forward", "training_step", "validation_step", "test_step", "predict_step")
 
 
 def ema_decay_at(step: int, decay: float, warmup: bool = True) -> float:
@@ -105,3 +114,117 @@ class EMATeacher:
 def _tensors(module: nn.Module) -> list[Tensor]:
     return [*module.parameters(), *module.buffers()]
 
+
+
+class Distiller:
+    """Self-distillation during a fit, for :class:`~lightning_multimix.MultiMix`: builds the EMA teacher from the
+    module (before any hook is installed on it, so that the copy carries none), runs it without gradient on the
+    inputs the student's step received, updates it once per optimizer step, keeps its buffers identical across
+    processes, swaps its weights in for validation, and saves and restores it with checkpoints.
+
+    Example:
+        >>> student = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> distiller = Distiller(SelfDistillation(weight=0.5, warmup_steps=0))
+        >>> distiller.attach(student, head_path="2", device=torch.device("cpu"))
+        >>> x = torch.randn(5, 3)
+        >>> outputs = distiller.outputs("", (x,), {}, global_step=0, with_embeddings=False)
+        >>> torch.allclose(outputs.logits, student(x)), outputs.weight
+        (True, 0.5)
+        >>> distiller.detach()
+    """
+
+    def __init__(self, options: SelfDistillation) -> None:
+        self.options = options
+        self.teacher: Optional[EMATeacher] = None
+        self._owner: Optional[int] = None
+        self._pending: Optional[dict[str, Any]] = None
+        self._head: Optional[Capture] = None
+        #: the global step of the last EMA update (one per optimizer step)
+        self.last_update_step = 0
+        self._swapped = False
+
+    def attach(self, module: nn.Module, head_path: str, device: torch.device) -> None:
+        """Make (or keep, when fitting the same module again) the teacher; call before hooking ``module``."""
+        if self.teacher is None or self._owner != id(module):
+            self.teacher = EMATeacher(module, decay=self.options.ema_decay, warmup=self.options.ema_warmup)
+            self._owner = id(module)
+            # `trainer.fit(torch.compile(module))` set compiled `forward`/`*_step` on the instance, bound to the
+            # student: the copy would run the student's weights. The teacher runs its own methods (eagerly).
+            for name in _COMPILED_METHODS if hasattr(module, "_compiler_ctx") else ():
+                self.teacher.module.__dict__.pop(name, None)
+        self.teacher.to(device)
+        if self._pending is not None:
+            self.teacher.load_state_dict(self._pending)
+            self._pending = None
+        self._head = Capture(self.teacher.module.get_submodule(head_path))
+
+    def detach(self) -> None:
+        if self._head is not None:
+            self._head.remove()
+            self._head = None
+
+    def beta(self, global_step: int) -> float:
+        return self.options.beta(global_step)
+
+    def outputs(self, source: str, args: tuple, kwargs: dict, global_step: int,
+                with_embeddings: bool) -> TeacherOutputs:
+        """The teacher's view of the batch: its submodule ``source`` run without gradient on the arguments the
+        student's received, its head's output (and input, ``with_embeddings``)."""
+        assert self.teacher is not None and self._head is not None, "attach() first"
+        with torch.no_grad(), self._head:
+            self.teacher.module.get_submodule(source)(*args, **kwargs)
+        head = self._head.module if with_embeddings else None
+        return TeacherOutputs(
+            logits=self._head.output, weight=self.beta(global_step), temperature=self.options.temperature,
+            targets=self.options.targets, embeddings=self._head.input if with_embeddings else None, head=head,
+        )
+
+    def update(self, module: nn.Module, global_step: int, world_size: int) -> None:
+        """One EMA update per optimizer step (not per batch under gradient accumulation)."""
+        if self.teacher is None or global_step <= self.last_update_step:
+            return
+        self.teacher.update(module)
+        self.last_update_step = global_step
+        if world_size > 1:
+            broadcast_buffers(self.teacher.module)
+
+    @property
+    def swapped(self) -> bool:
+        """Whether the module holds the teacher's weights right now (during validation with the teacher)."""
+        return self._swapped
+
+    def swap(self, module: nn.Module, swapped: bool) -> None:
+        """Put the teacher's weights into ``module`` (``swapped=True``) or back; idempotent."""
+        if self.options.validate_with_teacher and self.teacher is not None and self._swapped != swapped:
+            self.teacher.swap_weights(module)
+            self._swapped = swapped
+
+    def state_dict(self) -> dict[str, Any]:
+        teacher = self.teacher.state_dict() if self.teacher is not None else self._pending
+        return {"teacher": teacher, "last_ema_step": self.last_update_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_update_step = state.get("last_ema_step", 0)
+        teacher = state.get("teacher")
+        if teacher is not None and self.teacher is not None:
+            self.teacher.load_state_dict(teacher)
+        else:
+            self._pending = teacher
+
+
+def broadcast_buffers(module: nn.Module) -> None:
+    """Give every process rank 0's buffers (one collective per dtype).
+
+    DDP re-broadcasts the student's buffers at each forward, after which each process's batch-norm statistics drift
+    apart on its own batch; the teacher copies them, so it must be re-synchronised to stay identical across processes.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for buffer in module.buffers():
+        by_dtype.setdefault(buffer.dtype, []).append(buffer)
+    for buffers in by_dtype.values():
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        torch.distributed.broadcast(flat, src=0)
+        received = flat.split([b.numel() for b in buffers])
+        torch._foreach_copy_(buffers, [r.view_as(b) for r, b in zip(received, buffers)])

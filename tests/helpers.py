@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_multimix import MultiMix
+from lightning_multimix import Dense, MultiMix, SelfDistillation
 from lightning_multimix.sampling import dirichlet_weights
 
 NUM_CLASSES, DIM, HIDDEN = 3, 6, 8
@@ -47,12 +47,12 @@ def loader(n: int = 16, batch_size: int = 4, seed: int = 0, image: bool = False,
 class TinyData(L.LightningDataModule):
     """``loader()`` as a datamodule (for LightningCLI)."""
 
-    def __init__(self, n: int = 16, batch_size: int = 4) -> None:
+    def __init__(self, n: int = 16, batch_size: int = 4, image: bool = False) -> None:
         super().__init__()
-        self.n, self.batch_size = n, batch_size
+        self.n, self.batch_size, self.image = n, batch_size, image
 
     def train_dataloader(self) -> DataLoader:
-        return loader(self.n, self.batch_size)
+        return loader(self.n, self.batch_size, image=self.image)
 
 
 # ---------------------------------------------------------------------------------------------------- modules
@@ -134,15 +134,14 @@ class RecordingMultiMix(MultiMix):
         self.weights.append(weights.detach().cpu().clone())
         return weights
 
-    def _mixed_loss(self, *args: Any, **kwargs: Any) -> Tensor:
-        loss = super()._mixed_loss(*args, **kwargs)
-        self.losses.append(loss.detach().cpu().clone())
-        return loss
-
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        self.step_losses.append(outputs["loss"].detach().cpu().clone())
+        loss = outputs["loss"].detach().cpu().clone()
+        self.step_losses.append(loss)
+        mixed_at_last_layer = self.batch_counts["multimix"] + self.batch_counts["pairs"]
+        if mixed_at_last_layer > len(self.losses):  # this batch was mixed at the last layer
+            self.losses.append(loss)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         # after backward (and DDP's gradient averaging), before clipping and the update
@@ -221,11 +220,11 @@ def hand_multimix_loss(logits: Tensor, labels: Tensor, weights: Tensor) -> Tenso
 
 MODES = {
     "plain": dict(n_tuples=7),
-    "dense": dict(n_tuples=7, dense=True),
+    "dense": dict(n_tuples=7, dense=Dense()),
     # a fast teacher (decay 0.5, no warm-up of beta) so that it departs from the student within a few steps
-    "distill": dict(n_tuples=7, distill=True, ema_decay=0.5, ema_warmup=False, distill_warmup_steps=0),
+    "distill": dict(n_tuples=7, distill=SelfDistillation(ema_decay=0.5, ema_warmup=False, warmup_steps=0)),
     # the global batch: features, labels, targets and the teacher's logits gathered from both processes
-    "sync": dict(n_tuples=7, sync_batch=True, dense=True, distill=True, ema_decay=0.5, distill_warmup_steps=0),
+    "sync": dict(n_tuples=7, sync_batch=True, dense=Dense(), distill=SelfDistillation(ema_decay=0.5, warmup_steps=0)),
     # whether a batch is mixed is drawn per batch; with sync_batch every process must take the same decision (they
     # all take part in the gather). With seed 3 rank 0's stream mixes batch 1 only and rank 1's would mix 0 and 1.
     "sync_probability": dict(n_tuples=7, sync_batch=True, probability=0.5, seed=3),

@@ -106,6 +106,7 @@ class Recording(MultiMix):
         self.losses: list[Tensor] = []
         self.teacher_outputs: list[tuple[Tensor, Tensor]] = []
         self.grads: dict[str, Tensor] = {}
+        self._recorded = 0
 
     def sample_weights(self, num_examples: int, mode: str, generator: torch.Generator) -> Tensor:
         if self.fixed_weights is None:
@@ -115,15 +116,25 @@ class Recording(MultiMix):
         self.drawn.append(weights.detach().clone())
         return weights
 
-    def _mixed_loss(self, *args: Any, **kwargs: Any) -> Tensor:
-        loss = super()._mixed_loss(*args, **kwargs)
-        self.losses.append(loss.detach().clone())
-        return loss
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self.distiller is not None:  # record the teacher's view of every batch
+            outputs = self.distiller.outputs
 
-    def _run_teacher(self) -> tuple[Tensor, Tensor]:
-        embeddings, logits = super()._run_teacher()
-        self.teacher_outputs.append((embeddings, logits))
-        return embeddings, logits
+            def recording(*args: Any, **kwargs: Any) -> Any:
+                result = outputs(*args, **kwargs)
+                self.teacher_outputs.append((result.embeddings, result.logits))
+                return result
+
+            self.distiller.outputs = recording
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        mixed_at_last_layer = self.batch_counts["multimix"] + self.batch_counts["pairs"]
+        if mixed_at_last_layer > self._recorded:  # this batch was mixed at the last layer: record its loss
+            self._recorded = mixed_at_last_layer
+            self.losses.append(outputs["loss"].detach().clone())
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         if not self.grads:

@@ -21,11 +21,12 @@ import torch
 from torch import nn
 
 from helpers import RecordingMultiMix, TinyCNN, TinyMLP, loader, trainer
+from lightning_multimix import Dense, SelfDistillation
 
 MODES = {
     "plain": dict(n_tuples=5),
-    "dense": dict(n_tuples=5, dense=True),
-    "distill": dict(n_tuples=5, distill=True, ema_decay=0.5, ema_warmup=False, distill_warmup_steps=0),
+    "dense": dict(n_tuples=5, dense=Dense()),
+    "distill": dict(n_tuples=5, distill=SelfDistillation(ema_decay=0.5, ema_warmup=False, warmup_steps=0)),
 }
 
 

@@ -12,7 +12,7 @@ from typing import Optional
 import pytest
 import torch
 
-from lightning_multimix import MultiMix
+from lightning_multimix import Dense, MultiMix
 from lightning_multimix.demo import cli, report
 from lightning_multimix.demo.data import ImageSet, load_fashion_mnist
 from lightning_multimix.demo.training import DEFAULT_METHODS, METHODS, REGIMES, method_callbacks, run_method
@@ -49,7 +49,8 @@ def test_regimes_are_the_documented_ones() -> None:
 @pytest.mark.parametrize("method", list(METHODS))
 def test_run_method_every_method(method: str, tiny: tuple[ImageSet, ImageSet]) -> None:
     train, test = tiny
-    options = {"n_tuples": 64} if METHODS[method].multimix is not None else None
+    spec = METHODS[method].multimix
+    options = {"n_tuples": 64} if spec is not None and spec.get("mode") != "pairs" else None
     result = run_method(method, train_data=train, test_data=test, epochs=2, seed=0, batch_size=16,
                         multimix_options=options, max_steps=3, progress=False)
     assert {"method", "seed", "test_acc", "best_acc", "best_epoch", "ece", "alignment", "uniformity",
@@ -78,9 +79,9 @@ def test_method_callbacks() -> None:
     (every,) = method_callbacks("multimix_every", seed=3, total_steps=10, head="h")
     assert every.probability == 1.0
     (dense,) = method_callbacks("dense", seed=3, total_steps=10, head="h", multimix_options={"n_tuples": 7})
-    assert dense.dense and dense.n_tuples == 7 and dense.probability == 0.5
+    assert dense.dense == Dense() and dense.n_tuples == 7 and dense.probability == 0.5
     (distill,) = method_callbacks("distill", seed=3, total_steps=10, head="h")
-    assert distill.distill and distill.distill_warmup_steps == 5
+    assert distill.distill.warmup_steps == 5
     for method in ("erm", "mixup", "cutmix"):
         assert method_callbacks(method, seed=3, total_steps=10, head="h") == []
     with pytest.raises(ValueError, match="does not use MultiMix"):

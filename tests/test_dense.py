@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_multimix import MultiMix, MultiMixError, MultiMixMixin
+import lightning_multimix.callback as callback_module
+from lightning_multimix import Dense, MultiMix, MultiMixError, MultiMixMixin, SelfDistillation
 from lightning_multimix.dense import (
     attention_from_scores,
     class_scores,
@@ -79,9 +80,9 @@ def test_hand_computed_loss_through_the_callback():
         net.fc.bias.zero_()
     # (m, r, d) -> (b, d, h, w): position j = 2 * row + column
     x = HAND_FEATURES.transpose(1, 2).reshape(2, 2, 2, 2)
-    callback = Recording(dense=True, attention="cam", weights=lambda m: HAND_LAMBDA)
+    callback = Recording(dense=Dense(attention="cam"), weights=lambda m: HAND_LAMBDA)
     quiet_trainer([callback], max_steps=1).fit(Classifier(net), loader(x, HAND_LABELS, batch_size=2))
-    assert callback._feature_spec == ("net.pool", "input")
+    assert callback.feature_map_spec == ("net.pool", "input")
     torch.testing.assert_close(callback.losses[0], torch.tensor(HAND_LOSS))
 
 
@@ -112,7 +113,7 @@ def test_unknown_attention_rejected():
     with pytest.raises(ValueError, match="Unknown attention 'gradcam'"):
         attention_from_scores(torch.zeros(2, 3), "gradcam")
     with pytest.raises(ValueError, match="attention"):
-        MultiMix(dense=True, attention="gradcam")
+        MultiMix(dense=Dense(attention="gradcam"))
 
 
 def test_dense_weights_on_the_simplex_at_every_position():
@@ -152,7 +153,7 @@ def test_all_zero_attention_gives_finite_loss_and_gradients():
 def test_all_zero_feature_map_through_the_callback():
     x = torch.zeros(4, 2, 2, 2)  # relu(features) = 0 for every example: every cam row falls back to uniform
     net = PooledHead(channels=2, num_classes=3)
-    callback = Recording(dense=True, n_tuples=5, seed=0)
+    callback = Recording(dense=Dense(), n_tuples=5, seed=0)
     quiet_trainer([callback], max_steps=1).fit(Classifier(net), loader(x, torch.tensor([0, 1, 2, 0]), batch_size=4))
     assert torch.isfinite(callback.losses[0])
     assert all(torch.isfinite(g).all() for g in callback.grads.values())
@@ -191,7 +192,7 @@ def test_logit_space_and_embedding_space_agree_through_the_callback():
     runs = {}
     for space in ("auto", "never"):
         torch.manual_seed(0)
-        callback = Recording(dense=True, n_tuples=12, seed=3, logit_space=space)
+        callback = Recording(dense=Dense(), n_tuples=12, seed=3, logit_space=space)
         quiet_trainer([callback], max_steps=1).fit(Classifier(TinyConv()), loader(x, y, batch_size=4))
         runs[space] = callback
     torch.testing.assert_close(runs["auto"].losses[0], runs["never"].losses[0], atol=1e-6, rtol=1e-5)
@@ -248,7 +249,7 @@ def test_uniform_attention_with_huge_alpha_is_the_head_on_the_mean_map():
     g = torch.Generator().manual_seed(4)
     x, y = torch.randn(4, 3, 2, 2, generator=g), torch.tensor([0, 1, 1, 2])
     net = PooledHead(channels=3, num_classes=3)
-    callback = Recording(dense=True, attention="uniform", alpha=1e6, n_tuples=5, seed=0)
+    callback = Recording(dense=Dense(attention="uniform"), alpha=1e6, n_tuples=5, seed=0)
     w_fc, b_fc = net.fc.weight.detach().clone(), net.fc.bias.detach().clone()
     quiet_trainer([callback], max_steps=1).fit(Classifier(net), loader(x, y, batch_size=4))
     torch.testing.assert_close(callback.drawn[0], torch.full((4, 5), 0.25), atol=1e-2, rtol=0)
@@ -264,7 +265,7 @@ def test_one_position_map_is_plain_multimix():
     losses = {}
     for dense in (False, True):
         torch.manual_seed(0)
-        callback = Recording(dense=dense, n_tuples=10, seed=5)
+        callback = Recording(dense=Dense() if dense else None, n_tuples=10, seed=5)
         quiet_trainer([callback], max_steps=2).fit(Classifier(TinyConv()), loader(x, y, batch_size=2))
         losses[dense] = torch.stack(callback.losses)
     torch.testing.assert_close(losses[True], losses[False])
@@ -290,7 +291,7 @@ def test_non_linear_head_by_hand():
     lam = torch.tensor([[0.2, 0.5], [0.3, 0.5], [0.5, 0.0]])
     net = PooledMLP()
     head = copy.deepcopy(net.head)  # the head's initial weights, for the hand computation
-    callback = Recording(dense=True, attention="softmax", head="net.head", weights=lambda m: lam)
+    callback = Recording(dense=Dense(attention="softmax"), head="net.head", weights=lambda m: lam)
     with torch.no_grad():
         features = x.flatten(2).transpose(1, 2)  # (m, r, d)
         scores = torch.stack([head(features[i])[:, y[i]] for i in range(3)])  # (m, r)
@@ -306,7 +307,7 @@ def test_non_linear_head_by_hand():
 
 def test_non_linear_head_with_batch_norm_runs():
     x, y = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
-    callback = Recording(dense=True, n_tuples=5, seed=0, head="net.head")
+    callback = Recording(dense=Dense(), n_tuples=5, seed=0, head="net.head")
     quiet_trainer([callback], max_steps=2).fit(Classifier(PooledMLP(batch_norm=True)), loader(x, y, batch_size=4))
     assert all(torch.isfinite(loss) for loss in callback.losses)
 
@@ -352,35 +353,35 @@ def images(b: int = 4) -> tuple[Tensor, Tensor]:
 def test_mismatched_feature_map_raises_before_any_update():
     module = Classifier(MLPAfterPool())
     before = [p.detach().clone() for p in module.parameters()]
-    with pytest.raises(MultiMixError, match=r"does not match the head's input .* feature_map='dotted.path'"):
-        quiet_trainer([MultiMix(dense=True, n_tuples=4)], max_steps=1).fit(module, loader(*images(), batch_size=4))
+    with pytest.raises(MultiMixError, match=r"does not match the head's input .*Dense\(feature_map='dotted.path'\)"):
+        quiet_trainer([MultiMix(dense=Dense(), n_tuples=4)], max_steps=1).fit(module, loader(*images(), batch_size=4))
     assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))  # no silent fallback, no step
 
 
 def test_no_pooling_found_raises():
     with pytest.raises(MultiMixError, match="found no average pooling"):
-        quiet_trainer([MultiMix(dense=True)], max_steps=1).fit(Classifier(FunctionalMean()), loader(*images(), 4))
+        quiet_trainer([MultiMix(dense=Dense())], max_steps=1).fit(Classifier(FunctionalMean()), loader(*images(), 4))
 
 
 def test_declared_feature_map_mixin_and_argument():
     x, y = images()
     losses = []
     for module, callback in (
-        (DeclaresMap(FunctionalMean()), Recording(dense=True, n_tuples=6, seed=1)),
-        (Classifier(FunctionalMean()), Recording(dense=True, n_tuples=6, seed=1, feature_map="net.features")),
+        (DeclaresMap(FunctionalMean()), Recording(dense=Dense(), n_tuples=6, seed=1)),
+        (Classifier(FunctionalMean()), Recording(dense=Dense(feature_map="net.features"), n_tuples=6, seed=1)),
     ):
         with torch.random.fork_rng():
             torch.manual_seed(0)
             module.net.load_state_dict(FunctionalMean().state_dict())
         quiet_trainer([callback], max_steps=1).fit(module, loader(x, y, batch_size=4))
-        assert callback._feature_spec == ("net.features", "output")
+        assert callback.feature_map_spec == ("net.features", "output")
         losses.append(callback.losses[0])
     torch.testing.assert_close(losses[0], losses[1])
 
 
 def test_wrong_feature_map_path_is_a_clear_error():
     with pytest.raises(ValueError, match="No submodule 'net.nope'"):
-        quiet_trainer([MultiMix(dense=True, feature_map="net.nope")], max_steps=1).fit(
+        quiet_trainer([MultiMix(dense=Dense(feature_map="net.nope"))], max_steps=1).fit(
             Classifier(TinyConv()), loader(*images(), batch_size=4)
         )
 
@@ -399,10 +400,10 @@ class Conv1dNet(nn.Module):
 
 
 def test_avgpool1d_map_is_read_channels_first():
-    callback = Recording(dense=True, n_tuples=6, seed=0)
+    callback = Recording(dense=Dense(), n_tuples=6, seed=0)
     x, y = torch.randn(4, 2, 7), torch.tensor([0, 1, 2, 0])
     quiet_trainer([callback], max_steps=1).fit(Classifier(Conv1dNet()), loader(x, y, batch_size=4))
-    assert callback._feature_spec == ("net.pool", "input") and torch.isfinite(callback.losses[0])
+    assert callback.feature_map_spec == ("net.pool", "input") and torch.isfinite(callback.losses[0])
 
 
 # -------------------------------------------------------------------------------------- torchvision, one callback line
@@ -416,11 +417,6 @@ def tiny_vit(**kwargs) -> nn.Module:
     )
 
 
-class ShapeRecording(Recording):
-    def _features(self, embeddings: Tensor) -> Tensor:
-        features = super()._features(embeddings)
-        self.feature_shape = tuple(features.shape)
-        return features
 
 
 @pytest.mark.parametrize(
@@ -437,17 +433,25 @@ class ShapeRecording(Recording):
     ],
     ids=["resnet18-32px", "resnet18-64px", "vit", "mobilenet_v3_small", "efficientnet_b0", "mobilenet-head-arg"],
 )
-def test_torchvision_dense(build, size, spec, positions, head):
+def test_torchvision_dense(build, size, spec, positions, head, monkeypatch):
+    shapes = []
+    objective = callback_module.multimix_objective
+
+    def recording(*args, **kwargs):
+        shapes.append(tuple(kwargs["feature_map"].shape))
+        return objective(*args, **kwargs)
+
+    monkeypatch.setattr(callback_module, "multimix_objective", recording)
     torch.manual_seed(0)
     module = Classifier(build(), lr=0.01)
     x, y = torch.randn(8, 3, size, size), torch.randint(0, 10, (8,))
-    callback = ShapeRecording(dense=True, n_tuples=16, seed=0, head=head)
+    callback = Recording(dense=Dense(), n_tuples=16, seed=0, head=head)
     before = {k: p.detach().clone() for k, p in module.named_parameters()}
     quiet_trainer([callback], max_steps=2).fit(module, loader(x, y, batch_size=4))
-    assert callback._feature_spec == spec
-    assert callback._head_path == head or (head is None and callback._head_path in ("net.fc", "net.heads.head",
+    assert callback.feature_map_spec == spec
+    assert callback.head_path == head or (head is None and callback.head_path in ("net.fc", "net.heads.head",
                                                                                     "net.classifier"))
-    assert callback.feature_shape[:2] == (4, positions)
+    assert len(shapes) == 2 and shapes[0][:2] == (4, positions)
     assert len(callback.losses) == 2 and all(torch.isfinite(loss) for loss in callback.losses)
     first = next(iter(before))
     assert not torch.equal(before[first], dict(module.named_parameters())[first])  # the encoder learned
@@ -458,7 +462,7 @@ def test_feature_map_behind_an_mlp_with_the_last_linear_as_head_is_a_clear_error
     fallback, an error saying what to do."""
     module = Classifier(models.mobilenet_v3_small(num_classes=10))
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    callback = MultiMix(dense=True, n_tuples=4, head="net.classifier.3")
+    callback = MultiMix(dense=Dense(), n_tuples=4, head="net.classifier.3")
     with pytest.raises(MultiMixError, match=r"net.avgpool.*name as head the module that takes the pooled embedding"):
         quiet_trainer([callback], max_steps=1).fit(module, loader(x, y, batch_size=4))
 
@@ -466,30 +470,30 @@ def test_feature_map_behind_an_mlp_with_the_last_linear_as_head_is_a_clear_error
 def test_vit_with_pre_logits_uses_the_whole_heads_block():
     module = Classifier(tiny_vit(representation_size=16))  # heads = pre_logits -> tanh -> head
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    callback = MultiMix(dense=True, n_tuples=4)
+    callback = MultiMix(dense=Dense(), n_tuples=4)
     quiet_trainer([callback], max_steps=1).fit(module, loader(x, y, batch_size=4))
-    assert callback._head_path == "net.heads"
+    assert callback.head_path == "net.heads"
 
 
 def test_vit_head_not_fed_by_the_class_token_is_a_clear_error():
     module = Classifier(tiny_vit(representation_size=16))
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    callback = MultiMix(dense=True, n_tuples=4, head="net.heads.head")
+    callback = MultiMix(dense=Dense(), n_tuples=4, head="net.heads.head")
     with pytest.raises(MultiMixError, match="through its class token"):
         quiet_trainer([callback], max_steps=1).fit(module, loader(x, y, batch_size=4))
 
 
 def test_bf16_mixed_dense_runs():
     x, y = images(8)
-    callback = Recording(dense=True, n_tuples=8, seed=0)
+    callback = Recording(dense=Dense(), n_tuples=8, seed=0)
     quiet_trainer([callback], max_steps=2, precision="bf16-mixed").fit(Classifier(TinyConv()), loader(x, y, 4))
     assert all(torch.isfinite(loss) for loss in callback.losses)
     assert all(torch.isfinite(g).all() for g in callback.grads.values())
 
 
 def test_dense_with_logit_distillation_rejected():
-    with pytest.raises(ValueError, match="distill_targets='probs'"):
-        MultiMix(dense=True, distill=True, distill_targets="logits")
+    with pytest.raises(ValueError, match=r"SelfDistillation\(targets='logits'\).*with `Dense`.*targets='probs'"):
+        MultiMix(dense=Dense(), distill=SelfDistillation(targets="logits"))
 
 
 def test_factorised_dense_loss_equals_the_per_position_weights_path():

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from helpers_models import Classifier, ParamRecorder, Recording, TinyConv, TinyMLP, loader, quiet_trainer, soft_ce
-from lightning_multimix import MultiMix
+from lightning_multimix import Dense, MultiMix, SelfDistillation
 from lightning_multimix.teacher import EMATeacher, ema_decay_at
 
 
@@ -105,11 +105,20 @@ def test_bad_decay_rejected():
     with pytest.raises(ValueError, match="ema_decay"):
         EMATeacher(nn.Linear(2, 2), decay=1.5)
     with pytest.raises(ValueError, match="ema_decay"):
-        MultiMix(distill=True, ema_decay=-0.1)
-    with pytest.raises(ValueError, match="distill_weight"):
-        MultiMix(distill=True, distill_weight=1.5)
-    with pytest.raises(ValueError, match="validate_with_teacher"):
-        MultiMix(validate_with_teacher=True)
+        MultiMix(distill=SelfDistillation(ema_decay=-0.1))
+    with pytest.raises(ValueError, match=r"SelfDistillation: invalid `weight=1.5`; expected a value in \[0, 1\]"):
+        SelfDistillation(weight=1.5)
+    with pytest.raises(ValueError, match="targets='soft'"):
+        SelfDistillation(targets="soft")
+    with pytest.raises(ValueError, match="temperature=0"):
+        SelfDistillation(temperature=0)
+    with pytest.raises(ValueError, match="warmup_steps=-1"):
+        SelfDistillation(warmup_steps=-1)
+    # the old flat arguments are gone, and a bare True says what to pass instead
+    with pytest.raises(ValueError, match=r"distill=True.*MultiMix\(distill=SelfDistillation\(\)\)"):
+        MultiMix(distill=True)
+    with pytest.raises(TypeError, match="distill_weight"):
+        MultiMix(distill=SelfDistillation(), distill_weight=0.5)
 
 
 # ---------------------------------------------------------------------------------------------------- targets, by hand
@@ -125,8 +134,8 @@ def test_probs_targets_at_step_zero(beta, temperature):
     with torch.no_grad():
         logits = module(x)
     weights = fixed_weights(4)
-    callback = Recording(distill=True, distill_weight=beta, distill_targets="probs", distill_temperature=temperature,
-                         distill_warmup_steps=0, weights=lambda m: weights)
+    options = SelfDistillation(weight=beta, targets="probs", temperature=temperature, warmup_steps=0)
+    callback = Recording(distill=options, weights=lambda m: weights)
     quiet_trainer([callback], max_steps=1).fit(module, loader(x, y, batch_size=4))
     one_hot = torch.eye(3)[y]
     targets = weights.T @ ((1 - beta) * one_hot + beta * torch.softmax(logits / temperature, dim=1))
@@ -145,8 +154,8 @@ def test_logits_targets_at_step_zero(logit_space):
         logits = module(x)
     weights = fixed_weights(4)
     beta, temperature = 0.75, 3.0
-    callback = Recording(distill=True, distill_weight=beta, distill_targets="logits", distill_temperature=temperature,
-                         distill_warmup_steps=0, logit_space=logit_space, weights=lambda m: weights)
+    options = SelfDistillation(weight=beta, targets="logits", temperature=temperature, warmup_steps=0)
+    callback = Recording(distill=options, logit_space=logit_space, weights=lambda m: weights)
     quiet_trainer([callback], max_steps=1).fit(module, loader(x, y, batch_size=4))
     mixed = weights.T @ logits
     targets = (1 - beta) * (weights.T @ torch.eye(3)[y]) + beta * torch.softmax(mixed / temperature, dim=1)
@@ -159,7 +168,8 @@ def test_distill_weight_zero_is_plain_multimix():
     for distill in (False, True):
         torch.manual_seed(0)
         module = Classifier(TinyMLP(batch_norm=True))
-        callback = Recording(n_tuples=9, seed=11, distill=distill, distill_weight=0.0, distill_warmup_steps=0)
+        options = SelfDistillation(weight=0.0, warmup_steps=0) if distill else None
+        callback = Recording(n_tuples=9, seed=11, distill=options)
         quiet_trainer([callback], max_steps=3).fit(module, loader(x, y, batch_size=4))
         runs[distill] = (torch.stack(callback.losses), [p.detach() for p in module.parameters()])
     assert torch.equal(runs[True][0], runs[False][0])
@@ -180,18 +190,16 @@ def test_beta_ramps_linearly_and_is_logged_and_used():
     x, y = data(24)
     torch.manual_seed(0)
     weights = fixed_weights(4)
-    callback = Recording(distill=True, distill_weight=0.8, distill_warmup_steps=4, ema_decay=0.5,
-                         weights=lambda m: weights)
+    callback = Recording(distill=SelfDistillation(weight=0.8, warmup_steps=4, ema_decay=0.5), weights=lambda m: weights)
     student_logits: list[Tensor] = []
-    original = callback._mixed_loss
+    module = Classifier(TinyMLP())
+    def record(head, args, out):  # the student's forward (the teacher, a copy, has the hook too but runs without grad)
+        if out.requires_grad:
+            student_logits.append(out.detach().clone())
 
-    def spy(pl_module, embeddings, logits, labels, **kwargs):
-        student_logits.append(logits.detach().clone())
-        return original(pl_module, embeddings, logits, labels, **kwargs)
-
-    callback._mixed_loss = spy
+    module.net.fc.register_forward_hook(record)
     logged = LoggedBeta()
-    quiet_trainer([callback, logged], max_steps=6).fit(Classifier(TinyMLP()), loader(x, y, batch_size=4))
+    quiet_trainer([callback, logged], max_steps=6).fit(module, loader(x, y, batch_size=4))
     betas = [0.0, 0.2, 0.4, 0.6, 0.8, 0.8]
     assert logged.values == pytest.approx(betas)
     for step, beta in enumerate(betas):
@@ -233,10 +241,10 @@ def test_teacher_is_the_hand_computed_ema_of_the_student():
     torch.manual_seed(0)
     module = Classifier(TinyMLP(batch_norm=True))
     start = {k: v.detach().clone() for k, v in module.named_parameters()}
-    callback = Recording(distill=True, n_tuples=8, seed=0, ema_decay=0.999)
+    callback = Recording(distill=SelfDistillation(ema_decay=0.999), n_tuples=8, seed=0)
     recorder, probe = ParamRecorder(), TeacherProbe(callback)
     quiet_trainer([callback, recorder, probe], max_steps=3).fit(module, loader(x, y, batch_size=4))
-    assert probe.checked == 3 and callback.teacher.num_updates == 3 and callback._last_ema_step == 3
+    assert probe.checked == 3 and callback.teacher.num_updates == 3 and callback.distiller.last_update_step == 3
     expected = hand_ema(start, recorder.params, 0.999)
     for name, value in callback.teacher.module.named_parameters():
         torch.testing.assert_close(value, expected[name])
@@ -264,8 +272,8 @@ def test_validate_with_teacher(with_teacher):
     torch.manual_seed(0)
     module = Classifier(TinyMLP(batch_norm=True))
     # a fast teacher (decay 0.5, no warm-up) so that it is far from the student after 3 steps
-    callback = MultiMix(n_tuples=8, seed=0, distill=True, ema_decay=0.5, ema_warmup=False,
-                        validate_with_teacher=with_teacher)
+    options = SelfDistillation(ema_decay=0.5, ema_warmup=False, validate_with_teacher=with_teacher)
+    callback = MultiMix(n_tuples=8, seed=0, distill=options)
     recorder = ParamRecorder()
     trainer = quiet_trainer([callback, recorder], max_epochs=1, limit_train_batches=3)
     trainer.fit(module, loader(x, y, batch_size=4), loader(xv, yv, batch_size=8))
@@ -274,7 +282,7 @@ def test_validate_with_teacher(with_teacher):
     assert not torch.isclose(teacher_loss, student_loss)
     torch.testing.assert_close(trainer.callback_metrics["val_loss"], teacher_loss if with_teacher else student_loss)
     # swapped back: the student has its own weights, the teacher its own
-    assert not callback._swapped
+    assert not callback.distiller.swapped
     for name, value in module.named_parameters():
         assert torch.equal(value, recorder.params[-1][name]), name
     assert not torch.equal(callback.teacher.module.net.fc.weight, module.net.fc.weight)
@@ -285,7 +293,7 @@ def test_validate_with_teacher(with_teacher):
 
 def test_checkpoint_restores_teacher_ema_count_and_ramp(tmp_path):
     x, y = data(20)
-    options = dict(n_tuples=8, seed=0, distill=True, distill_warmup_steps=10, ema_decay=0.999)
+    options = dict(n_tuples=8, seed=0, distill=SelfDistillation(warmup_steps=10, ema_decay=0.999))
     torch.manual_seed(0)
     first = MultiMix(**options)
     trainer = quiet_trainer([first], max_steps=3, max_epochs=-1)
@@ -301,10 +309,10 @@ def test_checkpoint_restores_teacher_ema_count_and_ramp(tmp_path):
     second = MultiMix(**options)
     resumed = quiet_trainer([second], max_steps=3, max_epochs=-1)  # nothing left to train: restore only
     resumed.fit(Classifier(TinyMLP(batch_norm=True)), loader(x, y, batch_size=4), ckpt_path=path)
-    assert second.teacher.num_updates == 3 and second._last_ema_step == 3
+    assert second.teacher.num_updates == 3 and second.distiller.last_update_step == 3
     for (name, a), (_, b) in zip(first.teacher.module.state_dict().items(), second.teacher.module.state_dict().items()):
         assert torch.equal(a, b), name
-    assert second._distill_beta(resumed.global_step) == first._distill_beta(trainer.global_step) == pytest.approx(0.15)
+    assert second.distill.beta(resumed.global_step) == first.distill.beta(trainer.global_step) == pytest.approx(0.15)
 
     # one more step continues the EMA where it stopped: decay (1 + 3) / (10 + 3)
     third = MultiMix(**options)
@@ -323,10 +331,10 @@ def test_callback_state_dict_round_trip_before_fit():
     """load_state_dict before the teacher exists keeps the state until fit builds the teacher."""
     x, y = data(8)
     torch.manual_seed(0)
-    first = MultiMix(n_tuples=4, seed=0, distill=True, ema_decay=0.5, ema_warmup=False)
+    first = MultiMix(n_tuples=4, seed=0, distill=SelfDistillation(ema_decay=0.5, ema_warmup=False))
     quiet_trainer([first], max_steps=2).fit(Classifier(TinyMLP()), loader(x, y, batch_size=4))
     state = pickle.loads(pickle.dumps(first.state_dict()))
-    second = MultiMix(n_tuples=4, seed=0, distill=True, ema_decay=0.5, ema_warmup=False)
+    second = MultiMix(n_tuples=4, seed=0, distill=SelfDistillation(ema_decay=0.5, ema_warmup=False))
     second.load_state_dict(state)
     assert second.teacher is None and second.state_dict()["teacher"] is not None  # kept while pending
     module = Classifier(TinyMLP())
@@ -345,7 +353,7 @@ def test_callback_state_dict_round_trip_before_fit():
 def test_bf16_mixed_teacher_runs_in_training_precision():
     torch.manual_seed(0)
     x, y = torch.randn(8, 2, 4, 4), torch.arange(8) % 3
-    callback = Recording(dense=True, distill=True, n_tuples=8, seed=0, distill_warmup_steps=0)
+    callback = Recording(dense=Dense(), distill=SelfDistillation(warmup_steps=0), n_tuples=8, seed=0)
     quiet_trainer([callback], max_steps=2, precision="bf16-mixed").fit(Classifier(TinyConv()), loader(x, y, 4))
     assert all(logits.dtype == torch.bfloat16 for _, logits in callback.teacher_outputs)
     assert all(p.dtype == torch.float32 for p in callback.teacher.module.parameters())
@@ -353,7 +361,7 @@ def test_bf16_mixed_teacher_runs_in_training_precision():
 
 
 def test_a_callback_reused_on_another_module_builds_a_new_teacher():
-    callback = MultiMix(distill=True, n_tuples=4, seed=0)
+    callback = MultiMix(distill=SelfDistillation(), n_tuples=4, seed=0)
     x, y = data()
     torch.manual_seed(0)
     quiet_trainer([callback], max_steps=2).fit(Classifier(TinyMLP(), lr=0.1), loader(x, y, 4))

@@ -117,9 +117,9 @@ def test_print_config_shows_multimix_arguments() -> None:
     (callback,) = printed["trainer"]["callbacks"]
     assert callback["class_path"].rsplit(".", 1)[-1] == "MultiMix"
     args = callback["init_args"]
-    assert (args["n_tuples"], args["alpha"], args["mode"], args["dense"], args["distill"]) == (1000, 1.0, "multimix",
-                                                                                              False, False)
-    assert {"probability", "tuple_size", "seed", "logit_space"} <= set(args)
+    assert (args["n_tuples"], args["alpha"], args["mode"], args["probability"]) == (1000, 1.0, "multimix", 0.5)
+    assert (args["other_batches"], args["dense"], args["distill"]) == (None, None, None)
+    assert {"tuple_size", "seed", "logit_space", "mixup_alpha"} <= set(args)
     assert printed["model"]["backbone"] == "small_cnn" and printed["data"]["dataset"] == "fashion_mnist"
 
 

@@ -3,8 +3,8 @@ synchronisation at every step on an accelerator.
 
 The callback keeps a device-side flag (first bad batch, what went wrong) updated at every batch without synchronising,
 and reads it at the first batch, then every ``check_every_n_steps`` batches on an accelerator, every batch on CPU (where
-reading is free), and at the end of training. The accelerator schedule is tested on CPU by a callback that reports its
-device as CUDA to the scheduling method.
+reading is free), and at the end of training. The accelerator schedule is tested on CPU by reporting the device as
+CUDA to the scheduling method (``HealthFlag.read_due``).
 """
 
 import pytest
@@ -13,6 +13,7 @@ from torch import nn
 
 from helpers import NUM_CLASSES, TinyMLP, loader, trainer
 from lightning_multimix import MultiMix, MultiMixError
+from lightning_multimix.health import HealthFlag
 
 
 class NaNAt(TinyMLP):
@@ -37,19 +38,20 @@ class LabelFree(TinyMLP):
         return self(batch[0]).pow(2).mean()
 
 
-class AcceleratorSchedule(MultiMix):
-    """Reads the flag on the accelerator schedule, and records at which batches it read it."""
+@pytest.fixture
+def accelerator_reads(monkeypatch) -> list:
+    """The flag read on the accelerator schedule (the device reported to ``read_due`` as CUDA); returns the global
+    steps at which it was read."""
+    reads: list = []
+    read_due, raise_if_unhealthy = HealthFlag.read_due, HealthFlag.raise_if_unhealthy
 
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.reads: list = []
+    def recording(flag, global_step, head_path):
+        reads.append(global_step)
+        raise_if_unhealthy(flag, global_step, head_path)
 
-    def _health_read_due(self, batch, device):
-        return super()._health_read_due(batch, torch.device("cuda"))
-
-    def _raise_if_unhealthy(self, trainer):
-        self.reads.append(self._batches_seen - 1)
-        super()._raise_if_unhealthy(trainer)
+    monkeypatch.setattr(HealthFlag, "read_due", lambda flag, batch, device: read_due(flag, batch, torch.device("cuda")))
+    monkeypatch.setattr(HealthFlag, "raise_if_unhealthy", recording)
+    return reads
 
 
 def test_nan_loss_raises_at_once_on_cpu_naming_the_batch():
@@ -61,25 +63,25 @@ def test_nan_loss_raises_at_once_on_cpu_naming_the_batch():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_accelerator_reads_the_flag_every_n_steps_and_names_the_first_bad_batch():
-    model, callback = NaNAt(bad=2), AcceleratorSchedule(n_tuples=5, check_every_n_steps=4)
+def test_accelerator_reads_the_flag_every_n_steps_and_names_the_first_bad_batch(accelerator_reads):
+    model, callback = NaNAt(bad=2), MultiMix(n_tuples=5, probability=1.0, check_every_n_steps=4)
     with pytest.raises(MultiMixError, match=r"at training batch 2 \(noticed at global step 4\)"):
         trainer([callback], max_steps=8, max_epochs=-1).fit(model, loader())
-    assert callback.reads == [0, 4]  # the first batch, then every 4: no read (no sync) at batches 1, 2, 3
+    assert accelerator_reads == [0, 4]  # the first batch, then every 4: no read (no sync) at batches 1, 2, 3
     assert model.calls == 5
 
 
-def test_flag_is_read_at_the_end_of_training():
-    model, callback = NaNAt(bad=2), AcceleratorSchedule(n_tuples=5, check_every_n_steps=50)
+def test_flag_is_read_at_the_end_of_training(accelerator_reads):
+    model, callback = NaNAt(bad=2), MultiMix(n_tuples=5, probability=1.0, check_every_n_steps=50)
     with pytest.raises(MultiMixError, match=r"at training batch 2 \(noticed at global step 4\)"):
         trainer([callback], max_steps=4, max_epochs=-1).fit(model, loader())
-    assert callback.reads == [0, 3]  # the first batch, then on_train_end (after batch 3)
+    assert accelerator_reads == [0, 4]  # the first batch, then on_train_end (after the 4th optimizer step)
 
 
-def test_healthy_run_reads_without_raising():
-    callback = AcceleratorSchedule(n_tuples=5, check_every_n_steps=2)
+def test_healthy_run_reads_without_raising(accelerator_reads):
+    callback = MultiMix(n_tuples=5, check_every_n_steps=2)
     trainer([callback], max_steps=5, max_epochs=-1).fit(TinyMLP(), loader(n=20))
-    assert callback.reads == [0, 2, 4, 4]  # ... and on_train_end
+    assert accelerator_reads == [0, 2, 4, 5]  # batches 0, 2 and 4, and on_train_end (after 5 steps)
 
 
 @pytest.mark.parametrize("bad_label", [NUM_CLASSES, -1])

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from helpers import RecordingMultiMix, TinyCNN, TinyMLP, hand_multimix_loss, loader, trainer
+from lightning_multimix import Dense, SelfDistillation
 
-MODES = {"plain": {}, "dense": {"dense": True}, "distill": {"distill": True}}
+MODES = {"plain": {}, "dense": {"dense": Dense()}, "distill": {"distill": SelfDistillation()}}
 
 
 class DtypeMLP(TinyMLP):
@@ -60,7 +61,7 @@ def test_16_mixed_trains_with_a_float32_loss():
         pytest.skip("fp16 AMP needs a CUDA device: on CPU Lightning runs precision='16-mixed' as bf16-mixed")
     torch.manual_seed(0)
     model = DtypeMLP()
-    callback = RecordingMultiMix(n_tuples=5, distill=True)
+    callback = RecordingMultiMix(n_tuples=5, distill=SelfDistillation())
     fit_trainer = trainer([callback], accelerator="gpu", max_steps=3, precision="16-mixed", gradient_clip_val=1.0)
     fit_trainer.fit(model, loader())
     assert fit_trainer.precision == "16-mixed" and model.logit_dtype == torch.float16
@@ -79,7 +80,7 @@ def test_gradient_accumulation_averages_the_multimix_losses():
     torch.manual_seed(0)
     model = TinyMLP(lr=0.1)
     initial = copy.deepcopy(model)
-    callback = RecordingMultiMix(n_tuples=6, distill=True, distill_weight=0.0)  # distill: the teacher's step count
+    callback = RecordingMultiMix(n_tuples=6, distill=SelfDistillation(weight=0.0))  # distill: the teacher's step count
     fit_trainer = trainer([callback], max_steps=2, accumulate_grad_batches=4)
     fit_trainer.fit(model, loader(n=32, batch_size=4))
     assert len(callback.weights) == 8 and fit_trainer.global_step == 2

@@ -1,7 +1,7 @@
 """The paper's training protocol: every batch mixed, by MultiMix with probability ``probability``, else by input
 mixup (or the other batches' alternative), checked against expectations computed here.
 
-Where the test needs to know the input-mixup draw, it replaces ``mixup_pairing`` (the one place the callback draws
+Where the test needs to know the input-mixup draw, it replaces ``batch.mixup_pairing`` (the one place the callback draws
 ``lambda`` and the partner permutation) with a fixed one, then computes the expected inputs, targets and loss by hand.
 """
 
@@ -16,10 +16,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-import lightning_multimix.callback as callback_module
+import lightning_multimix.batch as batch_module
 from helpers import TinyCNN, TinyMLP, loader, tensors, trainer
 from helpers_models import Classifier, PooledHead, quiet_trainer
-from lightning_multimix import MultiMix, MultiMixError, MultiMixMixin
+from lightning_multimix import Dense, MultiMix, MultiMixError, MultiMixMixin, SelfDistillation
 from lightning_multimix.sampling import mixup_pairing, step_seed
 
 LAM, PARTNER = 0.3, [2, 0, 3, 1]
@@ -33,7 +33,7 @@ def fixed_pairing(monkeypatch):
         assert num_examples == len(PARTNER)
         return torch.tensor(LAM, device=device, dtype=dtype), torch.tensor(PARTNER, device=device)
 
-    monkeypatch.setattr(callback_module, "mixup_pairing", fixed)
+    monkeypatch.setattr(batch_module, "mixup_pairing", fixed)
 
 
 class SeeingMLP(TinyMLP):
@@ -366,8 +366,7 @@ def test_distillation_on_an_input_mixup_batch_uses_the_teachers_view_of_the_mixe
     At the first step the teacher is the student's copy, so its logits are the student's."""
     torch.manual_seed(0)
     model, returned = SeeingMLP(lr=0.0), Returned()
-    callback = MultiMix(probability=0.0, distill=True, distill_weight=0.6, distill_warmup_steps=0,
-                        distill_temperature=2.0)
+    callback = MultiMix(probability=0.0, distill=SelfDistillation(weight=0.6, warmup_steps=0, temperature=2.0))
     trainer([callback, returned], max_steps=1).fit(model, loader(n=4))
     x, y = tensors(4)
     logits = model(mixed(x))
@@ -388,7 +387,7 @@ def test_dense_checks_the_feature_map_on_the_first_batch_even_when_it_is_input_m
             return self.head(self.conv(x))
 
     module = Classifier(WrongMap())
-    callback = MultiMix(probability=0.0, dense=True, feature_map="net.other", head="net.head.fc")
+    callback = MultiMix(probability=0.0, dense=Dense(feature_map="net.other"), head="net.head.fc")
     x, y = tensors(4, image=True)
     with pytest.raises(MultiMixError, match="does not match"):
         quiet_trainer([callback], max_steps=1).fit(module, DataLoader(TensorDataset(x, y), batch_size=4))
@@ -400,7 +399,7 @@ def test_dense_protocol_input_mixup_batches_use_the_pooled_logits(fixed_pairing)
     x, y = tensors(4, image=True)
     y = torch.tensor([0, 1, 2, 0])  # tensors(4, image=True) draws four equal labels: mixing them would change nothing
     data = DataLoader(TensorDataset(x, y), batch_size=4)
-    trainer([MultiMix(probability=0.0, dense=True), returned], max_steps=1).fit(model, data)
+    trainer([MultiMix(probability=0.0, dense=Dense()), returned], max_steps=1).fit(model, data)
     torch.testing.assert_close(returned.losses[0], soft_ce(model(mixed(x)), mixed(torch.eye(3)[y])).detach())
 
 

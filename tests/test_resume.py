@@ -18,16 +18,17 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from helpers import RecordingMultiMix, TinyMLP, loader, trainer
+from lightning_multimix import SelfDistillation
 
 CONFIGS = {
     # seed=None: the base seed is drawn from the global RNG at setup, so only the checkpoint can restore it
     "plain": dict(n_tuples=6, seed=None),
-    "distill": dict(n_tuples=6, seed=None, distill=True, ema_decay=0.9, distill_warmup_steps=3),
+    "distill": dict(n_tuples=6, seed=None, distill=SelfDistillation(ema_decay=0.9, warmup_steps=3)),
     # the paper's protocol: each batch mixed by MultiMix or by input mixup, decided from the callback's stream; with
     # seed 2 both halves of the run hold both kinds (input mixup, MultiMix, MultiMix, input mixup)
     "protocol": dict(n_tuples=6, seed=2, probability=0.5),
-    "protocol-distill": dict(n_tuples=6, seed=2, probability=0.5, distill=True, ema_decay=0.9,
-                             distill_warmup_steps=3),
+    "protocol-distill": dict(n_tuples=6, seed=2, probability=0.5,
+                             distill=SelfDistillation(ema_decay=0.9, warmup_steps=3)),
 }
 
 
@@ -78,7 +79,7 @@ def test_two_plus_two_steps_equal_four_bit_for_bit(tmp_path, mode):
 
     if config.get("distill"):
         assert resumed.teacher.num_updates == full.teacher.num_updates == 4
-        assert resumed._last_ema_step == full._last_ema_step == 4
+        assert resumed.distiller.last_update_step == full.distiller.last_update_step == 4
         full_teacher, resumed_teacher = full.teacher.module.state_dict(), resumed.teacher.module.state_dict()
         for key in full_teacher:
             assert torch.equal(resumed_teacher[key], full_teacher[key]), key

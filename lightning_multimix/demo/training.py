@@ -34,7 +34,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
-from lightning_multimix.callback import MultiMix
+from lightning_multimix import Dense, MultiMix, SelfDistillation
 from lightning_multimix.demo.classifier import ImageClassifier
 from lightning_multimix.demo.data import ImageSet
 
@@ -53,12 +53,12 @@ METHODS: dict[str, Method] = {
     "erm": Method("ERM: cross-entropy on clean images, no mixing"),
     "mixup": Method("input mixup: torchvision v2.MixUp(alpha=1) on every batch", input_mix="mixup"),
     "cutmix": Method("CutMix: torchvision v2.CutMix(alpha=1) on every batch", input_mix="cutmix"),
-    "pairs": Method("pairs: MultiMix(mode='pairs'): last-layer pairs or input mixup, 50/50", multimix={"mode": "pairs"}),
+    "pairs": Method("MultiMix(mode='pairs'): last-layer pairs or input mixup, 50/50", multimix={"mode": "pairs"}),
     "multimix": Method("MultiMix(): MultiMix (n=1000, alpha=1, whole batch) or input mixup, 50/50 (the paper's "
                        "protocol)", multimix={}),
     "multimix_every": Method("MultiMix(probability=1.0): MultiMix on every batch", multimix={"probability": 1.0}),
-    "dense": Method("Dense MultiMix or input mixup, 50/50", multimix={"dense": True}),
-    "distill": Method("MultiMix + self-distillation or input mixup, 50/50", multimix={"distill": True}),
+    "dense": Method("Dense MultiMix or input mixup, 50/50", multimix={"dense": Dense()}),
+    "distill": Method("MultiMix + self-distillation or input mixup, 50/50", multimix={"distill": SelfDistillation()}),
 }
 DEFAULT_METHODS: tuple[str, ...] = ("erm", "mixup", "pairs", "multimix")
 
@@ -146,9 +146,9 @@ def method_callbacks(method: str, *, seed: int, total_steps: int, head: str,
                              "would be ignored.")
         return []
     options = {"seed": seed, "head": head, **spec.multimix, **(multimix_options or {})}
-    if options.get("distill"):
-        # the callback's default warm-up (1000 steps) is longer than a demo run: beta reaches its weight half-way
-        options.setdefault("distill_warmup_steps", max(1, total_steps // 2))
+    if options.get("distill") == SelfDistillation():
+        # the default warm-up (1000 steps) is longer than a demo run: beta reaches its weight half-way instead
+        options["distill"] = SelfDistillation(warmup_steps=max(1, total_steps // 2))
     return [MultiMix(**options)]
 
 

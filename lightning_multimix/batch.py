@@ -1,0 +1,148 @@
+"""Reading a training batch: its labels, its inputs, and the batch with its inputs mixed (torch only, no Lightning).
+
+The defaults understand ``(inputs, labels)`` tuples and lists and dicts with the usual keys; a LightningModule with
+another batch structure says where things are through :class:`~lightning_multimix.MultiMixMixin`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_multimix.errors import MultiMixError
+from lightning_multimix.interpolation import mix_with_partner
+from lightning_multimix.sampling import mixup_pairing
+
+LABEL_KEYS = ("label", "labels", "target", "targets", "y")
+INPUT_KEYS = ("image", "images", "img", "input", "inputs", "x", "pixel_values", "input_values", "input_ids")
+
+
+def default_labels(batch: Any) -> Tensor:
+    """Integer labels of a batch: ``batch[1]`` of a tuple or list, or the first of ``LABEL_KEYS`` in a dict.
+
+    Example:
+        >>> import torch
+        >>> default_labels((torch.zeros(2, 3), torch.tensor([1, 0])))
+        tensor([1, 0])
+        >>> default_labels({"image": torch.zeros(2, 3), "label": torch.tensor([2, 2])})
+        tensor([2, 2])
+    """
+    if isinstance(batch, Mapping):
+        for key in LABEL_KEYS:
+            if key in batch:
+                return batch[key]
+        raise ValueError(
+            f"MultiMix found no labels in the batch dict (keys {sorted(map(str, batch))}); it looks for {LABEL_KEYS}. "
+            "Add `MultiMixMixin` to your LightningModule and override `multimix_labels(batch)`."
+        )
+    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 2:
+        return batch[1]
+    raise ValueError(
+        f"MultiMix cannot find labels in a batch of type {type(batch).__name__}: it expects (inputs, labels, ...) or a "
+        f"dict with one of {LABEL_KEYS}. Add `MultiMixMixin` to your LightningModule and override "
+        "`multimix_labels(batch)`."
+    )
+
+
+_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def check_labels(labels: Any) -> Tensor:
+    """``labels`` if they are integer class labels of shape ``(b,)``; a :class:`MultiMixError` saying how to fix them
+    otherwise (one-hot or soft targets are not labels).
+
+    Example:
+        >>> check_labels(torch.tensor([2, 0]))
+        tensor([2, 0])
+    """
+    if not isinstance(labels, Tensor):
+        raise MultiMixError(
+            f"MultiMix needs integer class labels as a tensor, got {type(labels).__name__}. Return them from "
+            "`MultiMixMixin.multimix_labels(batch)`."
+        )
+    if labels.dtype not in _INTEGER_DTYPES or labels.ndim != 1:
+        raise MultiMixError(
+            f"MultiMix needs integer class labels of shape (b,), got dtype {labels.dtype} and shape "
+            f"{tuple(labels.shape)} (one-hot or soft targets are not supported). Return class indices from "
+            "`MultiMixMixin.multimix_labels(batch)`."
+        )
+    return labels
+
+
+def default_mix_inputs(batch: Any, mix: Callable[[Tensor], Tensor]) -> Optional[Any]:
+    """The batch with its inputs mixed by ``mix``, or ``None`` where the inputs cannot be interpolated.
+
+    The inputs are ``batch[0]`` of a tuple or list, or the first of ``INPUT_KEYS`` in a dict. Integer inputs (token
+    ids) or a batch without such inputs give ``None``: the batch is then mixed at the last layer instead. The batch
+    is copied, never modified in place.
+
+    Example:
+        >>> import torch
+        >>> halve = lambda t: t / 2
+        >>> default_mix_inputs((torch.ones(2, 3), torch.tensor([1, 0])), halve)[0]
+        tensor([[0.5000, 0.5000, 0.5000],
+                [0.5000, 0.5000, 0.5000]])
+        >>> default_mix_inputs({"input_ids": torch.tensor([[3, 4]]), "labels": torch.tensor([1])}, halve) is None
+        True
+    """
+    if isinstance(batch, Mapping):
+        key = next((k for k in INPUT_KEYS if k in batch), None)
+        if key is None or not _floating(batch[key]):
+            return None
+        if isinstance(batch, MutableMapping):
+            mixed = copy.copy(batch)
+            mixed[key] = mix(batch[key])
+            return mixed
+        return {**batch, key: mix(batch[key])}
+    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 1:
+        if not _floating(batch[0]):
+            return None
+        first = mix(batch[0])
+        if isinstance(batch, tuple) and hasattr(batch, "_replace"):  # a namedtuple
+            return batch._replace(**{batch._fields[0]: first})
+        return type(batch)([first, *batch[1:]]) if isinstance(batch, (tuple, list)) else [first, *batch[1:]]
+    return None
+
+
+def _floating(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.is_floating_point()
+
+
+class InputMixer:
+    """``mix(tensor)`` for one batch: the first call draws ``lambda ~ Beta(alpha, alpha)`` and a partner permutation
+    from ``generator``; every call mixes its tensor with that same draw (:func:`~lightning_multimix.interpolation.
+    mix_with_partner`), so several input tensors of a batch are mixed consistently.
+
+    Example:
+        >>> mixer = InputMixer(1.0, torch.Generator().manual_seed(0))
+        >>> x = torch.arange(4.0).view(4, 1)
+        >>> torch.equal(mixer(2 * x), 2 * mixer(x))
+        True
+    """
+
+    def __init__(self, alpha: float, generator: torch.Generator) -> None:
+        self.alpha, self.generator = alpha, generator
+        self.draw: Optional[tuple[Tensor, Tensor]] = None
+
+    def __call__(self, inputs: Tensor) -> Tensor:
+        if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
+            what = f"dtype {inputs.dtype}" if isinstance(inputs, Tensor) else type(inputs).__name__
+            raise MultiMixError(
+                f"MultiMix: `multimix_mix_inputs` asked to interpolate {what}; only floating-point tensors can be "
+                "mixed. Return None from `multimix_mix_inputs` for inputs that cannot be (such batches are then "
+                "mixed at the last layer), or pass `MultiMix(other_batches='pairs')`."
+            )
+        if self.draw is None:
+            self.draw = mixup_pairing(inputs.shape[0], self.alpha, generator=self.generator,
+                                      device=self.generator.device)
+        lam, partner = self.draw
+        if partner.shape[0] != inputs.shape[0]:
+            raise MultiMixError(
+                f"MultiMix: `multimix_mix_inputs` asked to mix tensors of {partner.shape[0]} and {inputs.shape[0]} "
+                "rows in one batch; every mixed tensor needs one row per example."
+            )
+        return mix_with_partner(inputs, lam.to(inputs.device), partner.to(inputs.device))
