@@ -22,7 +22,8 @@ INPUT_KEYS = ("image", "images", "img", "input", "inputs", "x", "pixel_values", 
 
 
 def default_labels(batch: Any) -> Tensor:
-    """Integer labels of a batch: ``batch[1]`` of a tuple or list, or the first of ``LABEL_KEYS`` in a dict.
+    """Integer labels of a batch: ``batch[1]`` of an ``(inputs, labels)`` tuple or list, or the first of
+    ``LABEL_KEYS`` in a dict; a longer tuple is an error (say which element holds the labels with the mixin).
 
     Example:
         >>> import torch
@@ -35,14 +36,20 @@ def default_labels(batch: Any) -> Tensor:
         for key in LABEL_KEYS:
             if key in batch:
                 return batch[key]
-        raise ValueError(
+        raise MultiMixError(
             f"MultiMix found no labels in the batch dict (keys {sorted(map(str, batch))}); it looks for {LABEL_KEYS}. "
             "Add `MultiMixMixin` to your LightningModule and override `multimix_labels(batch)`."
         )
-    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 2:
+    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) == 2:
         return batch[1]
-    raise ValueError(
-        f"MultiMix cannot find labels in a batch of type {type(batch).__name__}: it expects (inputs, labels, ...) or a "
+    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) > 2:
+        raise MultiMixError(
+            f"MultiMix reads the labels of `(inputs, labels)` batches from `batch[1]`, but this batch has {len(batch)} "
+            "elements, so which one holds the labels is a guess it will not make. Add `MultiMixMixin` to your "
+            "LightningModule and return them from `multimix_labels(batch)` (e.g. `return batch[2]`)."
+        )
+    raise MultiMixError(
+        f"MultiMix cannot find labels in a batch of type {type(batch).__name__}: it expects (inputs, labels) or a "
         f"dict with one of {LABEL_KEYS}. Add `MultiMixMixin` to your LightningModule and override "
         "`multimix_labels(batch)`."
     )

@@ -1,16 +1,13 @@
 """The ``MultiMix`` callback: MultiMix for any LightningModule, added with one line to the ``Trainer``.
 
-The callback keeps the life cycle (install on fit start, remove on teardown), its state (random stream, teacher in
-checkpoints), logging and the health check; what it computes comes from the tensor core
-(:func:`~lightning_multimix.objective.multimix_objective`, :func:`~lightning_multimix.objective.mixup_objective`), what
-it reads from the model from :mod:`~lightning_multimix.capture`, :mod:`~lightning_multimix.heads` and
-:mod:`~lightning_multimix.batch`, and distillation from :class:`~lightning_multimix.teacher.Distiller`.
+The callback keeps the life cycle (install on fit start, remove on teardown and on every exit path), its state (the
+random stream and the teacher, in checkpoints), logging and the health check. What one training step does is
+:class:`~lightning_multimix.step.TrainingStep`; what it computes comes from the tensor core
+(:mod:`~lightning_multimix.objective`), and self-distillation from :class:`~lightning_multimix.teacher.Distiller`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import random
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
@@ -20,17 +17,18 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_multimix.batch import InputMixer, check_labels, default_labels, default_mix_inputs
-from lightning_multimix.capture import StepCapture
-from lightning_multimix.errors import MultiMixError
 from lightning_multimix.health import HealthFlag
-from lightning_multimix.heads import is_affine, resolve_feature_map, resolve_head
-from lightning_multimix.objective import TeacherOutputs, mixup_objective, multimix_objective
+from lightning_multimix.heads import (
+    classifier_block,
+    declared_feature_map,
+    declared_head,
+    is_affine,
+    resolve_feature_map,
+)
 from lightning_multimix.options import Dense, SelfDistillation, validate_multimix
-from lightning_multimix.sampling import dirichlet_weights, pair_weights, step_seed
+from lightning_multimix.sampling import dirichlet_weights, pair_weights
+from lightning_multimix.step import KINDS, TrainingStep, check_supported
 from lightning_multimix.teacher import Distiller
-
-KINDS = ("multimix", "pairs", "input_mixup", "own_loss")
 
 
 class MultiMix(Callback):
@@ -70,8 +68,11 @@ class MultiMix(Callback):
         clean_loss_weight: adds this times your own loss on the batches mixed at the last layer (your step ran on
             clean inputs there; input-mixup batches have no clean forward and train on the mixup loss alone).
         label_smoothing: label smoothing of the interpolated targets.
+        ignore_index: examples with this label are left out of the mixing, as your cross-entropy ignores them
+            (``-100``, PyTorch's default); ``None``: every label must be a class.
         head: dotted path of the classifier head in your LightningModule (``"model.fc"``); ``None``: the
-            ``MultiMixMixin.multimix_head`` of your module, else the last ``nn.Linear`` it contains.
+            ``MultiMixMixin.multimix_head`` of your module, a timm model's ``get_classifier()``, else found on the
+            first batch from what runs: the ``nn.Linear`` whose output your model returns.
         logit_space: ``"auto"``: interpolate the head's logits instead of re-running the head on ``n`` embeddings when
             the head is an ``nn.Linear`` (exact, cheaper); ``"always"``: for any head (you assert it is affine);
             ``"never"``: always run the head on the interpolated embeddings.
@@ -97,6 +98,7 @@ class MultiMix(Callback):
         mixup_alpha: Optional[float] = None,
         clean_loss_weight: float = 0.0,
         label_smoothing: float = 0.0,
+        ignore_index: Optional[int] = -100,
         head: Optional[str] = None,
         logit_space: Literal["auto", "always", "never"] = "auto",
         dense: Optional[Dense] = None,
@@ -113,11 +115,9 @@ class MultiMix(Callback):
         self.other_batches = other_batches if other_batches is not None else "input_mixup"
         self.mixup_alpha = float(mixup_alpha) if mixup_alpha is not None else 1.0
         self.clean_loss_weight, self.label_smoothing = float(clean_loss_weight), float(label_smoothing)
-        self.head, self.logit_space = head, logit_space
+        self.ignore_index, self.head, self.logit_space = ignore_index, head, logit_space
         self.dense, self.distill = dense, distill
         self.sync_batch, self.seed, self.check_every_n_steps = sync_batch, seed, check_every_n_steps
-        #: how many training batches of the current fit went each way (host-side counts: no device synchronisation)
-        self.batch_counts: dict[str, int] = dict.fromkeys(KINDS, 0)
         # state that lives across fits and in checkpoints
         self._base_seed: Optional[int] = None
         self._batches_seen = 0
@@ -126,13 +126,20 @@ class MultiMix(Callback):
         self._head_path: Optional[str] = None
         self._feature_spec: Optional[tuple[str, str]] = None
         self._in_logit_space = False
-        self._capture: Optional[StepCapture] = None
+        self._step: Optional[TrainingStep] = None
         self._wrapped: Optional[pl.LightningModule] = None
-        self._original_step: Any = None
-        self._generator: Optional[torch.Generator] = None
+        self._own_step: Any = None
         self._health: Optional[HealthFlag] = None
-        self._verified = self._features_verified = self._warned_small_batch = False
-        self._inputs_mixable: Optional[bool] = None
+        self._counts: dict[str, int] = dict.fromkeys(KINDS, 0)
+        self._window: Optional[Tensor] = None  # the optimised loss summed since the last log, and over the epoch
+        self._epoch: Optional[Tensor] = None
+        self._window_count = self._epoch_count = self._epoch_batches = 0
+
+    @property
+    def batch_counts(self) -> dict[str, int]:
+        """How many training batches of the current (or last) fit went each way: mixed by ``"multimix"``,
+        ``"pairs"``, ``"input_mixup"``, or trained on the user's ``"own_loss"`` (host-side counts, no device sync)."""
+        return self._step.batch_counts if self._step is not None else self._counts
 
     @property
     def teacher(self) -> Any:
@@ -146,7 +153,8 @@ class MultiMix(Callback):
 
     @property
     def head_path(self) -> Optional[str]:
-        """The dotted path of the classifier head found at ``setup`` (``None`` before)."""
+        """The dotted path of the classifier head (``None`` until it is known: at ``setup`` when declared, else after
+        the first training batch)."""
         return self._head_path
 
     @property
@@ -160,23 +168,16 @@ class MultiMix(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if not pl_module.automatic_optimization:
-            raise MultiMixError(
-                "MultiMix replaces the loss returned by `training_step`, which needs automatic optimization; "
-                f"{type(pl_module).__name__} sets `automatic_optimization = False`. Compute the loss with "
-                "`lightning_multimix.objective.multimix_objective` in your own step instead."
-            )
-        self._head_path = resolve_head(pl_module, self.head, dense=self.dense is not None)
-        head = pl_module.get_submodule(self._head_path)
-        self._in_logit_space = self.logit_space == "always" or (self.logit_space == "auto" and is_affine(head))
+        check_supported(trainer, pl_module)
+        self._head_path = self._feature_spec = None
         if self.dense is not None:
-            self._feature_spec = resolve_feature_map(pl_module, self._head_path, self.dense.feature_map)
+            declared_feature_map(pl_module, self.dense.feature_map)  # a wrong path fails now, before any training
+        declared = declared_head(pl_module, self.head)
+        if declared is not None:
+            self._adopt_head(declared, "declared", module=pl_module)
         if self._base_seed is None:
             seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
             self._base_seed = int(trainer.strategy.broadcast(seed, src=0))
-        space = "logit space (exact for an affine head)" if self._in_logit_space else "embedding space"
-        where = f", feature map from {self._feature_spec[0]!r}" if self._feature_spec else ""
-        rank_zero_info(f"MultiMix: head {self._head_path!r}{where}; interpolating in {space}.")
         if self.probability == 1.0:
             rank_zero_warn("MultiMix(probability=1.0) mixes every batch with MultiMix, without the paper's protocol "
                            "(input mixup on about half the batches): with whole-batch tuples it stalls far below "
@@ -184,18 +185,53 @@ class MultiMix(Callback):
         if self.sync_batch and trainer.world_size == 1:
             rank_zero_warn("MultiMix(sync_batch=True) with a single process: there is no other batch to gather.")
 
+    def _adopt_head(self, path: str, how: str, module: Optional[pl.LightningModule] = None) -> None:
+        """Settle the head (and, in dense mode, its classifier block and feature map)."""
+        module = module if module is not None else self._wrapped
+        if how != "declared" and self.dense is not None:
+            path = classifier_block(module, path)
+        self._head_path = path
+        head = module.get_submodule(path)
+        self._in_logit_space = self.logit_space == "always" or (self.logit_space == "auto" and is_affine(head))
+        if self.dense is not None:
+            self._feature_spec = resolve_feature_map(module, path, self.dense.feature_map)
+        if self._distiller is not None and self._distiller.teacher is not None:
+            self._distiller.watch(path)
+        space = "logit space (exact for an affine head)" if self._in_logit_space else "embedding space"
+        where = f", feature map from {self._feature_spec[0]!r}" if self._feature_spec else ""
+        found = "" if how == "declared" else f" ({how})"
+        rank_zero_info(f"MultiMix: head {path!r}{found}{where}; interpolating in {space}.")
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        device = pl_module.device
-        self._uninstall()  # what a previous fit may have left (an interrupted one)
+        self._uninstall(pl_module)  # what a previous, interrupted fit may have left
         if self._distiller is not None:  # before any hook is installed: the teacher's copy carries none
-            self._distiller.attach(pl_module, self._head_path, device)
-        self._install(pl_module)
-        self._generator = torch.Generator(device=device)
-        self._health = HealthFlag(device, self.check_every_n_steps)
-        self._verified = self._features_verified = False
-        self._inputs_mixable = None
-        self.batch_counts = dict.fromkeys(KINDS, 0)
+            self._distiller.attach(pl_module, pl_module.device)
+            if self._head_path is not None:
+                self._distiller.watch(self._head_path)
+        self._health = HealthFlag(pl_module.device, self.check_every_n_steps)
+        self._own_step = pl_module.__dict__.get("training_step")
+        self._wrapped = pl_module
+        self._step = TrainingStep(self, pl_module, pl_module.training_step)
+        pl_module.training_step = self._step
+
+    def _uninstall(self, pl_module: Optional[pl.LightningModule] = None) -> None:
+        """Remove every hook and the step wrapper, and put the student's weights back: safe on every exit path."""
+        module = pl_module if pl_module is not None else self._wrapped
+        if self._distiller is not None and module is not None:
+            self._distiller.swap(module, swapped=False)
+        if self._step is not None:
+            self._counts = self._step.batch_counts
+            self._step.remove()
+            self._step = None
+        if self._distiller is not None:
+            self._distiller.detach()
+        if self._wrapped is not None:
+            if self._own_step is not None:
+                self._wrapped.training_step = self._own_step
+            else:
+                self._wrapped.__dict__.pop("training_step", None)
+            self._wrapped = None
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -205,27 +241,30 @@ class MultiMix(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._health is not None:
-            self._health.raise_if_unhealthy(trainer.global_step, self._head_path)
+        self._read_health(trainer.global_step)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._uninstall()
+            self._uninstall(pl_module)
+        else:
+            self._swap(pl_module, False)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._uninstall()
+        self._uninstall(pl_module)
+
+    def _swap(self, pl_module: pl.LightningModule, swapped: bool) -> None:
+        if self._distiller is not None:
+            self._distiller.swap(pl_module, swapped=swapped)
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._distiller is not None:
-            self._distiller.swap(pl_module, swapped=True)
+        self._swap(pl_module, True)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._distiller is not None:
-            self._distiller.swap(pl_module, swapped=False)
+        self._swap(pl_module, False)
 
     on_test_epoch_start = on_validation_epoch_start
     on_test_epoch_end = on_validation_epoch_end
@@ -241,6 +280,8 @@ class MultiMix(Callback):
         if self._distiller is not None:
             self._distiller.load_state_dict(state_dict)
 
+    # ------------------------------------------------------------------ the weights, the stream, logging and health
+
     def sample_weights(self, num_examples: int, mode: Literal["multimix", "pairs"],
                        generator: torch.Generator) -> Tensor:
         """The ``(num_examples, n)`` weight matrix of one batch mixed at the last layer; each column on the simplex.
@@ -255,154 +296,52 @@ class MultiMix(Callback):
         return dirichlet_weights(num_examples, self.n_tuples, self.alpha, tuple_size=self.tuple_size,
                                  generator=generator, device=generator.device)
 
-    def _install(self, pl_module: pl.LightningModule) -> None:
-        self._capture = StepCapture(pl_module, self._head_path, self._feature_spec, inputs=self.distill is not None)
-        self._original_step = pl_module.__dict__.get("training_step")
-        pl_module.training_step = _MultiMixTrainingStep(self, pl_module, pl_module.training_step)
-        self._wrapped = pl_module
-
-    def _uninstall(self) -> None:
-        if self._capture is not None:
-            self._capture.remove()
-            self._capture = None
-        if self._distiller is not None:
-            self._distiller.detach()
-        if self._wrapped is not None:
-            if self._original_step is not None:
-                self._wrapped.training_step = self._original_step
-            else:
-                self._wrapped.__dict__.pop("training_step", None)
-            self._wrapped = None
-
-    # ------------------------------------------------------------------ the training step
-
-    def _batch_kind(self, step: int, rank: int) -> str:
-        # with sync_batch every process takes part in the gather, so all take rank 0's decision (else they deadlock)
-        seed = step_seed(self._base_seed, 0 if self.sync_batch else rank, step)
-        if self.probability < 1.0 and not random.Random(seed).random() < self.probability:
-            return self.other_batches
-        return self.mode
-
-    def _training_step(self, pl_module: pl.LightningModule, original: Any, *args: Any, **kwargs: Any) -> Any:
-        trainer = pl_module.trainer
-        step = self._batches_seen
+    def _next_batch(self) -> int:
+        """The index of the batch starting now (the random stream is a pure function of it: resume is exact)."""
         self._batches_seen += 1
-        kind = self._batch_kind(step, trainer.global_rank)
-        batch = args[0] if args else kwargs["batch"]
-        labels = check_labels(pl_module.multimix_labels(batch) if hasattr(pl_module, "multimix_labels")
-                              else default_labels(batch))
-        if kind != "own_loss" and labels.shape[0] < 2:
-            if not self._warned_small_batch:
-                rank_zero_warn(f"MultiMix: a training batch of {labels.shape[0]} example cannot be mixed; such "
-                               "batches train on your own loss. Pass `DataLoader(..., drop_last=True)` to drop them.")
-                self._warned_small_batch = True
-            kind = "own_loss"
-        if kind == "own_loss":
-            self.batch_counts[kind] += 1
-            return original(*args, **kwargs)
+        self._epoch_batches += 1
+        return self._batches_seen - 1
 
-        self._generator.manual_seed(step_seed(self._base_seed, trainer.global_rank, step))
-        mixer = InputMixer(self.mixup_alpha, self._generator) if kind == "input_mixup" else None
-        if mixer is not None:
-            mixed = self._mix_batch(pl_module, batch, mixer)
-            if mixed is None:
-                kind, mixer = "pairs", None  # the inputs cannot be interpolated: mix this batch at the last layer
-            elif args:
-                args = (mixed, *args[1:])
-            else:
-                kwargs = {**kwargs, "batch": mixed}
-        with self._capture:
-            output = original(*args, **kwargs)
-        user_loss = output["loss"] if isinstance(output, dict) else output
-        if user_loss is None:
-            return output  # the user skipped this batch
-        if not isinstance(user_loss, Tensor):
-            raise MultiMixError(
-                f"`training_step` returned {type(output).__name__}; MultiMix needs a loss tensor or a dict with 'loss'."
-            )
-        embeddings, logits = self._capture.head_tensors()
-        if embeddings.shape[0] != labels.shape[0]:
-            raise MultiMixError(f"The head {self._head_path!r} ran on {embeddings.shape[0]} embeddings but the batch "
-                                f"has {labels.shape[0]} labels. Pass `MultiMix(head='dotted.path')` naming the head.")
-        labels = labels.to(logits.device).long()
-        dense_now = self.dense is not None and kind == self.mode
-        features = None
-        if self.dense is not None and (dense_now or not self._features_verified):
-            features = self._capture.feature_map(embeddings, verify=not self._features_verified)
-            self._features_verified = True  # checked on the first batch, whichever way it is mixed
-        teacher = None
-        if self._distiller is not None:
-            with_embeddings = not self._in_logit_space and self.distill.targets == "logits" and mixer is None
-            teacher = self._distiller.outputs(*self._capture.model_inputs(), trainer.global_step, with_embeddings)
+    def _after_step(self, pl_module: pl.LightningModule, loss: Tensor, labels: Tensor, num_classes: int, index: int,
+                    first: bool) -> None:
+        """Update the health flag (read it when due) and the running loss; log it when due."""
+        keep = labels != self.ignore_index if self.ignore_index is not None else None
+        self._health.update(loss, labels, num_classes, index, keep=keep)
+        trainer = pl_module.trainer
+        if first or self._health.read_due(index, loss.device):
+            self._read_health(trainer.global_step)
+        # `self.log` costs about a millisecond a call (more than MultiMix's own arithmetic at n = 1000): the loss is
+        # summed on the device at every batch and logged as the mean since the last log, at the first batch, every
+        # `log_every_n_steps` batches and at an epoch's last batch (the progress bar shows it); the epoch's mean is
+        # logged once, averaged over processes, at the epoch's end (benchmarks/overhead.py measures the difference)
+        detached = loss.detach()
+        self._window = detached if self._window is None else self._window + detached
+        self._epoch = detached if self._epoch is None else self._epoch + detached
+        self._window_count, self._epoch_count = self._window_count + 1, self._epoch_count + 1
+        last = self._epoch_batches == trainer.num_training_batches
+        if first or last or self._epoch_batches % max(1, trainer.log_every_n_steps) == 0:
+            pl_module.log("multimix/loss", self._window / self._window_count, on_step=True, on_epoch=False,
+                          prog_bar=True, batch_size=labels.shape[0])
+            if self._distiller is not None:
+                pl_module.log("multimix/distill_weight", self._distiller.beta(trainer.global_step), on_step=True,
+                              on_epoch=False, batch_size=labels.shape[0])
+            self._window, self._window_count = None, 0
 
-        if mixer is not None:
-            loss = mixup_objective(logits, labels, *mixer.draw, teacher=teacher, label_smoothing=self.label_smoothing)
-        else:
-            loss = self._last_layer_loss(pl_module, kind, embeddings, logits, labels,
-                                         features if dense_now else None, teacher)
-            if self.clean_loss_weight > 0:
-                loss = loss + self.clean_loss_weight * user_loss.float()
-        self.batch_counts[kind] += 1
-        self._health.update(loss, labels, logits.shape[-1], step)
-        if not self._verified or self._health.read_due(step, loss.device):
-            self._health.raise_if_unhealthy(trainer.global_step, self._head_path)
-        self._verified = True
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._window = self._epoch = None
+        self._window_count = self._epoch_count = self._epoch_batches = 0
 
-        size = labels.shape[0]
-        # the step value is this process's; the epoch value is averaged over processes, once, at the epoch's end
-        pl_module.log("multimix/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
-        pl_module.log("multimix/loss_epoch", loss.detach(), on_step=False, on_epoch=True, sync_dist=True,
-                      batch_size=size)
-        if teacher is not None:
-            pl_module.log("multimix/distill_weight", teacher.weight, on_step=True, on_epoch=False, batch_size=size)
-        return {**output, "loss": loss} if isinstance(output, dict) else loss
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._epoch is not None:
+            pl_module.log("multimix/loss_epoch", self._epoch / self._epoch_count, on_step=False, on_epoch=True,
+                          sync_dist=True)
 
-    def _mix_batch(self, pl_module: pl.LightningModule, batch: Any, mixer: InputMixer) -> Optional[Any]:
-        """The batch with its inputs mixed, or ``None`` (said once) when they cannot be interpolated."""
-        if self._inputs_mixable is False:
-            return None
-        hook = getattr(pl_module, "multimix_mix_inputs", None)
-        mixed = hook(batch, mixer) if hook is not None else default_mix_inputs(batch, mixer)
-        if mixed is None or mixer.draw is None:
-            if self._inputs_mixable is None:
-                rank_zero_info(
-                    f"MultiMix: the inputs of {type(pl_module).__name__}'s batches cannot be interpolated (no "
-                    "floating-point tensor in `batch[0]` or under a usual dict key): the batches not mixed by "
-                    f"{self.mode!r} are mixed by last-layer pairs instead of input mixup. Override "
-                    "`MultiMixMixin.multimix_mix_inputs` to say where the inputs are."
-                )
-            self._inputs_mixable = False
-            return None
-        self._inputs_mixable = True
-        return mixed
-
-    def _last_layer_loss(self, pl_module: pl.LightningModule, kind: str, embeddings: Tensor, logits: Tensor,
-                         labels: Tensor, features: Optional[Tensor], teacher: Optional[TeacherOutputs]) -> Tensor:
-        if self.sync_batch and pl_module.trainer.world_size > 1:
-
-            def gather(t: Optional[Tensor]) -> Optional[Tensor]:
-                return None if t is None else pl_module.all_gather(t, sync_grads=True).flatten(0, 1)
-
-            embeddings, logits, labels, features = map(gather, (embeddings, logits, labels, features))
-            if teacher is not None:
-                teacher = dataclasses.replace(teacher, logits=gather(teacher.logits),
-                                              embeddings=gather(teacher.embeddings))
-        weights = self.sample_weights(labels.shape[0], kind, self._generator)
-        head = self._capture.head.module
-        common = {"teacher": teacher, "label_smoothing": self.label_smoothing}
-        if features is not None:
-            return multimix_objective(weights, labels, feature_map=features, head=head, attention=self.dense.attention,
-                                      affine_head=self._in_logit_space, **common)
-        if self._in_logit_space:
-            return multimix_objective(weights, labels, logits=logits, **common)
-        return multimix_objective(weights, labels, embeddings=embeddings, head=head, **common)
-
-class _MultiMixTrainingStep:
-    """Stands in for the module's ``training_step`` while MultiMix is installed (removed in ``teardown``)."""
-
-    def __init__(self, callback: MultiMix, module: pl.LightningModule, original: Any) -> None:
-        self.callback, self.module, self.original = callback, module, original
-        self.__wrapped__ = original  # what Lightning's `is_overridden` and `inspect` look through
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.callback._training_step(self.module, self.original, *args, **kwargs)
+    def _read_health(self, global_step: int) -> None:
+        if self._health is None:
+            return
+        ignored = self._health.raise_if_unhealthy(global_step, self._head_path)
+        if ignored:
+            rank_zero_info(f"MultiMix: {ignored} training example(s) so far with label {self.ignore_index} "
+                           "(`ignore_index`) were left out of the mixing, as your loss ignores them.")

@@ -1,25 +1,56 @@
 """Forward hooks that record what flows through a model during a training step (torch only, no Lightning).
 
 A :class:`Capture` is armed for the duration of the user's ``training_step`` and disarmed before the callback computes
-its loss, so the callback's own calls to the head are never recorded. Hooks are removed with :meth:`Capture.remove`,
-which leaves the module exactly as it was (and picklable). :class:`StepCapture` holds the captures of one model (the
-head, the feature map of dense mode, the modules on the way to the head whose inputs the teacher re-runs) and checks
-what they recorded.
+its loss, so the callback's own calls to the head are never recorded. Its hooks are small objects that ignore every
+module but their own and that a deep copy or a pickle of the model turns into no-ops, so ``copy.deepcopy(model)``
+during training copies none of the callback's machinery; :meth:`Capture.remove` leaves the module exactly as it was.
+:class:`StepCapture` holds the captures of one step (the head, the feature map of dense mode, the modules on the way
+to the head whose arguments the teacher re-runs) and checks what they recorded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import weakref
 from typing import Any, Optional
 
 from torch import Tensor, nn
 
 from lightning_multimix.errors import MultiMixError
 
-_HOW_HEAD = ("Pass `MultiMix(head='dotted.path')` naming the classifier head, or add `MultiMixMixin` and override "
-             "`multimix_head()`.")
-_HOW_MAP = ("Pass `Dense(feature_map='dotted.path')` naming the module whose output is the feature map, or override "
-            "`MultiMixMixin.multimix_feature_map()`.")
+HOW_HEAD = ("Pass `MultiMix(head='dotted.path')` naming the classifier head, or add `MultiMixMixin` and override "
+            "`multimix_head()`.")
+HOW_MAP = ("Pass `Dense(feature_map='dotted.path')` naming the module whose output is the feature map, or override "
+           "`MultiMixMixin.multimix_feature_map()`.")
+_ORDER = itertools.count()  # the order in which captured modules first ran, across captures
+
+
+def _inert(*args: Any, **kwargs: Any) -> None:
+    """What a capture's hook becomes in a pickled model: nothing."""
+
+
+def _inert_hook() -> Any:
+    return _inert
+
+
+class _Hook:
+    """A forward (pre-)hook calling its capture while the capture lives; it ignores other modules (a deep copy of the
+    model shares it), deep-copies to itself and pickles to a no-op."""
+
+    def __init__(self, capture: "Capture", pre: bool) -> None:
+        self.capture, self.pre = weakref.ref(capture), pre
+
+    def __call__(self, module: nn.Module, args: tuple, extra: Any) -> None:
+        capture = self.capture()
+        if capture is not None and capture.armed and module is capture.module:
+            capture.record_input(args, extra) if self.pre else capture.record_output(extra)
+
+    def __deepcopy__(self, memo: dict) -> "_Hook":
+        return self
+
+    def __reduce__(self) -> tuple:
+        return _inert_hook, ()
 
 
 class Capture:
@@ -38,35 +69,26 @@ class Capture:
     """
 
     def __init__(self, module: nn.Module, clone_input: bool = False) -> None:
-        self.module = module
-        self.clone_input = clone_input
+        self.module, self.clone_input = module, clone_input
         self.armed = False
-        self.calls = 0
-        self.input: Optional[Tensor] = None
-        self.output: Any = None
-        self.args: tuple = ()
-        self.kwargs: dict = {}
-        self._handles = (
-            module.register_forward_pre_hook(self._record_input, with_kwargs=True),
-            module.register_forward_hook(self._record_output),
-        )
+        self.reset()
+        self._handles = (module.register_forward_pre_hook(_Hook(self, pre=True), with_kwargs=True),
+                         module.register_forward_hook(_Hook(self, pre=False)))
 
-    def _record_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not self.armed:
-            return
+    def record_input(self, args: tuple, kwargs: dict) -> None:
         self.calls += 1
         if self.calls == 1:
-            self.args, self.kwargs = args, kwargs
+            self.args, self.kwargs, self.order = args, kwargs, next(_ORDER)
             first = args[0] if args and isinstance(args[0], Tensor) else None
             # an in-place layer inside the module (EfficientNet's Dropout(inplace=True)) would overwrite the input
             self.input = first.clone() if first is not None and self.clone_input else first
 
-    def _record_output(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if self.armed and self.calls == 1 and self.output is None:
+    def record_output(self, output: Any) -> None:
+        if self.calls == 1 and self.output is None:
             self.output = output
 
     def reset(self) -> None:
-        self.calls, self.input, self.output, self.args, self.kwargs = 0, None, None, (), {}
+        self.calls, self.order, self.input, self.output, self.args, self.kwargs = 0, -1, None, None, (), {}
 
     def __enter__(self) -> "Capture":
         self.reset()
@@ -91,7 +113,7 @@ class StepCapture:
     Example:
         >>> import torch
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-        >>> step = StepCapture(net, "2")
+        >>> step = StepCapture.of(net, "2")
         >>> with step:
         ...     _ = net(torch.randn(5, 3))
         >>> embeddings, logits = step.head_tensors()
@@ -100,14 +122,19 @@ class StepCapture:
         >>> step.remove()
     """
 
-    def __init__(self, model: nn.Module, head_path: str, feature_spec: Optional[tuple[str, str]] = None,
-                 inputs: bool = False) -> None:
-        self.head_path, self.feature_spec = head_path, feature_spec
-        self.head = Capture(model.get_submodule(head_path), clone_input=True)
-        self.features = Capture(model.get_submodule(feature_spec[0])) if feature_spec is not None else None
-        parts = head_path.split(".")
-        paths = [".".join(parts[:i]) for i in range(len(parts))] if inputs else []
-        self.inputs = {path: Capture(model.get_submodule(path)) for path in paths}
+    def __init__(self, head_path: str, head: Capture, feature_spec: Optional[tuple[str, str]] = None,
+                 features: Optional[Capture] = None, inputs: Optional[dict[str, Capture]] = None) -> None:
+        self.head_path, self.head = head_path, head
+        self.feature_spec, self.features = feature_spec, features
+        self.inputs = inputs or {}  # path -> capture, outermost first
+
+    @classmethod
+    def of(cls, model: nn.Module, head_path: str, feature_spec: Optional[tuple[str, str]] = None,
+           inputs: bool = False) -> "StepCapture":
+        """New captures on ``model`` for the head at ``head_path`` (and the feature map, and the inputs)."""
+        features = Capture(model.get_submodule(feature_spec[0])) if feature_spec is not None else None
+        return cls(head_path, Capture(model.get_submodule(head_path), clone_input=True), feature_spec, features,
+                   {path: Capture(model.get_submodule(path)) for path in ancestors(head_path)} if inputs else None)
 
     def _all(self) -> list[Capture]:
         return [self.head, *([self.features] if self.features is not None else []), *self.inputs.values()]
@@ -131,7 +158,7 @@ class StepCapture:
         if self.head.calls != 1:
             raise MultiMixError(
                 f"MultiMix expects the head {self.head_path!r} to run exactly once per training step, on the "
-                f"penultimate embeddings; it ran {self.head.calls} times. {_HOW_HEAD}"
+                f"penultimate embeddings; it ran {self.head.calls} times. {HOW_HEAD}"
             )
         embeddings, logits = self.head.input, self.head.output
         if not all(isinstance(t, Tensor) and t.ndim == 2 for t in (embeddings, logits)):
@@ -139,16 +166,13 @@ class StepCapture:
             shape_out = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
             raise MultiMixError(
                 f"The head {self.head_path!r} maps {shape_in} to {shape_out}; MultiMix needs a classifier head "
-                f"mapping (b, d) embeddings to (b, c) logits. {_HOW_HEAD}"
+                f"mapping (b, d) embeddings to (b, c) logits. {HOW_HEAD}"
             )
-        if logits.shape[-1] < 2:
+        if logits.shape[-1] < 2 or embeddings.shape[0] != logits.shape[0]:
             raise MultiMixError(
-                f"The head {self.head_path!r} has {logits.shape[-1]} output; a classifier head has one per class "
-                f"(at least 2). {_HOW_HEAD}"
+                f"The head {self.head_path!r} maps {tuple(embeddings.shape)} to {tuple(logits.shape)}; a classifier "
+                f"head gives one output per class (at least 2) for every example. {HOW_HEAD}"
             )
-        if embeddings.shape[0] != logits.shape[0]:
-            raise MultiMixError(f"The head {self.head_path!r} maps {embeddings.shape[0]} rows to "
-                                f"{logits.shape[0]}. {_HOW_HEAD}")
         return embeddings, logits
 
     def feature_map(self, embeddings: Tensor, verify: bool) -> Tensor:
@@ -161,7 +185,7 @@ class StepCapture:
             shape = tuple(raw.shape) if isinstance(raw, Tensor) else type(raw).__name__
             raise MultiMixError(
                 f"Dense MultiMix expected a (b, d, h, w) or (b, r, d) feature map from {path!r}, got {shape} "
-                f"({self.features.calls} calls). {_HOW_MAP}"
+                f"({self.features.calls} calls). {HOW_MAP}"
             )
         if kind == "vit":
             summary, features = raw[:, 0], raw[:, 1:]
@@ -169,15 +193,22 @@ class StepCapture:
             # a pooling's input is channels-first, (b, d, h, w) or (b, d, l); a declared 3-d map is (b, r, d) tokens
             features = raw.flatten(2).transpose(1, 2) if raw.ndim == 4 or kind == "input" else raw
             summary = features.mean(1)
-        if verify and (summary.shape != embeddings.shape or not _close(summary, embeddings)):
-            what = "its class token" if kind == "vit" else "its mean over positions"
-            raise MultiMixError(
-                f"Dense MultiMix: the feature map from {path!r} ({tuple(features.shape)} as (b, r, d)) does not "
-                f"match the head's input {tuple(embeddings.shape)} through {what}, so it is not the map that feeds "
-                f"the head. {_HOW_MAP} If the map is right but layers (dropout, an MLP) sit between the pooling and "
-                "the head, name as head the module that takes the pooled embedding, e.g. "
-                "`MultiMix(head='model.classifier')`."
-            )
+        if verify:
+            for name, tensor in (("feature map", features), ("head's input", embeddings)):
+                if not bool(tensor.detach().isfinite().all()):
+                    raise MultiMixError(
+                        f"Dense MultiMix: the {name} of the first training batch holds NaN or inf, so it cannot be "
+                        "checked against the head; look at the inputs and the model (learning rate, precision)."
+                    )
+            if summary.shape != embeddings.shape or not _close(summary, embeddings):
+                what = "its class token" if kind == "vit" else "its mean over positions"
+                raise MultiMixError(
+                    f"Dense MultiMix: the feature map from {path!r} ({tuple(features.shape)} as (b, r, d)) does not "
+                    f"match the head's input {tuple(embeddings.shape)} through {what}, so it is not the map that "
+                    f"feeds the head. {HOW_MAP} If the map is right but layers (dropout, an MLP) sit between the "
+                    "pooling and the head, name as head the module that takes the pooled embedding, e.g. "
+                    "`MultiMix(head='model.classifier')`."
+                )
         return features
 
     def model_inputs(self) -> tuple[str, tuple, dict]:
@@ -189,6 +220,17 @@ class StepCapture:
             "Self-distillation runs the teacher on the inputs of your model, but the training step called no module "
             f"on the way to the head {self.head_path!r}."
         )
+
+
+def ancestors(path: str) -> list[str]:
+    """The dotted paths from the model (``""``) down to, not including, ``path``: outermost first.
+
+    Example:
+        >>> ancestors("backbone.head.fc")
+        ['', 'backbone', 'backbone.head']
+    """
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts))]
 
 
 def _close(a: Tensor, b: Tensor) -> bool:

@@ -1,9 +1,9 @@
 """Finding the classifier head and the feature map inside a model (torch only, no Lightning).
 
-The head is the module whose input is the penultimate embedding. Auto-detection picks the last ``nn.Linear``
-registered in the model, which is the classifier of torchvision's ResNets (``fc``), VisionTransformer
-(``heads.head``), EfficientNet and MobileNet (the last Linear of ``classifier``) and of a plain MLP. The callback
-checks the choice on the first batch (called once, on a ``(b, d)`` input, giving ``(b, c)``) and raises otherwise.
+The head is the module whose input is the penultimate embedding. It is what the user names (``head=``, the mixin)
+or what the model says (a timm model's ``get_classifier()``); otherwise the first training step finds it from what
+runs (:mod:`lightning_multimix.probe`). Dense mode takes the classifier block that reads the pooled embedding and
+finds the feature map feeding it. The callback checks both on the first batch.
 """
 
 from __future__ import annotations
@@ -125,14 +125,15 @@ def path_of(root: nn.Module, module: nn.Module, where: str) -> str:
     raise MultiMixError(f"`{where}` returned a module that is not a submodule of {type(root).__name__}.")
 
 
-def resolve_head(model: nn.Module, head: Optional[str] = None, dense: bool = False) -> str:
-    """The dotted path of the classifier head: ``head`` if given, else the model's ``multimix_head()`` (the mixin),
-    else the last ``nn.Linear``; in dense mode, the classifier block that takes the pooled embedding
-    (:func:`classifier_block`).
+def declared_head(model: nn.Module, head: Optional[str] = None) -> Optional[str]:
+    """The dotted path of the classifier head as the user or the model declares it: ``head`` if given, else the
+    model's ``multimix_head()`` (the mixin), else the ``get_classifier()`` of a timm model inside it; ``None`` when
+    nothing declares it (the first training step finds it, :mod:`lightning_multimix.probe`).
 
     Example:
-        >>> resolve_head(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 4)))
-        '2'
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 4))
+        >>> declared_head(net, "2"), declared_head(net)
+        ('2', None)
     """
     if head is not None:
         resolve_module(model, head)
@@ -140,14 +141,28 @@ def resolve_head(model: nn.Module, head: Optional[str] = None, dense: bool = Fal
     declared = model.multimix_head() if hasattr(model, "multimix_head") else None
     if declared is not None:
         return path_of(model, declared, "multimix_head()")
-    found = find_head(model)
-    if found is None:
-        raise MultiMixError(
-            f"MultiMix found no classifier head in {type(model).__name__}: it has no nn.Linear. Pass "
-            "`MultiMix(head='dotted.path')` or add `MultiMixMixin` and override `multimix_head()`."
-        )
-    # dense mode applies the head at every position: it must take the pooled embedding itself
-    return classifier_block(model, found) if dense else found
+    for name, module in model.named_modules():  # outermost first
+        if callable(getattr(module, "get_classifier", None)) and callable(getattr(module, "forward_head", None)):
+            classifier = module.get_classifier()  # timm's own account of its head
+            if isinstance(classifier, nn.Module) and not isinstance(classifier, nn.Identity):
+                return path_of(model, classifier, f"{type(module).__name__}.get_classifier()")
+    return None
+
+
+def declared_feature_map(model: nn.Module, feature_map: Optional[str] = None) -> Optional[str]:
+    """The dotted path of the feature map as the user declares it (``feature_map``, else the mixin's
+    ``multimix_feature_map()``), checked to exist; ``None`` when it is to be found.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+        >>> declared_feature_map(net, "0"), declared_feature_map(net)
+        ('0', None)
+    """
+    if feature_map is not None:
+        resolve_module(model, feature_map)
+        return feature_map
+    declared = model.multimix_feature_map() if hasattr(model, "multimix_feature_map") else None
+    return path_of(model, declared, "multimix_feature_map()") if declared is not None else None
 
 
 def resolve_feature_map(model: nn.Module, head_path: str, feature_map: Optional[str] = None) -> tuple[str, str]:
@@ -160,12 +175,9 @@ def resolve_feature_map(model: nn.Module, head_path: str, feature_map: Optional[
         >>> resolve_feature_map(net, "3")
         ('1', 'input')
     """
-    if feature_map is not None:
-        resolve_module(model, feature_map)
-        return feature_map, "output"
-    declared = model.multimix_feature_map() if hasattr(model, "multimix_feature_map") else None
+    declared = declared_feature_map(model, feature_map)
     if declared is not None:
-        return path_of(model, declared, "multimix_feature_map()"), "output"
+        return declared, "output"
     for name, module in model.named_modules():
         if is_torchvision_vit(module) and head_path.startswith(f"{name}.heads" if name else "heads"):
             return (f"{name}.encoder" if name else "encoder"), "vit"

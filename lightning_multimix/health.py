@@ -29,27 +29,37 @@ class HealthFlag:
     """
 
     def __init__(self, device: torch.device, check_every_n_steps: int) -> None:
-        self.state = torch.tensor([-1, 0], device=device)  # (first bad batch, code: 1 non-finite loss, 2 labels)
+        # (first bad batch, code: 1 non-finite loss, 2 labels out of range; examples left out by an ignore index)
+        self.state = torch.tensor([-1, 0, 0], device=device)
         self.check_every_n_steps = check_every_n_steps
         self.num_classes: Optional[int] = None
+        self.reported_ignored = False
 
-    def update(self, loss: Tensor, labels: Tensor, num_classes: int, batch: int) -> None:
-        """Record, on the device and without synchronising, ``batch`` if it is the first bad one."""
+    def update(self, loss: Tensor, labels: Tensor, num_classes: int, batch: int, keep: Optional[Tensor] = None) -> None:
+        """Record, on the device and without synchronising, ``batch`` if it is the first bad one, and count the
+        examples left out (``keep`` false: their label is the ignore index, never out of range)."""
+        labels = labels if keep is None else torch.where(keep, labels, torch.zeros_like(labels))
         code = (~torch.isfinite(loss.detach())).long() + 2 * labels_out_of_range(labels, num_classes).long()
         first = (self.state[0] < 0) & (code > 0)
         index = torch.full((), batch, device=self.state.device)
-        self.state = torch.where(first, torch.stack((index, code.to(index.device))), self.state)
+        bad = torch.where(first, torch.stack((index, code.to(index.device))), self.state[:2])
+        ignored = self.state[2:] + (0 if keep is None else (~keep).sum().to(index.device))
+        self.state = torch.cat((bad, ignored))
         self.num_classes = num_classes
 
     def read_due(self, batch: int, device: torch.device) -> bool:
         """Whether to read the flag after ``batch``: always on CPU, every ``check_every_n_steps`` batches elsewhere."""
         return device.type == "cpu" or batch % self.check_every_n_steps == 0
 
-    def raise_if_unhealthy(self, global_step: int, head_path: Optional[str]) -> None:
-        """Read the flag (a host-device synchronisation) and raise :class:`MultiMixError` if a batch was bad."""
-        bad_batch, code = self.state.tolist()
+    def raise_if_unhealthy(self, global_step: int, head_path: Optional[str]) -> int:
+        """Read the flag (a host-device synchronisation) and raise :class:`MultiMixError` if a batch was bad; else
+        return the number of examples left out so far the first time it is not zero (to be said once), else 0."""
+        bad_batch, code, ignored = self.state.tolist()
         if bad_batch < 0:
-            return
+            if ignored and not self.reported_ignored:
+                self.reported_ignored = True
+                return ignored
+            return 0
         if code & 2:
             raise MultiMixError(
                 f"MultiMix: labels outside [0, {self.num_classes}) at training batch {bad_batch}: the head "

@@ -103,6 +103,7 @@ def multimix_objective(
     attention: Literal["cam", "softmax", "uniform"] = "cam",
     affine_head: Optional[bool] = None,
     teacher: Optional[TeacherOutputs] = None,
+    keep: Optional[Tensor] = None,
     label_smoothing: float = 0.0,
 ) -> Tensor:
     r"""The MultiMix loss of one batch: ``mean_k CE(g(Z lambda_k), Y lambda_k)`` over the ``n`` columns of ``weights``.
@@ -119,6 +120,9 @@ def multimix_objective(
         affine_head: dense: whether the head is affine, so that the per-position logits can be interpolated;
             ``None``: it is when it is an ``nn.Linear``.
         teacher: self-distillation targets (:class:`TeacherOutputs`).
+        keep: ``(m,)`` booleans: the examples to mix; the others (labels equal to an ignore index) get weight 0 in
+            every tuple, whose weights are renormalised over the kept examples (a tuple of left-out examples only
+            becomes the mean of the kept ones). ``None``: all.
         label_smoothing: smoothing of the interpolated targets.
 
     Returns:
@@ -134,6 +138,8 @@ def multimix_objective(
         True
     """
     _check_weights_and_labels(weights, labels)
+    if keep is not None:
+        weights = keep_rows(weights, keep)
     if feature_map is not None:
         if logits is not None or embeddings is not None or head is None:
             raise ValueError("multimix_objective: dense mode takes `feature_map` and `head`, not `logits` or "
@@ -176,11 +182,13 @@ def mixup_objective(
     partner: Tensor,
     *,
     teacher: Optional[TeacherOutputs] = None,
+    keep: Optional[Tensor] = None,
     label_smoothing: float = 0.0,
 ) -> Tensor:
     r"""The input-mixup loss of one batch: the logits of the mixed inputs ``lam x + (1 - lam) x[partner]`` against
     ``lam Y + (1 - lam) Y[partner]``; with ``teacher`` (its logits on the same mixed inputs),
-    ``(1 - beta)`` of that plus ``beta softmax(teacher_logits / T)``.
+    ``(1 - beta)`` of that plus ``beta softmax(teacher_logits / T)``. With ``keep`` (``(b,)`` booleans), a mixed
+    example whose own or partner's label is left out does not count (the mean runs over the others).
 
     Example:
         >>> logits, labels = torch.zeros(2, 2), torch.tensor([0, 1])
@@ -193,10 +201,31 @@ def mixup_objective(
     targets = mix_with_partner(one_hot(labels, logits.shape[-1]), lam.float(), partner)
     if teacher is not None:
         targets = (1.0 - teacher.weight) * targets + teacher.weight * teacher.probs()
-    return soft_cross_entropy(logits, targets, label_smoothing)
+    if keep is None:
+        return soft_cross_entropy(logits, targets, label_smoothing)
+    counts = (keep & keep[partner]).float()
+    per_example = F.cross_entropy(logits.float(), targets, reduction="none", label_smoothing=label_smoothing)
+    return (per_example * counts).sum() / counts.sum()
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+
+
+def keep_rows(weights: Tensor, keep: Tensor) -> Tensor:
+    """``weights`` with the rows of left-out examples zeroed and every column renormalised over the kept ones; a
+    column with no kept example becomes uniform over the kept ones. No host synchronisation.
+
+    Example:
+        >>> keep_rows(torch.tensor([[0.5, 0.0], [0.25, 0.0], [0.25, 1.0]]), torch.tensor([True, True, False]))
+        tensor([[0.6667, 0.5000],
+                [0.3333, 0.5000],
+                [0.0000, 0.0000]])
+    """
+    mask = keep.to(weights.dtype).unsqueeze(1)
+    kept = weights * mask
+    total = kept.sum(0, keepdim=True)
+    uniform = mask / mask.sum().clamp_min(1.0)
+    return torch.where(total > 0, kept / total.clamp_min(torch.finfo(weights.dtype).tiny), uniform)
 
 
 def _targets(labels: Tensor, num_classes: int, teacher: Optional[TeacherOutputs]) -> Tensor:

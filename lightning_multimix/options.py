@@ -130,11 +130,12 @@ class SelfDistillation:
         return self.weight * min(1.0, global_step / self.warmup_steps)
 
 
-def validate_multimix(n_tuples: Optional[int], alpha: float, mode: str, tuple_size: Optional[int], probability: float,
-              other_batches: Optional[str], mixup_alpha: Optional[float], clean_loss_weight: float,
-              label_smoothing: float, head: Optional[str], logit_space: str, dense: Optional[Dense],
-              distill: Optional[SelfDistillation], sync_batch: bool, seed: Optional[int],
-              check_every_n_steps: int) -> None:
+def validate_multimix(n_tuples: Optional[int], alpha: float, mode: str, tuple_size: Optional[int],
+                      probability: float, other_batches: Optional[str], mixup_alpha: Optional[float],
+                      clean_loss_weight: float, label_smoothing: float, ignore_index: Optional[int],
+                      head: Optional[str], logit_space: str, dense: Optional[Dense],
+                      distill: Optional[SelfDistillation], sync_batch: bool, seed: Optional[int],
+                      check_every_n_steps: int) -> None:
     """Every argument of :class:`~lightning_multimix.MultiMix`, checked at construction: a bad value raises
     ``ValueError`` naming it and what is expected, and so does an option that does not apply."""
     owner = "MultiMix"
@@ -156,6 +157,9 @@ def validate_multimix(n_tuples: Optional[int], alpha: float, mode: str, tuple_si
     check(head is None or (isinstance(head, str) and bool(head)), owner, "head", head, "None or a dotted path")
     check(logit_space in LOGIT_SPACES, owner, "logit_space", logit_space, f"one of {LOGIT_SPACES}")
     check(seed is None or (isinstance(seed, int) and not isinstance(seed, bool)), owner, "seed", seed, "None or an int")
+    check(ignore_index is None or (isinstance(ignore_index, int) and not isinstance(ignore_index, bool)
+                                   and ignore_index < 0), owner, "ignore_index", ignore_index,
+          "None or a negative int (a label no class has), e.g. -100")
     check(isinstance(sync_batch, bool), owner, "sync_batch", sync_batch, "True or False")
     check_int(owner, "check_every_n_steps", check_every_n_steps, 1, "an int >= 1")
     for name, value, cls in (("dense", dense, Dense), ("distill", distill, SelfDistillation)):

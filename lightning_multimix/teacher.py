@@ -125,7 +125,8 @@ class Distiller:
     Example:
         >>> student = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
         >>> distiller = Distiller(SelfDistillation(weight=0.5, warmup_steps=0))
-        >>> distiller.attach(student, head_path="2", device=torch.device("cpu"))
+        >>> distiller.attach(student, device=torch.device("cpu"))
+        >>> distiller.watch(head_path="2")
         >>> x = torch.randn(5, 3)
         >>> outputs = distiller.outputs("", (x,), {}, global_step=0, with_embeddings=False)
         >>> torch.allclose(outputs.logits, student(x)), outputs.weight
@@ -143,7 +144,7 @@ class Distiller:
         self.last_update_step = 0
         self._swapped = False
 
-    def attach(self, module: nn.Module, head_path: str, device: torch.device) -> None:
+    def attach(self, module: nn.Module, device: torch.device) -> None:
         """Make (or keep, when fitting the same module again) the teacher; call before hooking ``module``."""
         if self.teacher is None or self._owner != id(module):
             self.teacher = EMATeacher(module, decay=self.options.ema_decay, warmup=self.options.ema_warmup)
@@ -156,6 +157,10 @@ class Distiller:
         if self._pending is not None:
             self.teacher.load_state_dict(self._pending)
             self._pending = None
+
+    def watch(self, head_path: str) -> None:
+        """Record the teacher's head (at ``head_path``, the student's head) when the teacher runs."""
+        self.detach()
         self._head = Capture(self.teacher.module.get_submodule(head_path))
 
     def detach(self) -> None:
@@ -170,7 +175,7 @@ class Distiller:
                 with_embeddings: bool) -> TeacherOutputs:
         """The teacher's view of the batch: its submodule ``source`` run without gradient on the arguments the
         student's received, its head's output (and input, ``with_embeddings``)."""
-        assert self.teacher is not None and self._head is not None, "attach() first"
+        assert self.teacher is not None and self._head is not None, "attach() and watch() first"
         with torch.no_grad(), self._head:
             self.teacher.module.get_submodule(source)(*args, **kwargs)
         head = self._head.module if with_embeddings else None

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import lightning_multimix.callback as callback_module
+import lightning_multimix.step as step_module
 from lightning_multimix import Dense, MultiMix, MultiMixError, MultiMixMixin, SelfDistillation
 from lightning_multimix.dense import (
     attention_from_scores,
@@ -435,13 +435,13 @@ def tiny_vit(**kwargs) -> nn.Module:
 )
 def test_torchvision_dense(build, size, spec, positions, head, monkeypatch):
     shapes = []
-    objective = callback_module.multimix_objective
+    objective = step_module.multimix_objective
 
     def recording(*args, **kwargs):
         shapes.append(tuple(kwargs["feature_map"].shape))
         return objective(*args, **kwargs)
 
-    monkeypatch.setattr(callback_module, "multimix_objective", recording)
+    monkeypatch.setattr(step_module, "multimix_objective", recording)
     torch.manual_seed(0)
     module = Classifier(build(), lr=0.01)
     x, y = torch.randn(8, 3, size, size), torch.randint(0, 10, (8,))

@@ -199,7 +199,7 @@ def test_beta_ramps_linearly_and_is_logged_and_used():
 
     module.net.fc.register_forward_hook(record)
     logged = LoggedBeta()
-    quiet_trainer([callback, logged], max_steps=6).fit(module, loader(x, y, batch_size=4))
+    quiet_trainer([callback, logged], max_steps=6, log_every_n_steps=1).fit(module, loader(x, y, batch_size=4))
     betas = [0.0, 0.2, 0.4, 0.6, 0.8, 0.8]
     assert logged.values == pytest.approx(betas)
     for step, beta in enumerate(betas):

@@ -1,0 +1,132 @@
+"""Finding the classifier head from what runs (torch only, no Lightning).
+
+When nothing names the head (no ``head=``, no ``MultiMixMixin.multimix_head()``, no timm ``get_classifier()``), the
+first training step runs with a :class:`HeadProbe` armed: it records every ``nn.Linear`` of the model (and, for dense
+mode and self-distillation, every module the choice could need), then :meth:`HeadProbe.choose` picks the head from
+what ran:
+
+1. the ``nn.Linear`` whose output the model returns: the output of the outermost module on the way to the
+   ``nn.Linear`` modules that the step called (usually the LightningModule's own ``forward``), or an element of a
+   returned tuple, list or dict, or the ``logits`` of a returned model-output object (Hugging Face);
+2. if no output of an ``nn.Linear`` is returned as it is (``log_softmax(fc(x))``, ``fc(x) / T``), the last
+   ``nn.Linear`` that ran.
+
+Several ``nn.Linear`` outputs returned together (``(logits, aux)``) are ambiguous: the probe stops with an error that
+says how to name the head. Registration order never matters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Any, Optional
+
+from torch import Tensor, nn
+
+from lightning_multimix.capture import HOW_HEAD, Capture, StepCapture, ancestors
+from lightning_multimix.errors import MultiMixError
+from lightning_multimix.heads import POOLING_TYPES, classifier_block, is_torchvision_vit
+
+
+class HeadProbe:
+    """Captures on every candidate of one model for the first training step; then :meth:`choose` and
+    :meth:`step_capture` turn what they recorded into the step's :class:`~lightning_multimix.capture.StepCapture`.
+
+    Args:
+        model: the LightningModule (or any ``nn.Module``).
+        dense: also record the classifier blocks and every feature-map candidate (pooling inputs, ViT encoders).
+        feature_maps: dotted paths of declared feature maps to record too.
+
+    Example:
+        >>> import torch
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> probe = HeadProbe(net)
+        >>> with probe:
+        ...     _ = net(torch.randn(5, 3))
+        >>> probe.choose()
+        '2'
+        >>> probe.remove()
+    """
+
+    def __init__(self, model: nn.Module, dense: bool = False, feature_maps: tuple[str, ...] = ()) -> None:
+        self.model = model
+        linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+        self.linears = {path: Capture(model.get_submodule(path)) for path in linears}
+        outer = sorted({p for path in linears for p in ancestors(path)}, key=lambda p: (p.count("."), len(p), p))
+        self.ancestors = {path: Capture(model.get_submodule(path)) for path in outer}
+        self.blocks: dict[str, Capture] = {}
+        self.maps: dict[str, Capture] = {}
+        if dense:
+            for path in linears:
+                block = classifier_block(model, path)
+                if block != path:
+                    self.blocks[block] = Capture(model.get_submodule(block), clone_input=True)
+            for name, module in model.named_modules():
+                if isinstance(module, POOLING_TYPES) or is_torchvision_vit(module):
+                    target = f"{name}.encoder" if is_torchvision_vit(module) else name
+                    self.maps[target] = Capture(model.get_submodule(target))
+            for path in feature_maps:
+                self.maps.setdefault(path, Capture(model.get_submodule(path)))
+        self.how = ""
+
+    def _all(self) -> list[Capture]:
+        return [*self.linears.values(), *self.ancestors.values(), *self.blocks.values(), *self.maps.values()]
+
+    def __enter__(self) -> "HeadProbe":
+        self._stack = contextlib.ExitStack()
+        for capture in self._all():
+            self._stack.enter_context(capture)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.close()
+
+    def remove(self) -> None:
+        for capture in self._all():
+            capture.remove()
+
+    def choose(self) -> str:
+        """The dotted path of the ``nn.Linear`` that is the classifier head (see the module's docstring)."""
+        ran = {path: c for path, c in self.linears.items() if c.calls > 0}
+        if not ran:
+            raise MultiMixError(f"MultiMix found no classifier head in {type(self.model).__name__}: no nn.Linear ran "
+                                f"in its training step. {HOW_HEAD}")
+        outermost = next((c for c in self.ancestors.values() if c.calls > 0), None)
+        returned = _tensors_in(outermost.output) if outermost is not None else []
+        matches = [path for path, c in ran.items() if any(c.output is t for t in returned)]
+        if len(matches) > 1:
+            raise MultiMixError(
+                f"MultiMix cannot tell the classifier head of {type(self.model).__name__}: its forward returns the "
+                f"outputs of {len(matches)} nn.Linear modules, {matches}. {HOW_HEAD}"
+            )
+        if matches:
+            self.how = "the nn.Linear whose output the model returns"
+            return matches[0]
+        self.how = "the last nn.Linear that ran (no nn.Linear output is returned as it is)"
+        return max(ran, key=lambda path: ran[path].order)
+
+    def step_capture(self, head_path: str, feature_spec: Optional[tuple[str, str]]) -> StepCapture:
+        """The step's captures for the chosen head (a classifier block in dense mode) and feature map, made of the
+        probe's own recordings."""
+        head = self.linears.get(head_path) or self.blocks[head_path]
+        features = None
+        if feature_spec is not None:
+            path = feature_spec[0]
+            if path not in self.maps:  # a declared map: not a candidate the probe recorded
+                raise MultiMixError(f"Dense MultiMix: the feature map {path!r} was not recorded on the first batch.")
+            features = self.maps[path]
+        inputs = {path: self.ancestors[path] for path in ancestors(head_path) if path in self.ancestors}
+        return StepCapture(head_path, head, feature_spec, features, inputs)
+
+
+def _tensors_in(output: Any) -> list[Tensor]:
+    """The tensors a module returned: itself, the elements of a tuple or list, the values of a dict, or the
+    ``logits`` of a model-output object."""
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        return [v for v in output.values() if isinstance(v, Tensor)]
+    if isinstance(output, (tuple, list)):
+        return [v for v in output if isinstance(v, Tensor)]
+    logits = getattr(output, "logits", None)
+    return [logits] if isinstance(logits, Tensor) else []

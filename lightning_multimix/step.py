@@ -1,0 +1,267 @@
+"""One training step under MultiMix: what stands in for the module's ``training_step`` while the callback is installed.
+
+:class:`TrainingStep` decides how the batch is mixed (MultiMix at the last layer with probability ``probability``,
+else ``other_batches``), mixes the inputs for input mixup, runs the user's ``training_step`` with the captures armed,
+finds the head on the first batch when nothing named it (:mod:`lightning_multimix.probe`), checks what it captured, and
+returns the objective (:mod:`lightning_multimix.objective`) in place of the user's loss. The callback
+(:class:`~lightning_multimix.MultiMix`) owns the options, the random stream, the health flag and the logging.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from lightning_multimix.batch import InputMixer, check_labels, default_labels, default_mix_inputs
+from lightning_multimix.capture import StepCapture
+from lightning_multimix.errors import MultiMixError
+from lightning_multimix.heads import declared_feature_map
+from lightning_multimix.objective import TeacherOutputs, mixup_objective, multimix_objective
+from lightning_multimix.probe import HeadProbe
+from lightning_multimix.sampling import step_seed
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+    from lightning_multimix.callback import MultiMix
+
+KINDS = ("multimix", "pairs", "input_mixup", "own_loss")
+
+
+class TrainingStep:
+    """Stands in for ``module.training_step`` (the original is ``original``) during one fit; removed in ``teardown``.
+
+    It holds the state of the fit that only the step needs: the captures (or, until the head is known, the probe),
+    the generator, what the first batch verified, and :attr:`batch_counts`.
+    """
+
+    def __init__(self, callback: "MultiMix", module: "pl.LightningModule", original: Any) -> None:
+        self.callback, self.module, self.original = callback, module, original
+        self.__wrapped__ = original  # what Lightning's `is_overridden` and `inspect` look through
+        self.generator = torch.Generator(device=module.device)
+        self.capture: Optional[StepCapture] = None
+        if callback.head_path is not None:
+            self.capture = StepCapture.of(module, callback.head_path, callback.feature_map_spec,
+                                          inputs=callback.distill is not None)
+        self.batch_counts: dict[str, int] = dict.fromkeys(KINDS, 0)
+        self.verified = self.features_verified = self.warned_small_batch = False
+        self.inputs_mixable: Optional[bool] = None
+
+    def remove(self) -> None:
+        if self.capture is not None:
+            self.capture.remove()
+            self.capture = None
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        """A deep copy of the module gets the module's own ``training_step`` (bound to the copy), not this."""
+        return copy.deepcopy(self.original, memo)
+
+    def __reduce__(self) -> tuple:
+        return getattr, (self.module, "training_step")
+
+    # ------------------------------------------------------------------ the step
+
+    def kind(self, batch_index: int, rank: int) -> str:
+        """How batch ``batch_index`` is mixed: the callback's ``mode`` with chance ``probability``, else
+        ``other_batches``; with ``sync_batch`` every process takes rank 0's decision (they all join the gather)."""
+        callback = self.callback
+        seed = step_seed(callback._base_seed, 0 if callback.sync_batch else rank, batch_index)
+        if callback.probability < 1.0 and not random.Random(seed).random() < callback.probability:
+            return callback.other_batches
+        return callback.mode
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        callback, module = self.callback, self.module
+        trainer = module.trainer
+        index = callback._next_batch()
+        kind = self.kind(index, trainer.global_rank)
+        batch = args[0] if args else kwargs["batch"]
+        declared = hasattr(module, "multimix_labels")
+        labels = check_labels(module.multimix_labels(batch) if declared else default_labels(batch))
+        if kind != "own_loss" and callback.sync_batch and trainer.world_size > 1:
+            _check_equal_batch_sizes(module, labels.shape[0])  # every process, before any may take another way
+        if kind != "own_loss" and labels.shape[0] < 2:
+            if not self.warned_small_batch:
+                rank_zero_warn(f"MultiMix: a training batch of {labels.shape[0]} example cannot be mixed; such "
+                               "batches train on your own loss. Pass `DataLoader(..., drop_last=True)` to drop them.")
+                self.warned_small_batch = True
+            kind = "own_loss"
+        if kind == "own_loss":
+            self.batch_counts[kind] += 1
+            return self.original(*args, **kwargs)
+
+        self.generator.manual_seed(step_seed(callback._base_seed, trainer.global_rank, index))
+        mixer = InputMixer(callback.mixup_alpha, self.generator) if kind == "input_mixup" else None
+        if mixer is not None:
+            mixed = self._mix_batch(batch, mixer)
+            if mixed is None:
+                kind, mixer = "pairs", None  # the inputs cannot be interpolated: mix this batch at the last layer
+            elif args:
+                args = (mixed, *args[1:])
+            else:
+                kwargs = {**kwargs, "batch": mixed}
+        probe = None
+        if self.capture is None:
+            dense = callback.dense
+            declared = declared_feature_map(module, dense.feature_map) if dense is not None else None
+            probe = HeadProbe(module, dense=dense is not None, feature_maps=(declared,) if declared else ())
+        try:
+            with probe if probe is not None else self.capture:
+                output = self.original(*args, **kwargs)
+            user_loss = output["loss"] if isinstance(output, dict) else output
+            if user_loss is None:
+                return output  # the user skipped this batch
+            if not isinstance(user_loss, Tensor):
+                raise MultiMixError(f"`training_step` returned {type(output).__name__}; MultiMix needs a loss tensor "
+                                    "or a dict with 'loss'.")
+            capture = self._adopt(probe) if probe is not None else self.capture
+            loss = self._loss(kind, capture, labels, mixer, user_loss, declared)
+        finally:
+            if probe is not None:
+                probe.remove()
+        self.batch_counts[kind] += 1
+        callback._after_step(module, loss, self._labels_on_device, self._num_classes, index,
+                             first=not self.verified)
+        self.verified = True
+        return {**output, "loss": loss} if isinstance(output, dict) else loss
+
+    def _adopt(self, probe: HeadProbe) -> StepCapture:
+        """First batch, no declared head: choose it from what ran, set the callback up for it, and capture it from
+        the next batch on; this batch's tensors come from the probe."""
+        self.callback._adopt_head(probe.choose(), probe.how)
+        callback = self.callback
+        self.capture = StepCapture.of(self.module, callback.head_path, callback.feature_map_spec,
+                                      inputs=callback.distill is not None)
+        return probe.step_capture(callback.head_path, callback.feature_map_spec)
+
+    def _loss(self, kind: str, capture: StepCapture, labels: Tensor, mixer: Optional[InputMixer], user_loss: Tensor,
+              declared_labels: bool) -> Tensor:
+        callback = self.callback
+        embeddings, logits = capture.head_tensors()
+        if embeddings.shape[0] != labels.shape[0]:
+            raise MultiMixError(f"The head {capture.head_path!r} ran on {embeddings.shape[0]} embeddings but the "
+                                f"batch has {labels.shape[0]} labels. Pass `MultiMix(head='dotted.path')`.")
+        labels = labels.to(logits.device).long()
+        self._labels_on_device, self._num_classes = labels, logits.shape[-1]
+        if not self.verified:
+            self._check_labels(user_loss, logits, labels, declared_labels)
+        dense_now = callback.dense is not None and kind == callback.mode
+        features = None
+        if callback.dense is not None and (dense_now or not self.features_verified):
+            features = capture.feature_map(embeddings, verify=not self.features_verified)
+            self.features_verified = True  # checked on the first batch, whichever way it is mixed
+        teacher = None
+        if callback.distiller is not None:
+            with_embeddings = not callback._in_logit_space and callback.distill.targets == "logits" and mixer is None
+            teacher = callback.distiller.outputs(*capture.model_inputs(), self.module.trainer.global_step,
+                                                 with_embeddings)
+        keep = None if callback.ignore_index is None else labels != callback.ignore_index
+        if mixer is not None:
+            return mixup_objective(logits, labels, *mixer.draw, teacher=teacher, keep=keep,
+                                   label_smoothing=callback.label_smoothing)
+        loss = self._last_layer_loss(kind, capture, embeddings, logits, labels, keep,
+                                     features if dense_now else None, teacher)
+        if callback.clean_loss_weight > 0:
+            loss = loss + callback.clean_loss_weight * user_loss.float()
+        return loss
+
+    def _mix_batch(self, batch: Any, mixer: InputMixer) -> Optional[Any]:
+        """The batch with its inputs mixed, or ``None`` (said once) when they cannot be interpolated."""
+        if self.inputs_mixable is False:
+            return None
+        hook = getattr(self.module, "multimix_mix_inputs", None)
+        mixed = hook(batch, mixer) if hook is not None else default_mix_inputs(batch, mixer)
+        if mixed is None or mixer.draw is None:
+            if self.inputs_mixable is None:
+                rank_zero_info(
+                    f"MultiMix: the inputs of {type(self.module).__name__}'s batches cannot be interpolated (no "
+                    "floating-point tensor in `batch[0]` or under a usual dict key): the batches not mixed by "
+                    f"{self.callback.mode!r} are mixed by last-layer pairs instead of input mixup. Override "
+                    "`MultiMixMixin.multimix_mix_inputs` to say where the inputs are."
+                )
+            self.inputs_mixable = False
+            return None
+        self.inputs_mixable = True
+        return mixed
+
+    def _last_layer_loss(self, kind: str, capture: StepCapture, embeddings: Tensor, logits: Tensor, labels: Tensor,
+                         keep: Optional[Tensor], features: Optional[Tensor],
+                         teacher: Optional[TeacherOutputs]) -> Tensor:
+        callback, module = self.callback, self.module
+        if callback.sync_batch and module.trainer.world_size > 1:
+
+            def gather(t: Optional[Tensor]) -> Optional[Tensor]:
+                return None if t is None else module.all_gather(t, sync_grads=True).flatten(0, 1)
+
+            embeddings, logits, labels, keep, features = map(gather, (embeddings, logits, labels, keep, features))
+            if teacher is not None:
+                teacher = dataclasses.replace(teacher, logits=gather(teacher.logits),
+                                              embeddings=gather(teacher.embeddings))
+        weights = callback.sample_weights(labels.shape[0], kind, self.generator)
+        head = capture.head.module
+        common = {"teacher": teacher, "keep": keep, "label_smoothing": callback.label_smoothing}
+        if features is not None:
+            return multimix_objective(weights, labels, feature_map=features, head=head,
+                                      attention=callback.dense.attention, affine_head=callback._in_logit_space,
+                                      **common)
+        if callback._in_logit_space:
+            return multimix_objective(weights, labels, logits=logits, **common)
+        return multimix_objective(weights, labels, embeddings=embeddings, head=head, **common)
+
+    def _check_labels(self, user_loss: Tensor, logits: Tensor, labels: Tensor, declared: bool) -> None:
+        """First batch: the user's loss should be the cross-entropy of the head's logits with the labels taken from
+        the batch; when it is not, say where the labels came from and how to name them."""
+        valid = labels != (self.callback.ignore_index if self.callback.ignore_index is not None else -(2**62))
+        if declared or not bool(((labels >= 0) & (labels < logits.shape[-1]) | ~valid).all()):
+            return  # named by the user; out-of-range labels are the health check's to report
+        ignore = self.callback.ignore_index if self.callback.ignore_index is not None else -100
+        expected = F.cross_entropy(logits.detach().float(), labels, ignore_index=ignore)
+        found = user_loss.detach().float()
+        if bool(torch.isfinite(found)) and bool(torch.isfinite(expected)) and \
+                abs(float(found) - float(expected)) > 1e-3 * max(1.0, abs(float(expected))):
+            rank_zero_warn(
+                f"MultiMix: on the first batch your training_step's loss ({float(found):.4f}) is not the cross-entropy "
+                f"of the head's logits with the labels MultiMix took from the batch ({float(expected):.4f}). If your "
+                "loss adds terms (a regulariser, label smoothing, class weights), all is well; if those are not the "
+                "labels (MultiMix reads `batch[1]` or the 'label'/'labels'/'target'/'targets'/'y' key), return the "
+                "right ones from `MultiMixMixin.multimix_labels(batch)`."
+            )
+
+
+def check_supported(trainer: "pl.Trainer", module: "pl.LightningModule") -> None:
+    """Refuse, before any training, what the step cannot do right: manual optimization (MultiMix replaces the loss
+    that ``training_step`` returns) and strategies that shard or replace the parameters (FSDP, DeepSpeed, model
+    parallelism, XLA)."""
+    if not module.automatic_optimization:
+        raise MultiMixError(
+            "MultiMix replaces the loss returned by `training_step`, which needs automatic optimization; "
+            f"{type(module).__name__} sets `automatic_optimization = False`. Compute the loss with "
+            "`lightning_multimix.multimix_objective` in your own step instead."
+        )
+    strategy = trainer.strategy
+    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or type(strategy).__name__.startswith(
+            ("FSDP", "DeepSpeed", "ModelParallel", "XLA")):
+        raise MultiMixError(
+            f"MultiMix supports single-device training and DDP (strategy='ddp', 'ddp_spawn', ...); got "
+            f"{type(strategy).__name__}, whose sharded or replaced parameters it has not been made to work with. "
+            "Use a DDP strategy, or train without MultiMix."
+        )
+
+
+def _check_equal_batch_sizes(module: "pl.LightningModule", size: int) -> None:
+    """``sync_batch`` gathers tensors of equal shapes: stop with a clear error when the processes' batches differ
+    (gloo would abort the process). One small collective and a host read per step."""
+    sizes = module.all_gather(torch.tensor(size, device=module.device)).flatten().tolist()
+    if len(set(sizes)) > 1:
+        raise MultiMixError(
+            f"MultiMix(sync_batch=True) needs batches of equal size on every process; this step's sizes are {sizes}. "
+            "Use `DataLoader(..., drop_last=True)` (and a sampler that gives each process as many examples)."
+        )
