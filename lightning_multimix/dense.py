@@ -49,6 +49,9 @@ from lightning_multimix.interpolation import full_precision
 from lightning_multimix.losses import soft_cross_entropy
 
 AttentionKind = Literal["cam", "softmax", "uniform"]
+#: added to every attention in :func:`factorised_dense_logit_loss` (see there): far below any non-zero attention's last
+#: bit in float32, far above the smallest normal float even multiplied by a weight and a logit
+ATTENTION_FLOOR = 1e-20
 ATTENTION_KINDS = ("cam", "softmax", "uniform")
 
 
@@ -163,12 +166,14 @@ def factorised_dense_logit_loss(
 ) -> Tensor:
     r"""Dense MultiMix loss in logit space without the ``(m, n, r)`` per-position weights.
 
-    Equal in value and gradient to ``dense_multimix_logit_loss(position_logits, targets, dense_weights(weights,
-    attention))``. With ``D = Lambda^T A`` (the normaliser of :func:`dense_weights`, ``n x r``),
-    ``sum_i w_ikj v_ij = (sum_i lambda_ik a_ij v_ij) / D_kj``: matrix products ``(r*c x m) @ (m x n)`` of the
-    attention-weighted logits and targets, then a division; where ``D_kj = 0``, the plain MultiMix weights, as in
-    :func:`dense_weights`. Extra memory ``O(r*c*n)`` instead of ``O(m*n*r)``; about 10x faster on CPU for
-    ``m=128, n=1000, r=49`` (``benchmarks/overhead.py --core-alternatives``).
+    Equal in value and gradient (to float32 rounding) to ``dense_multimix_logit_loss(position_logits, targets,
+    dense_weights(weights, attention))``. With ``D = Lambda^T A`` (the normaliser of :func:`dense_weights`, ``n x
+    r``), ``sum_i w_ikj v_ij = (sum_i lambda_ik a_ij v_ij) / D_kj``: matrix products ``(r*c x m) @ (m x n)`` of the
+    attention-weighted logits and targets, then a division. Where no example of a tuple has attention at a position
+    (``D_kj = 0``), :func:`dense_weights` falls back to the plain weights ``lambda``; here every attention gets a floor
+    of ``1e-20``, which gives exactly those weights there (``lambda_ik eps / sum_i lambda_ik eps``) and changes no
+    other weight in float32 (``eps`` is below the last bit of any attention that is not zero), so no second product
+    is needed for the fallback. Extra memory ``O(r*c*n)`` instead of ``O(m*n*r)``.
 
     Args:
         position_logits: ``(m, r, c)`` the head's logits at every position of the ``m`` real examples.
@@ -179,6 +184,7 @@ def factorised_dense_logit_loss(
     Example:
         >>> logits, targets = torch.randn(3, 4, 2), torch.eye(2)[[0, 1, 1]]
         >>> weights, attention = torch.full((3, 5), 1 / 3), torch.rand(3, 4)
+        >>> attention[:, 0] = 0.0  # no example has attention at position 0: the plain weights there
         >>> reference = dense_multimix_logit_loss(logits, targets, dense_weights(weights, attention))
         >>> torch.allclose(factorised_dense_logit_loss(logits, targets, weights, attention), reference)
         True
@@ -190,15 +196,12 @@ def factorised_dense_logit_loss(
         return (values.reshape(m, -1).T @ weights).view(values.shape[1], values.shape[2], -1)
 
     with full_precision(position_logits):
-        a = attention.detach().to(dtype).unsqueeze(-1)  # (m, r, 1)
+        a = (attention.detach().to(dtype) + ATTENTION_FLOOR).unsqueeze(-1)  # (m, r, 1)
         logits = position_logits.to(dtype)
         with torch.no_grad():
-            denominator = mix(a)  # (r, 1, n)
-            defined = denominator > 0
-            safe = denominator.clamp_min(torch.finfo(dtype).tiny)
-            per_example = targets.to(dtype).unsqueeze(1)  # (m, 1, c)
-            mixed_targets = torch.where(defined, mix(a * per_example) / safe, mix(per_example))
-        mixed_logits = torch.where(defined, mix(a * logits) / safe, mix(logits))
+            denominator = mix(a)  # (r, 1, n), positive wherever a column has a positive weight
+            mixed_targets = mix(a * targets.to(dtype).unsqueeze(1)).div_(denominator)
+        mixed_logits = mix(a * logits) / denominator
     return soft_cross_entropy(mixed_logits, mixed_targets, label_smoothing, dim=1)
 
 

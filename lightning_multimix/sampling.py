@@ -35,9 +35,11 @@ def sample_gamma(
 ) -> Tensor:
     """Draw ``Gamma(concentration, 1)`` samples of the given shape from ``generator``.
 
-    ``concentration == 1`` takes the fast path ``Gamma(1, 1) = Exponential(1) = -log(1 - U)``, ``U ~ Uniform[0, 1)``
-    from ``torch.rand``: ``1 - U`` lies in ``(0, 1]``, so every sample is finite. On CPU it is about 3x faster than
-    ``Tensor.exponential_`` (``benchmarks/overhead.py --core-alternatives``).
+    ``concentration == 1`` takes the fast path ``Gamma(1, 1) = Exponential(1) = -log(U)``, ``U ~ Uniform(0, 1)`` from
+    ``torch.rand`` (a ``U`` of exactly 0, probability ``2**-24`` per draw in float32, is floored at the smallest normal
+    float, so every sample is finite and positive). Measured on CPU (``benchmarks/sampling.py``): about 4x faster than
+    ``Tensor.exponential_``, and steadier than ``-log1p(-U)``, whose ``log1p`` ran 4x slower for the first few hundred
+    calls of a process.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -47,7 +49,8 @@ def sample_gamma(
     if not concentration > 0:
         raise ValueError(f"Expected `concentration` > 0, got {concentration!r}.")
     if concentration == 1.0:
-        return torch.rand(shape, generator=generator, device=device, dtype=dtype).neg_().log1p_().neg_()
+        uniform = torch.rand(shape, generator=generator, device=device, dtype=dtype)
+        return uniform.clamp_min_(torch.finfo(dtype).tiny).log_().neg_()  # in place: no new (m, n) tensors
     rate = torch.full(shape, float(concentration), device=device, dtype=dtype)
     return torch._standard_gamma(rate, generator=generator)
 
@@ -93,9 +96,9 @@ def dirichlet_weights(
     subset = tuple_size is not None and tuple_size < num_examples
     rows = tuple_size if subset else num_examples
     gammas = sample_gamma(alpha, (rows, n_tuples), generator=generator, device=device, dtype=dtype)
-    # a column of all-zero gammas (possible in float32 for tiny alpha) would divide 0 by 0: give it a tiny floor
-    gammas = gammas.clamp_min(torch.finfo(dtype).tiny)
-    gammas = gammas / gammas.sum(0, keepdim=True)
+    if alpha != 1.0:  # a column of all-zero gammas (float32, tiny alpha) would divide 0 by 0: a tiny floor
+        gammas = gammas.clamp_min_(torch.finfo(dtype).tiny)
+    gammas = gammas.div_(gammas.sum(0, keepdim=True))  # in place, as every pass over the (m, n) matrix here
     if not subset:
         return gammas
     keys = torch.rand(num_examples, n_tuples, generator=generator, device=device)

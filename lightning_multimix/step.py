@@ -156,7 +156,8 @@ class TrainingStep:
         dense_now = callback.dense is not None and kind == callback.mode
         features = None
         if callback.dense is not None and (dense_now or not self.features_verified):
-            features = capture.feature_map(embeddings, verify=not self.features_verified)
+            # contiguous once: the per-position head and the class scores would each copy a strided view
+            features = capture.feature_map(embeddings, verify=not self.features_verified).contiguous()
             self.features_verified = True  # checked on the first batch, whichever way it is mixed
         teacher = None
         if callback.distiller is not None:
@@ -164,6 +165,8 @@ class TrainingStep:
             teacher = callback.distiller.outputs(*capture.model_inputs(), self.module.trainer.global_step,
                                                  with_embeddings)
         keep = None if callback.ignore_index is None else labels != callback.ignore_index
+        if keep is not None and keep.device.type == "cpu" and bool(keep.all()):
+            keep = None  # nothing to leave out: on CPU reading that is free, and it saves a pass over the weights
         if mixer is not None:
             return mixup_objective(logits, labels, *mixer.draw, teacher=teacher, keep=keep,
                                    label_smoothing=callback.label_smoothing)

@@ -288,3 +288,19 @@ def fit_sync(strategy: str, out_dir: str, logit_spaces: tuple[str, ...] = ("auto
                                      out_dir=str(folder))
         sync_trainer = trainer([callback], devices=2, strategy=strategy, max_steps=1)
         sync_trainer.fit(model, loader(n=2 * SYNC_B, batch_size=SYNC_B))
+
+
+def fit_unequal(strategy: str, out_dir: str) -> None:
+    """sync_batch with batches of different sizes on the two processes (rank 0: 8 examples, rank 1: 6; batches of 4,
+    no distributed sampler): each rank writes what stopped it to ``out_dir/unequal{rank}.txt``."""
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    torch.manual_seed(0)
+    callback = MultiMix(n_tuples=5, probability=1.0, sync_batch=True, seed=0)
+    fit_trainer = trainer([callback], devices=2, strategy=strategy, max_steps=4, max_epochs=-1,
+                          use_distributed_sampler=False)
+    try:
+        fit_trainer.fit(TinyMLP(), loader(n=8 if rank == 0 else 6, batch_size=4))
+        message = "no error"
+    except Exception as error:  # noqa: BLE001 - the test reads what it was
+        message = f"{type(error).__name__}: {error}"
+    Path(out_dir, f"unequal{rank}.txt").write_text(message)

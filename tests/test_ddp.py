@@ -30,6 +30,7 @@ def ddp_out(tmp_path_factory) -> Path:
         "import sys\nimport helpers\n"
         "helpers.fit_modes('ddp', sys.argv[1] + '/modes', steps=int(sys.argv[2]))\n"
         "helpers.fit_sync('ddp', sys.argv[1] + '/sync')\n"
+        "helpers.fit_unequal('ddp', sys.argv[1])\n"
     )
     run_script(script, str(out), str(STEPS))
     return out
@@ -170,3 +171,11 @@ def test_sync_batch_processes_take_the_same_mixing_decision(ddp_out):
     # the other batches were mixed in input space (the protocol's default), on every process alike
     expected = {"multimix": len(mixed), "input_mixup": STEPS - len(mixed), "pairs": 0, "own_loss": 0}
     assert r0["batch_counts"] == r1["batch_counts"] == expected
+
+
+def test_sync_batch_with_unequal_batch_sizes_stops_with_a_clear_error_on_every_process(ddp_out):
+    """Rank 0's second batch has 4 examples, rank 1's 2: gathering them would abort gloo natively. Every process
+    raises MultiMixError naming the sizes, at the same step."""
+    for rank in (0, 1):
+        message = (ddp_out / f"unequal{rank}.txt").read_text()
+        assert message.startswith("MultiMixError") and "sizes are [4, 2]" in message and "drop_last=True" in message

@@ -1,0 +1,103 @@
+"""Which way of drawing the Dirichlet(1) weights is fastest, and does any of them warm up slowly?
+
+What is measured
+----------------
+The ``(m, n)`` weights of MultiMix for ``alpha = 1`` are normalised Exponential(1) draws. Candidates, each followed
+by the same in-place column normalisation: ``-log(U)`` with ``U`` from ``torch.rand`` floored at the smallest normal
+float (what :func:`lightning_multimix.sampling.sample_gamma` does), ``-log1p(-U)``, ``Tensor.exponential_`` and
+``torch.distributions.Dirichlet``. Each candidate runs in a fresh process (a slow start shows: the first calls of a
+process are timed apart from the steady state), one intra-op thread, thread CPU time.
+
+How to read the output
+----------------------
+``first 100`` is the median of a fresh process's first 100 calls, ``steady`` the median of calls 300 to 500;
+``vs package`` the steady ratio to the package's way. All candidates draw the same distribution.
+
+Example::
+
+    python benchmarks/sampling.py                 # m = 128; n = 1000 and 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+if __package__ in (None, ""):
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._harness import format_table, machine_info, print_machine, results_header
+
+CANDIDATES = ("-log(U) (package)", "-log1p(-U)", "exponential_", "distributions.Dirichlet")
+
+
+def _child(candidate: str, m: int, n: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    generator = torch.Generator().manual_seed(0)
+    tiny = torch.finfo(torch.float32).tiny
+
+    def draw() -> torch.Tensor:
+        if candidate == CANDIDATES[0]:
+            from lightning_multimix.sampling import dirichlet_weights
+
+            return dirichlet_weights(m, n, 1.0, generator=generator)
+        if candidate == CANDIDATES[1]:
+            g = torch.rand((m, n), generator=generator).neg_().log1p_().neg_().clamp_min_(tiny)
+        elif candidate == CANDIDATES[2]:
+            g = torch.empty((m, n)).exponential_(generator=generator)
+        else:
+            return torch.distributions.Dirichlet(torch.ones(m)).sample((n,)).T
+        return g.div_(g.sum(0, keepdim=True))
+
+    times = []
+    for _ in range(500):
+        start = time.thread_time_ns()
+        draw()
+        times.append((time.thread_time_ns() - start) / 1e6)
+    print(json.dumps(times))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--m", type=int, default=128)
+    parser.add_argument("--n", default="1000,10000")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        _child(CANDIDATES[int(args.child[0])], int(args.child[1]), int(args.child[2]))
+        return 0
+    info = machine_info("cpu")
+    print_machine(info)
+    rows = []
+    for n in (int(v) for v in args.n.split(",")):
+        results = {}
+        for index, candidate in enumerate(CANDIDATES):
+            done = subprocess.run([sys.executable, __file__, "--child", str(index), str(args.m), str(n)],
+                                  capture_output=True, text=True, check=True)
+            times = json.loads(done.stdout.strip().splitlines()[-1])
+            results[candidate] = (sorted(times[:100])[50], sorted(times[300:])[100])
+        package = results[CANDIDATES[0]][1]
+        rows += [[f"{args.m} x {n}", name, f"{first:.3f}", f"{steady:.3f}", f"{steady / package:.2f}"]
+                 for name, (first, steady) in results.items()]
+    table = format_table(("m x n", "candidate", "first 100 (ms)", "steady (ms)", "vs package"), rows,
+                         title="== Dirichlet(1) weights, one thread, thread CPU time, medians ==")
+    print(table)
+    if args.out:
+        path = Path(args.out) / "sampling.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(results_header(info, f"m={args.m}, n={args.n}, 500 calls per fresh process")
+                        + "\n```\n" + table + "\n```\n")
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
