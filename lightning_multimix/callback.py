@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_multimix.feature_maps import TimmPositionHead
 from lightning_multimix.health import HealthFlag
 from lightning_multimix.heads import (
     classifier_block,
@@ -126,6 +127,7 @@ class MultiMix(Callback):
         self._head_path: Optional[str] = None
         self._feature_spec: Optional[tuple[str, str]] = None
         self._in_logit_space = False
+        self._position_head: Any = None  # dense mode, when the head at every position is not the head module
         self._step: Optional[TrainingStep] = None
         self._wrapped: Optional[pl.LightningModule] = None
         self._own_step: Any = None
@@ -169,7 +171,7 @@ class MultiMix(Callback):
         if stage != "fit":
             return
         check_supported(trainer, pl_module)
-        self._head_path = self._feature_spec = None
+        self._head_path = self._feature_spec = self._position_head = None
         if self.dense is not None:
             declared_feature_map(pl_module, self.dense.feature_map)  # a wrong path fails now, before any training
         declared = declared_head(pl_module, self.head)
@@ -195,6 +197,10 @@ class MultiMix(Callback):
         self._in_logit_space = self.logit_space == "always" or (self.logit_space == "auto" and is_affine(head))
         if self.dense is not None:
             self._feature_spec = resolve_feature_map(module, path, self.dense.feature_map)
+            if self._feature_spec[1] == "timm":  # the head at every position: the timm model's own forward_head
+                owner = module.get_submodule(self._feature_spec[0])
+                self._position_head = TimmPositionHead(owner, tokens=hasattr(owner, "num_prefix_tokens"))
+                self._in_logit_space = self.logit_space == "always"
         if self._distiller is not None and self._distiller.teacher is not None:
             self._distiller.watch(path)
         space = "logit space (exact for an affine head)" if self._in_logit_space else "embedding space"

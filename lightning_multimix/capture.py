@@ -18,11 +18,10 @@ from typing import Any, Optional
 from torch import Tensor, nn
 
 from lightning_multimix.errors import MultiMixError
+from lightning_multimix.feature_maps import capture_for, read_feature_map
 
 HOW_HEAD = ("Pass `MultiMix(head='dotted.path')` naming the classifier head, or add `MultiMixMixin` and override "
             "`multimix_head()`.")
-HOW_MAP = ("Pass `Dense(feature_map='dotted.path')` naming the module whose output is the feature map, or override "
-           "`MultiMixMixin.multimix_feature_map()`.")
 _ORDER = itertools.count()  # the order in which captured modules first ran, across captures
 
 
@@ -127,12 +126,13 @@ class StepCapture:
         self.head_path, self.head = head_path, head
         self.feature_spec, self.features = feature_spec, features
         self.inputs = inputs or {}  # path -> capture, outermost first
+        self.first_token = False  # a "tokens" feature map whose head reads the first token (found on the first batch)
 
     @classmethod
     def of(cls, model: nn.Module, head_path: str, feature_spec: Optional[tuple[str, str]] = None,
            inputs: bool = False) -> "StepCapture":
         """New captures on ``model`` for the head at ``head_path`` (and the feature map, and the inputs)."""
-        features = Capture(model.get_submodule(feature_spec[0])) if feature_spec is not None else None
+        features = capture_for(model, feature_spec) if feature_spec is not None else None
         return cls(head_path, Capture(model.get_submodule(head_path), clone_input=True), feature_spec, features,
                    {path: Capture(model.get_submodule(path)) for path in ancestors(head_path)} if inputs else None)
 
@@ -175,41 +175,13 @@ class StepCapture:
             )
         return embeddings, logits
 
-    def feature_map(self, embeddings: Tensor, verify: bool) -> Tensor:
-        """The captured feature map as ``(b, r, d)``; with ``verify``, checked against the head's input (its mean over
-        positions, or a ViT's class token, must be it)."""
+    def feature_map(self, embeddings: Tensor, verify: bool) -> tuple[Tensor, Optional[Tensor]]:
+        """The captured feature map as ``(b, r, d)``, and its ``(b, r)`` padding mask (``None``: no padding); with
+        ``verify`` (the first batch), checked against the head's input (:mod:`lightning_multimix.feature_maps`)."""
         assert self.features is not None and self.feature_spec is not None
-        path, kind = self.feature_spec
-        raw = self.features.input if kind == "input" else self.features.output
-        if self.features.calls < 1 or not isinstance(raw, Tensor) or raw.ndim not in (3, 4):
-            shape = tuple(raw.shape) if isinstance(raw, Tensor) else type(raw).__name__
-            raise MultiMixError(
-                f"Dense MultiMix expected a (b, d, h, w) or (b, r, d) feature map from {path!r}, got {shape} "
-                f"({self.features.calls} calls). {HOW_MAP}"
-            )
-        if kind == "vit":
-            summary, features = raw[:, 0], raw[:, 1:]
-        else:
-            # a pooling's input is channels-first, (b, d, h, w) or (b, d, l); a declared 3-d map is (b, r, d) tokens
-            features = raw.flatten(2).transpose(1, 2) if raw.ndim == 4 or kind == "input" else raw
-            summary = features.mean(1)
-        if verify:
-            for name, tensor in (("feature map", features), ("head's input", embeddings)):
-                if not bool(tensor.detach().isfinite().all()):
-                    raise MultiMixError(
-                        f"Dense MultiMix: the {name} of the first training batch holds NaN or inf, so it cannot be "
-                        "checked against the head; look at the inputs and the model (learning rate, precision)."
-                    )
-            if summary.shape != embeddings.shape or not _close(summary, embeddings):
-                what = "its class token" if kind == "vit" else "its mean over positions"
-                raise MultiMixError(
-                    f"Dense MultiMix: the feature map from {path!r} ({tuple(features.shape)} as (b, r, d)) does not "
-                    f"match the head's input {tuple(embeddings.shape)} through {what}, so it is not the map that "
-                    f"feeds the head. {HOW_MAP} If the map is right but layers (dropout, an MLP) sit between the "
-                    "pooling and the head, name as head the module that takes the pooled embedding, e.g. "
-                    "`MultiMix(head='model.classifier')`."
-                )
-        return features
+        features, mask, self.first_token = read_feature_map(self.features, self.feature_spec, embeddings, verify,
+                                                            self.first_token)
+        return features, mask
 
     def model_inputs(self) -> tuple[str, tuple, dict]:
         """``(path, args, kwargs)`` of the outermost module on the way to the head that the step called."""
@@ -231,9 +203,3 @@ def ancestors(path: str) -> list[str]:
     """
     parts = path.split(".")
     return [".".join(parts[:i]) for i in range(len(parts))]
-
-
-def _close(a: Tensor, b: Tensor) -> bool:
-    """Equal up to the precision of the dtypes involved (bf16 autocast included)."""
-    a, b = a.detach().float(), b.detach().float()
-    return bool(((a - b).norm() <= 2e-2 * b.norm() + 1e-4).item())

@@ -40,7 +40,7 @@ one (autocast would round them, and the matrix products, to 16 bits); the head i
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable, Literal, Optional
 
 import torch
 from torch import Tensor
@@ -55,8 +55,9 @@ ATTENTION_FLOOR = 1e-20
 ATTENTION_KINDS = ("cam", "softmax", "uniform")
 
 
-def attention_from_scores(scores: Tensor, kind: AttentionKind = "cam") -> Tensor:
-    """Per-example attention over positions, ``(m, r)`` rows on the simplex, from class activations ``(m, r)``.
+def attention_from_scores(scores: Tensor, kind: AttentionKind = "cam", mask: Optional[Tensor] = None) -> Tensor:
+    """Per-example attention over positions, ``(m, r)`` rows on the simplex, from class activations ``(m, r)``;
+    positions where ``mask`` (``(m, r)`` booleans, e.g. a token attention mask) is false get none.
 
     Example:
         >>> attention_from_scores(torch.tensor([[2.0, -1.0, 0.0, 2.0], [-1.0, -1.0, -1.0, -1.0]]))
@@ -66,12 +67,13 @@ def attention_from_scores(scores: Tensor, kind: AttentionKind = "cam") -> Tensor
     if kind not in ATTENTION_KINDS:
         raise ValueError(f"Unknown attention {kind!r}: expected one of {ATTENTION_KINDS}.")
     scores = scores.detach().float()
+    valid = torch.ones_like(scores) if mask is None else mask.to(scores.dtype)
     if kind == "softmax":
-        return torch.softmax(scores, dim=-1)
-    uniform = torch.full_like(scores, 1.0 / scores.shape[-1])
+        return torch.softmax(scores.masked_fill(valid == 0, float("-inf")), dim=-1).nan_to_num_(0.0)
+    uniform = valid / valid.sum(-1, keepdim=True).clamp_min(1.0)
     if kind == "uniform":
         return uniform
-    activation = scores.clamp_min(0)
+    activation = scores.clamp_min(0) * valid
     total = activation.sum(-1, keepdim=True)
     return torch.where(total > 0, activation / total.clamp_min(torch.finfo(total.dtype).tiny), uniform)
 
@@ -162,7 +164,8 @@ def dense_multimix_logit_loss(
 
 
 def factorised_dense_logit_loss(
-    position_logits: Tensor, targets: Tensor, weights: Tensor, attention: Tensor, label_smoothing: float = 0.0
+    position_logits: Tensor, targets: Tensor, weights: Tensor, attention: Tensor, label_smoothing: float = 0.0,
+    mask: Optional[Tensor] = None,
 ) -> Tensor:
     r"""Dense MultiMix loss in logit space without the ``(m, n, r)`` per-position weights.
 
@@ -180,6 +183,8 @@ def factorised_dense_logit_loss(
         targets: ``(m, c)`` per-example targets (each position inherits its example's).
         weights: ``(m, n)`` MultiMix weights.
         attention: ``(m, r)`` non-negative attention (no gradient flows through it).
+        mask: ``(m, r)`` booleans, false at padding: a padded position is never mixed, and an interpolated position
+            made of padding only leaves the loss (the mean runs over the others).
 
     Example:
         >>> logits, targets = torch.randn(3, 4, 2), torch.eye(2)[[0, 1, 1]]
@@ -196,13 +201,19 @@ def factorised_dense_logit_loss(
         return (values.reshape(m, -1).T @ weights).view(values.shape[1], values.shape[2], -1)
 
     with full_precision(position_logits):
-        a = (attention.detach().to(dtype) + ATTENTION_FLOOR).unsqueeze(-1)  # (m, r, 1)
+        a = attention.detach().to(dtype) + ATTENTION_FLOOR
+        a = (a if mask is None else a * mask.to(dtype)).unsqueeze(-1)  # (m, r, 1)
         logits = position_logits.to(dtype)
         with torch.no_grad():
-            denominator = mix(a)  # (r, 1, n), positive wherever a column has a positive weight
+            denominator = mix(a)  # (r, 1, n), positive wherever a column has a positive weight (and no mask is 0)
+            if mask is not None:
+                valid = denominator > 0
+                denominator = denominator.clamp_min(torch.finfo(dtype).tiny)
             mixed_targets = mix(a * targets.to(dtype).unsqueeze(1)).div_(denominator)
         mixed_logits = mix(a * logits) / denominator
-    return soft_cross_entropy(mixed_logits, mixed_targets, label_smoothing, dim=1)
+    if mask is None:
+        return soft_cross_entropy(mixed_logits, mixed_targets, label_smoothing, dim=1)
+    return masked_soft_cross_entropy(mixed_logits, mixed_targets, valid.squeeze(1), label_smoothing, dim=1)
 
 
 def dense_multimix_loss(
@@ -211,6 +222,7 @@ def dense_multimix_loss(
     weights: Tensor,
     head: Callable[[Tensor], Tensor],
     label_smoothing: float = 0.0,
+    valid: Optional[Tensor] = None,
 ) -> Tensor:
     """Dense MultiMix loss in embedding space: the head on the ``(n, r, d)`` mixed feature map, as ``n * r`` rows of
     ``d`` (see :func:`per_position`). Valid for any head.
@@ -226,4 +238,41 @@ def dense_multimix_loss(
     """
     mixed = dense_interpolate(features, weights).to(features.dtype)
     mixed_logits = per_position(head, mixed)
-    return soft_cross_entropy(mixed_logits, dense_interpolate_targets(targets, weights), label_smoothing)
+    mixed_targets = dense_interpolate_targets(targets, weights)
+    if valid is None:
+        return soft_cross_entropy(mixed_logits, mixed_targets, label_smoothing)
+    return masked_soft_cross_entropy(mixed_logits, mixed_targets, valid, label_smoothing)
+
+
+def masked_dense_weights(weights: Tensor, attention: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`dense_weights` for a feature map with padding: ``(m, n, r)`` weights that give padding none, and the
+    ``(n, r)`` booleans of the interpolated positions made of something else than padding (the others are dropped).
+
+    Example:
+        >>> w, valid = masked_dense_weights(torch.tensor([[0.5], [0.5]]), torch.full((2, 2), 0.5),
+        ...                                 torch.tensor([[True, False], [True, False]]))
+        >>> w[:, 0, 0], valid
+        (tensor([0.5000, 0.5000]), tensor([[ True, False]]))
+    """
+    a = (attention.to(weights.dtype) + ATTENTION_FLOOR) * mask.to(weights.dtype)
+    raw = weights.unsqueeze(-1) * a.unsqueeze(1)
+    total = raw.sum(0, keepdim=True)
+    return raw / total.clamp_min(torch.finfo(raw.dtype).tiny), total[0] > 0
+
+
+def masked_soft_cross_entropy(logits: Tensor, targets: Tensor, valid: Tensor, label_smoothing: float = 0.0,
+                              dim: int = -1) -> Tensor:
+    """:func:`~lightning_multimix.losses.soft_cross_entropy` averaged over the entries where ``valid`` (the shape
+    of ``logits`` without the class dimension) is true only.
+
+    Example:
+        >>> logits, targets = torch.zeros(2, 3), torch.eye(3)[:2]
+        >>> masked_soft_cross_entropy(logits, targets, torch.tensor([True, False]))  # log 3, over one row
+        tensor(1.0986)
+    """
+    dim = dim % logits.ndim
+    moved = (lambda t: t.movedim(dim, -1).reshape(-1, t.shape[dim]))  # noqa: E731 - rows of classes
+    per_entry = torch.nn.functional.cross_entropy(moved(logits.float()), moved(targets.float()), reduction="none",
+                                                  label_smoothing=label_smoothing)
+    keep = valid.reshape(-1).to(per_entry.dtype)
+    return (per_entry * keep).sum() / keep.sum().clamp_min(1.0)

@@ -165,10 +165,47 @@ def declared_feature_map(model: nn.Module, feature_map: Optional[str] = None) ->
     return path_of(model, declared, "multimix_feature_map()") if declared is not None else None
 
 
+def is_timm_model(module: nn.Module) -> bool:
+    """Whether ``module`` speaks timm's model API (``forward_features``, ``forward_head``, ``get_classifier``)."""
+    return all(callable(getattr(module, name, None)) for name in ("forward_features", "forward_head", "get_classifier"))
+
+
+def hugging_face_encoder(module: nn.Module) -> Optional[str]:
+    """For a Hugging Face ``PreTrainedModel``: the attribute name of its encoder (its ``base_model_prefix``), or
+    ``""`` when it is itself the encoder; ``None`` for any other module."""
+    prefix = getattr(module, "base_model_prefix", None)
+    if not isinstance(prefix, str) or not hasattr(module, "config"):
+        return None
+    return prefix if isinstance(getattr(module, prefix, None), nn.Module) else ""
+
+
+def feature_map_candidates(model: nn.Module) -> list[tuple[str, str]]:
+    """Every place dense mode could read a feature map from, as ``(path, kind)`` specs
+    (:mod:`lightning_multimix.feature_maps`): timm models, Hugging Face encoders, torchvision ViTs and average
+    poolings."""
+    found = []
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if is_timm_model(module):
+            found.append((name, "timm"))
+        elif hugging_face_encoder(module) is not None:
+            encoder = hugging_face_encoder(module)
+            path = prefix + encoder if encoder else name
+            if (path, "tokens") not in found:
+                found.append((path, "tokens"))
+        elif is_torchvision_vit(module):
+            found.append((prefix + "encoder", "vit"))
+        elif isinstance(module, POOLING_TYPES):
+            found.append((name, "input"))
+    return found
+
+
 def resolve_feature_map(model: nn.Module, head_path: str, feature_map: Optional[str] = None) -> tuple[str, str]:
-    """Where dense mode reads the feature map: ``(dotted path, "output" | "input" | "vit")``: the output of
-    ``feature_map`` or of the mixin's ``multimix_feature_map()``, else the input of the average pooling that feeds
-    the head, else the encoder of a torchvision ``VisionTransformer`` (tokens after the class token).
+    """Where dense mode reads the feature map, ``(dotted path, kind)`` (:mod:`lightning_multimix.feature_maps`): the
+    output of ``feature_map`` or of the mixin's ``multimix_feature_map()``; else, for a head inside a timm model, its
+    ``forward_features``; inside a Hugging Face classifier, its encoder's token states; inside a torchvision
+    ``VisionTransformer``, its encoder (tokens after the class token); else the input of the average pooling that
+    feeds the head.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
@@ -178,9 +215,15 @@ def resolve_feature_map(model: nn.Module, head_path: str, feature_map: Optional[
     declared = declared_feature_map(model, feature_map)
     if declared is not None:
         return declared, "output"
-    for name, module in model.named_modules():
-        if is_torchvision_vit(module) and head_path.startswith(f"{name}.heads" if name else "heads"):
-            return (f"{name}.encoder" if name else "encoder"), "vit"
+    for path, kind in feature_map_candidates(model):
+        owner = path if kind == "timm" else path.rsplit(".", 1)[0] if "." in path else ""
+        inside = head_path.startswith(f"{owner}.") if owner else True  # the head belongs to the map's model
+        if kind == "vit":
+            inside = head_path.startswith(f"{owner}.heads" if owner else "heads")
+        if kind == "tokens":
+            inside = inside and not head_path.startswith(f"{path}.")  # and is not inside the encoder itself
+        if kind in ("timm", "tokens", "vit") and inside:
+            return path, kind
     pooling = find_pooling(model, head_path)
     if pooling is None:
         raise MultiMixError(

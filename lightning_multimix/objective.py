@@ -38,6 +38,7 @@ from lightning_multimix.dense import (
     dense_multimix_loss,
     dense_weights,
     factorised_dense_logit_loss,
+    masked_dense_weights,
     per_position,
 )
 from lightning_multimix.interpolation import interpolate, interpolate_columns, mix_with_partner, one_hot
@@ -101,6 +102,7 @@ def multimix_objective(
     head: Optional[Head] = None,
     feature_map: Optional[Tensor] = None,
     attention: Literal["cam", "softmax", "uniform"] = "cam",
+    position_mask: Optional[Tensor] = None,
     affine_head: Optional[bool] = None,
     teacher: Optional[TeacherOutputs] = None,
     keep: Optional[Tensor] = None,
@@ -117,6 +119,8 @@ def multimix_objective(
         feature_map: ``(m, r, d)`` the un-pooled features, with ``head``: Dense MultiMix.
         attention: dense: ``"cam"``, ``"softmax"`` or ``"uniform"`` (:func:`~lightning_multimix.dense.
             attention_from_scores`).
+        position_mask: dense: ``(m, r)`` booleans, false at padding (a token attention mask): padding is never mixed
+            and interpolated positions of padding only leave the loss.
         affine_head: dense: whether the head is affine, so that the per-position logits can be interpolated;
             ``None``: it is when it is an ``nn.Linear``.
         teacher: self-distillation targets (:class:`TeacherOutputs`).
@@ -144,10 +148,11 @@ def multimix_objective(
         if logits is not None or embeddings is not None or head is None:
             raise ValueError("multimix_objective: dense mode takes `feature_map` and `head`, not `logits` or "
                              "`embeddings`.")
-        return _dense_objective(weights, labels, feature_map, head, attention, affine_head, teacher, label_smoothing)
-    if attention != "cam" or affine_head is not None:
-        raise ValueError("multimix_objective: `attention` and `affine_head` apply to dense mode only (pass "
-                         "`feature_map`).")
+        return _dense_objective(weights, labels, feature_map, head, attention, affine_head, teacher, label_smoothing,
+                                position_mask)
+    if attention != "cam" or affine_head is not None or position_mask is not None:
+        raise ValueError("multimix_objective: `attention`, `position_mask` and `affine_head` apply to dense mode only "
+                         "(pass `feature_map`).")
     if (logits is None) == (embeddings is None) or (embeddings is not None and head is None):
         raise ValueError("multimix_objective: pass `logits` (logit space) or `embeddings` and `head` (embedding "
                          "space), not both.")
@@ -237,8 +242,8 @@ def _targets(labels: Tensor, num_classes: int, teacher: Optional[TeacherOutputs]
 
 
 def _dense_objective(weights: Tensor, labels: Tensor, features: Tensor, head: Head, attention: str,
-                     affine_head: Optional[bool], teacher: Optional[TeacherOutputs],
-                     label_smoothing: float) -> Tensor:
+                     affine_head: Optional[bool], teacher: Optional[TeacherOutputs], label_smoothing: float,
+                     mask: Optional[Tensor]) -> Tensor:
     if attention not in ATTENTION_KINDS:
         raise ValueError(f"multimix_objective: attention={attention!r}; expected one of {ATTENTION_KINDS}.")
     if features.ndim != 3:
@@ -257,12 +262,17 @@ def _dense_objective(weights: Tensor, labels: Tensor, features: Tensor, head: He
             own = per_position(head, features).float()
             num_classes = own.shape[-1]
             scores = own.gather(-1, labels.view(-1, 1, 1).expand(-1, features.shape[1], 1))[..., 0]
-        weights_per_position = attention_from_scores(scores, attention)
+        weights_per_position = attention_from_scores(scores, attention, mask)
     targets = _targets(labels, num_classes, teacher)
     if affine:
         position_logits = F.linear(features, head.weight, head.bias) if linear else per_position(head, features)
-        return factorised_dense_logit_loss(position_logits, targets, weights, weights_per_position, label_smoothing)
-    return dense_multimix_loss(features, targets, dense_weights(weights, weights_per_position), head, label_smoothing)
+        return factorised_dense_logit_loss(position_logits, targets, weights, weights_per_position, label_smoothing,
+                                           mask)
+    if mask is None:
+        return dense_multimix_loss(features, targets, dense_weights(weights, weights_per_position), head,
+                                   label_smoothing)
+    per_position_weights, valid = masked_dense_weights(weights, weights_per_position, mask)
+    return dense_multimix_loss(features, targets, per_position_weights, head, label_smoothing, valid)
 
 
 def _check_weights_and_labels(weights: Tensor, labels: Tensor) -> None:

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from lightning_multimix.capture import HOW_HEAD, Capture, StepCapture, ancestors
 from lightning_multimix.errors import MultiMixError
-from lightning_multimix.heads import POOLING_TYPES, classifier_block, is_torchvision_vit
+from lightning_multimix.feature_maps import capture_for
+from lightning_multimix.heads import classifier_block, feature_map_candidates
 
 
 class HeadProbe:
@@ -55,21 +56,18 @@ class HeadProbe:
         outer = sorted({p for path in linears for p in ancestors(path)}, key=lambda p: (p.count("."), len(p), p))
         self.ancestors = {path: Capture(model.get_submodule(path)) for path in outer}
         self.blocks: dict[str, Capture] = {}
-        self.maps: dict[str, Capture] = {}
+        self.maps: dict[str, Any] = {}
         if dense:
             for path in linears:
                 block = classifier_block(model, path)
                 if block != path:
                     self.blocks[block] = Capture(model.get_submodule(block), clone_input=True)
-            for name, module in model.named_modules():
-                if isinstance(module, POOLING_TYPES) or is_torchvision_vit(module):
-                    target = f"{name}.encoder" if is_torchvision_vit(module) else name
-                    self.maps[target] = Capture(model.get_submodule(target))
-            for path in feature_maps:
-                self.maps.setdefault(path, Capture(model.get_submodule(path)))
+            for spec in [*feature_map_candidates(model), *((path, "output") for path in feature_maps)]:
+                if spec[0] not in self.maps:
+                    self.maps[spec[0]] = capture_for(model, spec)
         self.how = ""
 
-    def _all(self) -> list[Capture]:
+    def _all(self) -> list[Any]:
         return [*self.linears.values(), *self.ancestors.values(), *self.blocks.values(), *self.maps.values()]
 
     def __enter__(self) -> "HeadProbe":

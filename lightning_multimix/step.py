@@ -154,10 +154,10 @@ class TrainingStep:
         if not self.verified:
             self._check_labels(user_loss, logits, labels, declared_labels)
         dense_now = callback.dense is not None and kind == callback.mode
-        features = None
+        features = mask = None
         if callback.dense is not None and (dense_now or not self.features_verified):
-            # contiguous once: the per-position head and the class scores would each copy a strided view
-            features = capture.feature_map(embeddings, verify=not self.features_verified).contiguous()
+            features, mask = capture.feature_map(embeddings, verify=not self.features_verified)
+            features = features.contiguous()  # once: the head per position and the class scores would each copy
             self.features_verified = True  # checked on the first batch, whichever way it is mixed
         teacher = None
         if callback.distiller is not None:
@@ -171,7 +171,7 @@ class TrainingStep:
             return mixup_objective(logits, labels, *mixer.draw, teacher=teacher, keep=keep,
                                    label_smoothing=callback.label_smoothing)
         loss = self._last_layer_loss(kind, capture, embeddings, logits, labels, keep,
-                                     features if dense_now else None, teacher)
+                                     features if dense_now else None, mask if dense_now else None, teacher)
         if callback.clean_loss_weight > 0:
             loss = loss + callback.clean_loss_weight * user_loss.float()
         return loss
@@ -196,7 +196,7 @@ class TrainingStep:
         return mixed
 
     def _last_layer_loss(self, kind: str, capture: StepCapture, embeddings: Tensor, logits: Tensor, labels: Tensor,
-                         keep: Optional[Tensor], features: Optional[Tensor],
+                         keep: Optional[Tensor], features: Optional[Tensor], mask: Optional[Tensor],
                          teacher: Optional[TeacherOutputs]) -> Tensor:
         callback, module = self.callback, self.module
         if callback.sync_batch and module.trainer.world_size > 1:
@@ -204,7 +204,8 @@ class TrainingStep:
             def gather(t: Optional[Tensor]) -> Optional[Tensor]:
                 return None if t is None else module.all_gather(t, sync_grads=True).flatten(0, 1)
 
-            embeddings, logits, labels, keep, features = map(gather, (embeddings, logits, labels, keep, features))
+            embeddings, logits, labels, keep, features, mask = map(
+                gather, (embeddings, logits, labels, keep, features, mask))
             if teacher is not None:
                 teacher = dataclasses.replace(teacher, logits=gather(teacher.logits),
                                               embeddings=gather(teacher.embeddings))
@@ -212,9 +213,9 @@ class TrainingStep:
         head = capture.head.module
         common = {"teacher": teacher, "keep": keep, "label_smoothing": callback.label_smoothing}
         if features is not None:
-            return multimix_objective(weights, labels, feature_map=features, head=head,
-                                      attention=callback.dense.attention, affine_head=callback._in_logit_space,
-                                      **common)
+            return multimix_objective(weights, labels, feature_map=features, head=callback._position_head or head,
+                                      attention=callback.dense.attention, position_mask=mask,
+                                      affine_head=callback._in_logit_space, **common)
         if callback._in_logit_space:
             return multimix_objective(weights, labels, logits=logits, **common)
         return multimix_objective(weights, labels, embeddings=embeddings, head=head, **common)

@@ -132,3 +132,27 @@ def test_cifar_without_data_dir_fails_clearly(tmp_path: Path) -> None:
         MultiMixCLI(ImageClassifier, ImageDataModule, run=False,
                     args=["--config", str(ROOT / "examples/configs/cifar10_preactresnet18_multimix.yaml"),
                           "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"])
+
+
+def _run_example(module: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [["--model", "resnet18"], ["--model", "vit_tiny_patch16_224", "--dense"]],
+                         ids=["resnet18", "vit-dense"])
+def test_timm_example_runs(args: list[str]) -> None:
+    pytest.importorskip("timm")
+    done = _run_example("examples.timm_image_classification", *args, "--max-steps", "3", "--train-per-class", "20")
+    assert "test accuracy" in done.stdout and "head 'model." in done.stdout
+
+
+@pytest.mark.slow
+def test_hugging_face_example_runs() -> None:
+    pytest.importorskip("transformers")
+    done = _run_example("examples.hf_text_classification", "--max-steps", "3")
+    assert "head 'model.classifier'" in done.stdout and "'input_mixup': 0" in done.stdout

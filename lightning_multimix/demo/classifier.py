@@ -32,14 +32,22 @@ INPUT_MIXES = ("mixup", "cutmix")
 
 
 def build_backbone(name: str, num_classes: int, in_channels: int) -> nn.Module:
-    """One of :data:`BACKBONES` by name.
+    """One of :data:`BACKBONES` by name, or a timm model as ``"timm:<name>"`` (built from its config, no weights
+    downloaded; ``pip install timm``).
 
     Example:
         >>> type(build_backbone("small_cnn", num_classes=10, in_channels=1)).__name__
         'SmallCNN'
     """
+    if name.startswith("timm:"):
+        try:
+            import timm
+        except ImportError as err:
+            raise ImportError(f"backbone {name!r} needs timm: `pip install timm`.") from err
+        return timm.create_model(name[5:], pretrained=False, num_classes=num_classes, in_chans=in_channels)
     if name not in BACKBONES:
-        raise ValueError(f"Unknown backbone {name!r}; expected one of {tuple(BACKBONES)} or an nn.Module.")
+        raise ValueError(f"Unknown backbone {name!r}; expected one of {tuple(BACKBONES)}, 'timm:<model name>' or an "
+                         "nn.Module.")
     return BACKBONES[name](num_classes=num_classes, in_channels=in_channels)
 
 

@@ -1,0 +1,213 @@
+"""Dense mode's feature map: where it is read, how it becomes ``(b, r, d)``, and the head at every position.
+
+A feature-map spec is ``(dotted path, kind)``:
+
+- ``"input"``: the input of an average pooling, ``(b, d, h, w)`` or ``(b, d, l)`` (torchvision CNNs, the demo's);
+- ``"output"``: the output of a declared module, ``(b, d, h, w)`` or ``(b, r, d)`` tokens, or a model-output object's
+  ``last_hidden_state`` (with the ``attention_mask`` the module received);
+- ``"vit"``: a torchvision ``VisionTransformer``'s encoder output; the head reads the class token, the patch tokens
+  are mixed;
+- ``"timm"``: what a timm model's ``forward_features`` returns (a CNN map, or ViT tokens after its
+  ``num_prefix_tokens``); the head at every position is the model's own ``forward_head`` (:class:`TimmPositionHead`);
+- ``"tokens"``: a Hugging Face encoder's ``last_hidden_state``, padding given by the ``attention_mask`` it received; the
+  head must read the mean of the (unpadded) token states, or the first token.
+
+Checked on the first batch: the map's mean over positions (masked), or the token the head reads, must be the head's
+input; a timm model's map is what its ``forward_head`` reads by construction.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from torch import Tensor, nn
+
+from lightning_multimix.errors import MultiMixError
+
+HOW_MAP = ("Pass `Dense(feature_map='dotted.path')` naming the module whose output is the feature map, or override "
+           "`MultiMixMixin.multimix_feature_map()`.")
+
+
+class _CapturingMethod:
+    """Stands in for ``owner.<name>`` while a :class:`MethodCapture` lives; a deep copy of the owner gets its own
+    method back, a pickle the method by name."""
+
+    def __init__(self, capture: "MethodCapture", original: Any) -> None:
+        self.capture, self.original = capture, original
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        output = self.original(*args, **kwargs)
+        capture = self.capture
+        if capture.armed:
+            capture.calls += 1
+            if capture.calls == 1:
+                capture.output, capture.args, capture.kwargs = output, args, kwargs
+        return output
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        import copy
+
+        return copy.deepcopy(self.original, memo)
+
+    def __reduce__(self) -> tuple:
+        return getattr, (self.capture.owner, self.capture.name)
+
+
+class MethodCapture:
+    """Record the output of ``owner.<name>()`` (timm's ``forward_features``) while armed, like a
+    :class:`~lightning_multimix.capture.Capture` records a module's; :meth:`remove` gives the method back.
+
+    Example:
+        >>> import torch
+        >>> class Net(nn.Module):
+        ...     def forward_features(self, x):
+        ...         return 2 * x
+        ...     def forward(self, x):
+        ...         return self.forward_features(x).sum()
+        >>> net = Net()
+        >>> capture = MethodCapture(net, "forward_features")
+        >>> with capture:
+        ...     _ = net(torch.ones(2))
+        >>> capture.output
+        tensor([2., 2.])
+        >>> capture.remove()
+        >>> "forward_features" in net.__dict__
+        False
+    """
+
+    def __init__(self, owner: nn.Module, name: str) -> None:
+        self.owner, self.name, self.module = owner, name, owner
+        self.armed = False
+        self.reset()
+        owner.__dict__[name] = _CapturingMethod(self, getattr(owner, name))
+
+    def reset(self) -> None:
+        self.calls, self.output, self.args, self.kwargs, self.input = 0, None, (), {}, None
+
+    def __enter__(self) -> "MethodCapture":
+        self.reset()
+        self.armed = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.armed = False
+
+    def remove(self) -> None:
+        self.armed = False
+        if isinstance(self.owner.__dict__.get(self.name), _CapturingMethod):
+            del self.owner.__dict__[self.name]
+        self.reset()
+
+
+class TimmPositionHead:
+    """A timm model's own head, ``forward_head``, applied to every position: ``(N, d)`` rows, each given to it as a
+    one-position map (a ``1 x 1`` CNN map, or a token sequence whose tokens are all that row, so that class-token and
+    average pooling both read the row).
+
+    Example:
+        >>> import torch
+        >>> class Tiny(nn.Module):
+        ...     num_prefix_tokens = 0
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc = nn.Linear(4, 3)
+        ...     def forward_head(self, x):
+        ...         return self.fc(x.mean((2, 3)))
+        >>> TimmPositionHead(Tiny(), tokens=False)(torch.randn(5, 4)).shape
+        torch.Size([5, 3])
+    """
+
+    def __init__(self, model: nn.Module, tokens: bool) -> None:
+        self.model, self.tokens = model, tokens
+        self.prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+
+    def __call__(self, rows: Tensor) -> Tensor:
+        if self.tokens:
+            return self.model.forward_head(rows.unsqueeze(1).expand(-1, self.prefix + 1, -1))
+        return self.model.forward_head(rows[:, :, None, None])
+
+
+def capture_for(model: nn.Module, spec: tuple[str, str]) -> Any:
+    """The capture that records the feature map of ``spec`` in ``model``."""
+    from lightning_multimix.capture import Capture
+
+    owner = model.get_submodule(spec[0])
+    return MethodCapture(owner, "forward_features") if spec[1] == "timm" else Capture(owner)
+
+
+def read_feature_map(capture: Any, spec: tuple[str, str], embeddings: Tensor, verify: bool,
+                     first_token: bool = False) -> tuple[Tensor, Optional[Tensor], bool]:
+    """``(features (b, r, d), mask (b, r) or None, first_token)`` from what ``capture`` recorded. With ``verify``
+    (the first batch), the map is checked against the head's input ``embeddings`` and ``first_token`` says whether
+    a ``"tokens"`` head reads the first token (then the others are mixed) rather than the mean; pass that back on the
+    next batches."""
+    path, kind = spec
+    raw = capture.input if kind == "input" else capture.output
+    mask = None
+    if kind in ("output", "tokens") and not isinstance(raw, Tensor) and hasattr(raw, "last_hidden_state"):
+        mask = capture.kwargs.get("attention_mask")
+        if mask is None and len(capture.args) > 1 and isinstance(capture.args[1], Tensor):
+            mask = capture.args[1]  # a Hugging Face encoder's second positional argument
+        raw = raw.last_hidden_state
+    if capture.calls < 1 or not isinstance(raw, Tensor) or raw.ndim not in (3, 4):
+        shape = tuple(raw.shape) if isinstance(raw, Tensor) else type(raw).__name__
+        raise MultiMixError(f"Dense MultiMix expected a (b, d, h, w) or (b, r, d) feature map from {path!r}, got "
+                            f"{shape} ({capture.calls} calls). {HOW_MAP}")
+    if kind == "timm" and raw.ndim == 3:
+        prefix = int(getattr(capture.owner, "num_prefix_tokens", 0) or 0)
+        features, summary = raw[:, prefix:], None
+    elif kind == "timm":
+        features, summary = raw.flatten(2).transpose(1, 2), None
+    elif kind == "vit":
+        summary, features = raw[:, 0], raw[:, 1:]
+    else:
+        # a pooling's input is channels-first, (b, d, h, w) or (b, d, l); a declared 3-d map is (b, r, d) tokens
+        features = raw.flatten(2).transpose(1, 2) if raw.ndim == 4 or kind == "input" else raw
+        mask = mask.bool() if mask is not None else None
+        if mask is None:
+            summary = features.mean(1)
+        else:
+            weights = mask.to(features.dtype).unsqueeze(-1)
+            summary = (features * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+    if verify:
+        first_token = _verify(path, kind, features, summary, embeddings, raw)
+    if first_token:  # the head reads the first token: the others are mixed
+        features, mask = raw[:, 1:], (mask[:, 1:] if mask is not None else None)
+    return features, mask, first_token
+
+
+def _verify(path: str, kind: str, features: Tensor, summary: Optional[Tensor], embeddings: Tensor,
+            raw: Tensor) -> bool:
+    """Raise unless the map feeds the head; return whether a ``"tokens"`` head reads the first token."""
+    for name, tensor in (("feature map", features), ("head's input", embeddings)):
+        if not bool(tensor.detach().isfinite().all()):
+            raise MultiMixError(
+                f"Dense MultiMix: the {name} of the first training batch holds NaN or inf, so it cannot be checked "
+                "against the head; look at the inputs and the model (learning rate, precision)."
+            )
+    if summary is None or _close(summary, embeddings):
+        return False
+    if kind == "tokens" and _close(raw[:, 0], embeddings):
+        return True
+    if kind == "tokens":
+        raise MultiMixError(
+            f"Dense MultiMix: the classifier head reads neither the mean of the token states of {path!r} nor its "
+            "first token (a pooler output, e.g. BERT's tanh(W h_CLS), or dropout in between), so no per-token "
+            "interpolation matches what it reads. Dense mode needs a head on the mean of the token states (or on a "
+            "token): use MultiMix without `dense`, or give the model such a head."
+        )
+    what = "its class token" if kind == "vit" else "its mean over positions"
+    raise MultiMixError(
+        f"Dense MultiMix: the feature map from {path!r} ({tuple(features.shape)} as (b, r, d)) does not match the "
+        f"head's input {tuple(embeddings.shape)} through {what}, so it is not the map that feeds the head. {HOW_MAP} "
+        "If the map is right but layers (dropout, an MLP) sit between the pooling and the head, name as head the "
+        "module that takes the pooled embedding, e.g. `MultiMix(head='model.classifier')`."
+    )
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    """Equal up to the precision of the dtypes involved (bf16 autocast included)."""
+    if a.shape != b.shape:
+        return False
+    a, b = a.detach().float(), b.detach().float()
+    return bool(((a - b).norm() <= 2e-2 * b.norm() + 1e-4).item())
