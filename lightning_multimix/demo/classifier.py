@@ -256,7 +256,7 @@ def _build_input_mixer(kind: str, num_classes: int, alpha: float) -> Callable[[T
         from torchvision.transforms import v2
     except ImportError as err:
         raise ImportError(f"ImageClassifier(input_mix={kind!r}) uses torchvision.transforms.v2: "
-                          "`pip install lightning-multimix[vision]`.") from err
+                          "`pip install lightning-multimix[demo]`.") from err
     cls = v2.MixUp if kind == "mixup" else v2.CutMix
     return cls(num_classes=num_classes, alpha=alpha)
 

@@ -473,7 +473,7 @@ def _load_cifar_torchvision(root: PathLike, name: str, folder: Path) -> list[tup
         from torchvision import datasets
     except ImportError as err:
         raise ImportError("load_cifar(verify_checksums=True) reads CIFAR through torchvision: "
-                          "`pip install lightning-multimix[vision]`, or pass verify_checksums=False.") from err
+                          "`pip install lightning-multimix[demo]`, or pass verify_checksums=False.") from err
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     splits = []
     for train in (True, False):

@@ -2,7 +2,7 @@
 
 Matplotlib is imported inside the plotting functions, which draw on a ``matplotlib.figure.Figure`` rendered by the
 Agg canvas, without pyplot: no window opens and no global backend is changed. Importing this module needs only torch
-(``pip install lightning-multimix[plot]`` for the pictures); :func:`pca_2d` is plain torch.
+(``pip install lightning-multimix[demo]`` for the pictures); :func:`pca_2d` is plain torch.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _figure(**kwargs: Any) -> Any:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as err:
-        raise ImportError("The demo's plots need matplotlib: `pip install lightning-multimix[plot]`.") from err
+        raise ImportError("The demo's plots need matplotlib: `pip install lightning-multimix[demo]`.") from err
     fig = Figure(**kwargs)
     FigureCanvasAgg(fig)
     return fig
