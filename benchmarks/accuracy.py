@@ -58,7 +58,7 @@ from benchmarks._harness import (
     write_csv,
 )
 from lightning_multimix.demo.data import load_fashion_mnist
-from lightning_multimix.demo.training import METHODS, REGIMES, Regime, run_method
+from lightning_multimix.demo.training import BENCHMARK_REGIMES, METHODS, REGIMES, Regime, run_method
 
 RUN_KEYS = ("regime", "method", "seed", "test_acc", "best_acc", "best_epoch", "ece", "alignment", "uniformity",
             "sec_per_epoch", "epochs", "steps", "wall_seconds")
@@ -76,7 +76,8 @@ MEASURES: tuple[tuple[str, str, float, str], ...] = (
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--regimes", default=",".join(REGIMES), help="comma-separated, from " + ",".join(REGIMES))
+    parser.add_argument("--regimes", default=",".join(BENCHMARK_REGIMES),
+                        help="comma-separated, from " + ",".join(REGIMES))
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ",".join(METHODS))
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--data-dir", default=None, help="folder with the full Fashion-MNIST (default: the subset "
