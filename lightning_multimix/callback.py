@@ -133,9 +133,7 @@ class MultiMix(Callback):
         self._own_step: Any = None
         self._health: Optional[HealthFlag] = None
         self._counts: dict[str, int] = dict.fromkeys(KINDS, 0)
-        self._window: Optional[Tensor] = None  # the optimised loss summed since the last log, and over the epoch
-        self._epoch: Optional[Tensor] = None
-        self._window_count = self._epoch_count = self._epoch_batches = 0
+        self.on_train_epoch_start(None, None)  # the optimised loss summed since the last log, and over the epoch
 
     @property
     def batch_counts(self) -> dict[str, int]:
@@ -272,8 +270,7 @@ class MultiMix(Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._swap(pl_module, False)
 
-    on_test_epoch_start = on_validation_epoch_start
-    on_test_epoch_end = on_validation_epoch_end
+    on_test_epoch_start, on_test_epoch_end = on_validation_epoch_start, on_validation_epoch_end
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -321,6 +318,8 @@ class MultiMix(Callback):
         # `log_every_n_steps` batches and at an epoch's last batch (the progress bar shows it); the epoch's mean is
         # logged once, averaged over processes, at the epoch's end (benchmarks/overhead.py measures the difference)
         detached = loss.detach()
+        if detached.device.type == "cpu":
+            detached = float(detached)  # a Python float on CPU: cheaper than a tensor addition per step
         self._window = detached if self._window is None else self._window + detached
         self._epoch = detached if self._epoch is None else self._epoch + detached
         self._window_count, self._epoch_count = self._window_count + 1, self._epoch_count + 1
@@ -345,9 +344,7 @@ class MultiMix(Callback):
                           sync_dist=True)
 
     def _read_health(self, global_step: int) -> None:
-        if self._health is None:
-            return
-        ignored = self._health.raise_if_unhealthy(global_step, self._head_path)
+        ignored = self._health.raise_if_unhealthy(global_step, self._head_path) if self._health is not None else 0
         if ignored:
             rank_zero_info(f"MultiMix: {ignored} training example(s) so far with label {self.ignore_index} "
                            "(`ignore_index`) were left out of the mixing, as your loss ignores them.")
