@@ -185,7 +185,8 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def median_ci(values: Sequence[float], level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+def median_ci(values: Sequence[float], level: float = 0.95, resamples: int = 2000,
+              seed: int = 0) -> tuple[float, float]:
     """Bootstrap confidence interval of the median (percentile method, seeded)."""
     if len(values) < 2:
         return float("nan"), float("nan")

@@ -63,7 +63,6 @@ from benchmarks._timing import (
     run_interleaved,
     set_clock,
     synchronize,
-    time_interleaved,
 )
 from lightning_multimix import Dense, MultiMix, SelfDistillation
 from lightning_multimix.batch import InputMixer
