@@ -69,7 +69,7 @@ from lightning_multimix.batch import InputMixer
 from lightning_multimix.demo.models import PreActResNet18, SmallCNN
 from lightning_multimix.objective import TeacherOutputs, mixup_objective, multimix_objective
 from lightning_multimix.sampling import dirichlet_weights, pair_weights
-from lightning_multimix.teacher import EMATeacher
+from lightning_multimix.teacher import Distiller
 
 NUM_CLASSES, MB = 10, 2.0**20
 
@@ -200,7 +200,9 @@ def core_table(methods: Sequence[Method], args: argparse.Namespace, device: torc
         raw_map.remove()
     feature_map = net.pool.seen.flatten(2).transpose(1, 2).contiguous()
     del features
-    teacher = EMATeacher(net).to(device)
+    distiller = Distiller(SelfDistillation())  # the teacher as the package builds it (channels-last on CPU)
+    distiller.attach(net, device)
+    teacher = distiller.teacher
     generator = torch.Generator(device=device)
     out: dict[str, dict[str, list[float]]] = {}
 

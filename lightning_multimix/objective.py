@@ -254,18 +254,23 @@ def _dense_objective(weights: Tensor, labels: Tensor, features: Tensor, head: He
     _check_rows("feature_map", features, labels)
     linear = isinstance(head, nn.Linear)
     affine = linear if affine_head is None else affine_head
+    position_logits = None
+    if affine:  # the head at every position of the real examples, needed anyway: the class scores come from it
+        position_logits = F.linear(features, head.weight, head.bias) if linear else per_position(head, features)
     with torch.no_grad():
-        if linear:
+        own_class = labels.view(-1, 1, 1).expand(-1, features.shape[1], 1)
+        if linear and position_logits is not None:  # F_ij . W[y_i]: the logit without its bias, as in CAM
+            scores = position_logits.detach().float().gather(-1, own_class)[..., 0]
+            scores = scores - head.bias[labels, None].float() if head.bias is not None else scores
+        elif linear:
             scores = class_scores(features, head.weight, labels)
-            num_classes = head.out_features
         else:
-            own = per_position(head, features).float()
-            num_classes = own.shape[-1]
-            scores = own.gather(-1, labels.view(-1, 1, 1).expand(-1, features.shape[1], 1))[..., 0]
+            logits_here = position_logits if position_logits is not None else per_position(head, features)
+            scores = logits_here.detach().float().gather(-1, own_class)[..., 0]
+        num_classes = head.out_features if linear else logits_here.shape[-1]
         weights_per_position = attention_from_scores(scores, attention, mask)
     targets = _targets(labels, num_classes, teacher)
-    if affine:
-        position_logits = F.linear(features, head.weight, head.bias) if linear else per_position(head, features)
+    if position_logits is not None:
         return factorised_dense_logit_loss(position_logits, targets, weights, weights_per_position, label_smoothing,
                                            mask)
     if mask is None:
