@@ -91,12 +91,18 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: O
     return "\n".join(lines)
 
 
-def write_csv(path: Path, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+def write_csv(path: Path, headers: Sequence[str], rows: Sequence[Sequence[Any]], preamble: str = "") -> None:
+    """A CSV file; ``preamble`` (e.g. :func:`results_header`) goes first as ``# `` comment lines."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as handle:
+        handle.write(_comment(preamble))
         writer = csv.writer(handle)
         writer.writerow(headers)
         writer.writerows(rows)
+
+
+def _comment(text: str) -> str:
+    return "".join(f"# {line}\n" for line in text.splitlines())
 
 
 def command_line() -> str:
@@ -142,19 +148,21 @@ def run_tasks(fn: Callable[..., dict[str, Any]], tasks: Sequence[tuple], jobs: i
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
-    """Rows of a CSV file with a header, or none if it does not exist."""
+    """Rows of a CSV file with a header (after its ``# `` comment lines), or none if it does not exist."""
     if not path.exists():
         return []
     with open(path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+        return list(csv.DictReader(line for line in handle if not line.startswith("# ")))
 
 
-def append_csv(path: Path, headers: Sequence[str], row: Iterable[Any]) -> None:
-    """Append one row, writing the header first when the file is new (partial results survive a crash)."""
+def append_csv(path: Path, headers: Sequence[str], row: Iterable[Any], preamble: str = "") -> None:
+    """Append one row, writing ``preamble`` (comment lines) and the header first when the file is new (partial
+    results survive a crash)."""
     new = not path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         if new:
+            handle.write(_comment(preamble))
             writer.writerow(headers)
         writer.writerow(list(row))

@@ -248,7 +248,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              if (regime, method, seed) not in finished]
     started = time.perf_counter()
     for run in run_tasks(run_one, tasks, args.jobs, _init_worker, (args.data_dir, args.threads, args.quick)):
-        append_csv(runs_path, RUN_KEYS, [run[key] for key in RUN_KEYS])
+        append_csv(runs_path, RUN_KEYS, [run[key] for key in RUN_KEYS], preamble=results_header(info, settings))
         done.append(run)
         print(f"  {run['regime']:>8} {run['method']:>14} seed {run['seed']}: last {100 * float(run['test_acc']):.2f}%"
               f"  best {100 * float(run['best_acc']):.2f}%  ECE {float(run['ece']):.3f}  "
@@ -261,7 +261,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = "\n\n".join(tables + ([goal] if goal else []))
     print("\n" + report + f"\n\nwall time of this invocation: {total / 60:.1f} min")
     summary_keys = ["regime", "method", "runs"] + [f"{key}_{s}" for _, key, _, _ in MEASURES for s in ("mean", "std")]
-    write_csv(out / "accuracy_summary.csv", summary_keys, [[row[k] for k in summary_keys] for row in summary])
+    write_csv(out / "accuracy_summary.csv", summary_keys, [[row[k] for k in summary_keys] for row in summary],
+              preamble=results_header(info, settings))
     (out / "accuracy.md").write_text(results_header(info, settings) + "\n```\n" + report + "\n```\n")
     png = plot(summary, regimes, out / "accuracy.png", f"{settings}\n{info['date']}, {info['cpu']}")
     print(f"wrote {runs_path}, {out / 'accuracy_summary.csv'}, {out / 'accuracy.md'}, {png}")

@@ -335,7 +335,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         write_csv(out / f"{stem}.csv", ["method", "ms", "extra_ms", "ratio", "low", "high", "target", "met",
                                         "extra_mb"], [[r[k] for k in ("method", "ms", "extra_ms", "ratio", "low",
                                                                       "high", "target", "met", "extra_mb")]
-                                                      for r in rows])
+                                                      for r in rows], preamble=results_header(info, settings))
         print(f"wrote {out / (stem + '.md')}, {out / (stem + '.csv')}")
     return 0
 

@@ -154,7 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              if (config, seed) not in finished]
     started = time.perf_counter()
     for run in run_tasks(run_one, tasks, args.jobs, accuracy._init_worker, (None, args.threads, args.quick)):
-        append_csv(runs_path, RUN_KEYS, [run[key] for key in RUN_KEYS])
+        append_csv(runs_path, RUN_KEYS, [run[key] for key in RUN_KEYS], preamble=results_header(info, settings))
         done.append(run)
         print(f"  {run['config']:>16} seed {run['seed']}: last {100 * float(run['test_acc']):.2f}%  best "
               f"{100 * float(run['best_acc']):.2f}%  ({float(run['wall_seconds']):.0f} s)", flush=True)
