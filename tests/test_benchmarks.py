@@ -6,7 +6,6 @@ runs of several Trainers (about a minute each on 2 CPU cores), hence ``slow``.
 
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
@@ -15,8 +14,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-OVERHEAD_METHODS = ("none", "mixup", "cutmix", "pairs", "multimix-128", "multimix-1000", "multimix-10000", "dense-1000",
-                    "distill-1000")
+sys.path.insert(0, str(REPO))
+from benchmarks._harness import read_csv  # noqa: E402
+OVERHEAD_METHODS = ("none", "mixup", "cutmix", "input-mixup", "pairs", "multimix-1000", "multimix-10000",
+                    "protocol-1000", "dense-1000", "dense-10000", "distill-1000")
 ACCURACY_METHODS = ("erm", "mixup", "cutmix", "pairs", "multimix", "multimix_every", "dense", "distill")
 REGIMES = ("clean", "low_data", "noisy")
 SWEEP_CONFIGS = ("default", "alpha=0.1", "alpha=0.5", "alpha=2", "tuple_size=2", "tuple_size=4", "tuple_size=8",
@@ -43,19 +44,28 @@ def _table_rows(stdout: str, title_start: str) -> list[list[str]]:
 
 
 @pytest.mark.slow
-def test_overhead_quick_prints_every_method_and_writes_csv(tmp_path: Path) -> None:
+def test_overhead_quick_prints_every_method_and_writes_files(tmp_path: Path) -> None:
     stdout = _run("benchmarks/overhead.py", "--quick", "--out", str(tmp_path))
     assert "machine: " in stdout and "torch=" in stdout
-    for model in ("smallcnn", "preactresnet18"):
-        trainer_rows = _table_rows(stdout, f"== Trainer step, {model}")
-        assert [row[1] for row in trainer_rows] == list(OVERHEAD_METHODS)
-        core_rows = _table_rows(stdout, f"== The core alone (ms, medians of 3), {model}")
-        assert [row[1] for row in core_rows] == list(OVERHEAD_METHODS)
-    with open(tmp_path / "overhead_smallcnn-preactresnet18_trainer.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert [row["method"] for row in rows] == list(OVERHEAD_METHODS) * 2
-    for kind in ("core", "steps"):
-        assert (tmp_path / f"overhead_smallcnn-preactresnet18_{kind}.csv").stat().st_size > 0
+    rows = _table_rows(stdout, "== Trainer step, smallcnn")
+    assert [row[0] for row in rows] == list(OVERHEAD_METHODS)
+    core = _table_rows(stdout, "== Where the time goes")
+    assert [row[0] for row in core] == [m for m in OVERHEAD_METHODS if m not in ("none", "mixup", "cutmix")]
+    header = (tmp_path / "overhead_smallcnn_cpu.md").read_text().splitlines()
+    assert header[0].startswith("command: python benchmarks/overhead.py --quick") and header[1].startswith("date: ")
+    with open(tmp_path / "overhead_smallcnn_cpu.csv", newline="") as handle:
+        lines = handle.read().splitlines()
+    assert lines[0].startswith("# command: ") and [line.split(",")[0] for line in lines[5:]] == list(OVERHEAD_METHODS)
+
+
+@pytest.mark.slow
+def test_sampling_and_cross_entropy_scripts_report_their_candidates(tmp_path: Path) -> None:
+    stdout = _run("benchmarks/cross_entropy.py", "--repeats", "3", "--out", str(tmp_path))
+    assert "F.cross_entropy (ms)" in stdout and (tmp_path / "cross_entropy.md").exists()
+    stdout = _run("benchmarks/sampling.py", "--n", "100", "--out", str(tmp_path))
+    for candidate in ("-log(U) (package)", "-log1p(-U)", "exponential_", "distributions.Dirichlet"):
+        assert candidate in stdout
+    assert (tmp_path / "sampling.md").read_text().startswith("command: ")
 
 
 @pytest.mark.slow
@@ -72,16 +82,15 @@ def test_accuracy_quick_prints_every_regime_and_method_and_writes_files(tmp_path
     assert header[0] == f"command: python benchmarks/accuracy.py --quick --out {tmp_path}"
     assert header[1].startswith("date: ") and header[2].startswith("machine: ")
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with open(tmp_path / "accuracy_runs.csv", newline="") as handle:
-        runs = list(csv.DictReader(handle))
+    assert (tmp_path / "accuracy_runs.csv").read_text().startswith("# command: python benchmarks/accuracy.py")
+    runs = read_csv(tmp_path / "accuracy_runs.csv")
     assert sorted((run["regime"], run["method"]) for run in runs) == sorted(
         (regime, method) for regime in REGIMES for method in ACCURACY_METHODS)
     assert all(0.0 <= float(run["test_acc"]) <= float(run["best_acc"]) <= 1.0 for run in runs)
     # --resume keeps the finished runs and trains nothing more
     again = _run("benchmarks/accuracy.py", "--quick", "--resume", "--out", str(tmp_path))
     assert f"resuming: {len(runs)} run(s)" in again
-    with open(tmp_path / "accuracy_runs.csv", newline="") as handle:
-        assert len(list(csv.DictReader(handle))) == len(runs)
+    assert len(read_csv(tmp_path / "accuracy_runs.csv")) == len(runs)
 
 
 @pytest.mark.slow
