@@ -120,8 +120,7 @@ class MultiMix(Callback):
         self.dense, self.distill = dense, distill
         self.sync_batch, self.seed, self.check_every_n_steps = sync_batch, seed, check_every_n_steps
         # state that lives across fits and in checkpoints
-        self._base_seed: Optional[int] = None
-        self._batches_seen = 0
+        self._base_seed, self._batches_seen = None, 0
         self._distiller = Distiller(distill) if distill is not None else None
         # state of one fit, built in setup/on_fit_start, removed in teardown
         self._head_path: Optional[str] = None
@@ -131,9 +130,10 @@ class MultiMix(Callback):
         self._step: Optional[TrainingStep] = None
         self._wrapped: Optional[pl.LightningModule] = None
         self._own_step: Any = None
+        self._window = self._epoch = None  # the optimised loss summed since the last log, and over the epoch
+        self._window_count = self._epoch_count = self._epoch_batches = 0
         self._health: Optional[HealthFlag] = None
         self._counts: dict[str, int] = dict.fromkeys(KINDS, 0)
-        self.on_train_epoch_start(None, None)  # the optimised loss summed since the last log, and over the epoch
 
     @property
     def batch_counts(self) -> dict[str, int]:

@@ -23,8 +23,9 @@ TINY = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermed
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
-def bert(num_labels: int = 3) -> nn.Module:
-    config = transformers.BertConfig(vocab_size=50, max_position_embeddings=32, num_labels=num_labels, **TINY)
+def bert(num_labels: int = 3, dropout: float = 0.0) -> nn.Module:
+    options = {**TINY, "hidden_dropout_prob": dropout}  # the dropout before the classifier (BERT's default is 0.1)
+    config = transformers.BertConfig(vocab_size=50, max_position_embeddings=32, num_labels=num_labels, **options)
     return transformers.BertForSequenceClassification(config)
 
 
@@ -89,7 +90,8 @@ def test_sequence_classifier_dict_batches_and_model_output_logits():
 def test_token_ids_fall_back_to_last_layer_pairs_with_distillation(caplog):
     callback = MultiMix(n_tuples=8, seed=0, distill=SelfDistillation(warmup_steps=0))
     with caplog.at_level(logging.INFO):
-        quiet_trainer([callback], max_steps=4, max_epochs=-1).fit(HFModule(bert()), DataLoader(text(), batch_size=4))
+        quiet_trainer([callback], max_steps=4, max_epochs=-1).fit(HFModule(bert(dropout=0.1)),
+                                                                  DataLoader(text(), batch_size=4))
     counts = callback.batch_counts
     assert counts["input_mixup"] == 0 and counts["pairs"] > 0 and counts["pairs"] + counts["multimix"] == 4
     assert any("cannot be interpolated" in r.getMessage() for r in caplog.records)
