@@ -84,8 +84,8 @@ class TrainingStep:
         index = callback._next_batch()
         kind = self.kind(index, trainer.global_rank)
         batch = args[0] if args else kwargs["batch"]
-        declared = hasattr(module, "multimix_labels")
-        labels = check_labels(module.multimix_labels(batch) if declared else default_labels(batch))
+        named_labels = hasattr(module, "multimix_labels")
+        labels = check_labels(module.multimix_labels(batch) if named_labels else default_labels(batch))
         if kind != "own_loss" and callback.sync_batch and trainer.world_size > 1:
             _check_equal_batch_sizes(module, labels.shape[0])  # every process, before any may take another way
         if kind != "own_loss" and labels.shape[0] < 2:
@@ -111,8 +111,8 @@ class TrainingStep:
         probe = None
         if self.capture is None:
             dense = callback.dense
-            declared = declared_feature_map(module, dense.feature_map) if dense is not None else None
-            probe = HeadProbe(module, dense=dense is not None, feature_maps=(declared,) if declared else ())
+            named_map = declared_feature_map(module, dense.feature_map) if dense is not None else None
+            probe = HeadProbe(module, dense=dense is not None, feature_maps=(named_map,) if named_map else ())
         try:
             with probe if probe is not None else self.capture:
                 output = self.original(*args, **kwargs)
@@ -123,7 +123,7 @@ class TrainingStep:
                 raise MultiMixError(f"`training_step` returned {type(output).__name__}; MultiMix needs a loss tensor "
                                     "or a dict with 'loss'.")
             capture = self._adopt(probe) if probe is not None else self.capture
-            loss = self._loss(kind, capture, labels, mixer, user_loss, declared)
+            loss = self._loss(kind, capture, labels, mixer, user_loss, named_labels)
         finally:
             if probe is not None:
                 probe.remove()

@@ -374,3 +374,19 @@ def test_ddp_subclasses_named_for_sharding_are_refused():
 
     with pytest.raises(MultiMixError, match="got DeepSpeedStrategy"):
         MultiMix().setup(types.SimpleNamespace(strategy=DeepSpeedStrategy(), world_size=1), TinyMLP(), "fit")
+
+
+def test_labels_named_by_the_mixin_are_not_second_guessed(recwarn):
+    """A user who names the labels and adds label smoothing to their loss gets no warning (the check is for labels
+    MultiMix had to guess), also when the head is found on the first batch."""
+
+    class Smoothed(MultiMixMixin, TinyMLP):
+        def multimix_labels(self, batch):
+            return batch[1]
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self(x), y, label_smoothing=0.2)
+
+    trainer([MultiMix(n_tuples=8, seed=0)], max_steps=2).fit(Smoothed(), loader(n=8, batch_size=4))
+    assert not [w for w in recwarn if "not the cross-entropy" in str(w.message)]
