@@ -26,6 +26,7 @@ from lightning_multimix.heads import (
     is_affine,
     resolve_feature_map,
 )
+from lightning_multimix.loss_log import LossLog
 from lightning_multimix.options import Dense, SelfDistillation, validate_multimix
 from lightning_multimix.sampling import dirichlet_weights, pair_weights
 from lightning_multimix.step import KINDS, TrainingStep, check_supported
@@ -65,7 +66,8 @@ class MultiMix(Callback):
             interpolated, such as integer token ids, fall back to ``"pairs"``, said once in the log); ``"pairs"``:
             last-layer pairs; ``"own_loss"``: your ``training_step``'s own loss. Not with ``probability=1``.
         mixup_alpha: ``Beta(mixup_alpha, mixup_alpha)`` of the other batches (input mixup or pairs); ``None``: 1.0.
-            Not when the other batches are not mixed.
+            Not when the other batches are not mixed. With ``mode="pairs"``, other batches that fall back to pairs
+            (inputs that cannot be interpolated) are ``mode``'s pairs and take ``alpha``.
         clean_loss_weight: adds this times your own loss on the batches mixed at the last layer (your step ran on
             clean inputs there; input-mixup batches have no clean forward and train on the mixup loss alone).
         label_smoothing: label smoothing of the interpolated targets.
@@ -130,8 +132,7 @@ class MultiMix(Callback):
         self._step: Optional[TrainingStep] = None
         self._wrapped: Optional[pl.LightningModule] = None
         self._own_step: Any = None
-        self._window = self._epoch = None  # the optimised loss summed since the last log, and over the epoch
-        self._window_count = self._epoch_count = self._epoch_batches = 0
+        self._loss_log = LossLog()
         self._health: Optional[HealthFlag] = None
         self._counts: dict[str, int] = dict.fromkeys(KINDS, 0)
 
@@ -238,6 +239,11 @@ class MultiMix(Callback):
             self._wrapped = None
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._distiller is not None:  # the step counter is restored by now; a new fit may start it again at 0
+            self._distiller.start(trainer.global_step)
+
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self._distiller is not None:
@@ -302,7 +308,7 @@ class MultiMix(Callback):
     def _next_batch(self) -> int:
         """The index of the batch starting now (the random stream is a pure function of it: resume is exact)."""
         self._batches_seen += 1
-        self._epoch_batches += 1
+        self._loss_log.epoch_batches += 1
         return self._batches_seen - 1
 
     def _after_step(self, pl_module: pl.LightningModule, loss: Tensor, labels: Tensor, num_classes: int, index: int,
@@ -313,38 +319,25 @@ class MultiMix(Callback):
         trainer = pl_module.trainer
         if first or self._health.read_due(index, loss.device):
             self._read_health(trainer.global_step)
-        # `self.log` costs about a millisecond a call (more than MultiMix's own arithmetic at n = 1000): the loss is
-        # summed on the device at every batch and logged as the mean since the last log, at the first batch, every
-        # `log_every_n_steps` batches and at an epoch's last batch (the progress bar shows it); the epoch's mean is
-        # logged once, averaged over processes, at the epoch's end (benchmarks/overhead.py measures the difference)
-        detached = loss.detach()
-        if detached.device.type == "cpu":
-            detached = float(detached)  # a Python float on CPU: cheaper than a tensor addition per step
-        self._window = detached if self._window is None else self._window + detached
-        self._epoch = detached if self._epoch is None else self._epoch + detached
-        self._window_count, self._epoch_count = self._window_count + 1, self._epoch_count + 1
-        last = self._epoch_batches == trainer.num_training_batches
-        if first or last or self._epoch_batches % max(1, trainer.log_every_n_steps) == 0:
-            pl_module.log("multimix/loss", self._window / self._window_count, on_step=True, on_epoch=False,
-                          prog_bar=True, batch_size=labels.shape[0])
+        self._loss_log.add(loss)  # logged as the mean since the last log (`lightning_multimix.loss_log`)
+        if self._loss_log.due(trainer, first):
+            pl_module.log("multimix/loss", self._loss_log.take_window(), on_step=True, on_epoch=False, prog_bar=True,
+                          batch_size=labels.shape[0])
             if self._distiller is not None:
                 pl_module.log("multimix/distill_weight", self._distiller.beta(trainer.global_step), on_step=True,
                               on_epoch=False, batch_size=labels.shape[0])
-            self._window, self._window_count = None, 0
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._window = self._epoch = None
-        self._window_count = self._epoch_count = self._epoch_batches = 0
+        self._loss_log.start_epoch()
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._epoch is not None:
-            pl_module.log("multimix/loss_epoch", self._epoch / self._epoch_count, on_step=False, on_epoch=True,
-                          sync_dist=True)
+        self._loss_log.log_epoch(trainer, pl_module)
 
     def _read_health(self, global_step: int) -> None:
         ignored = self._health.raise_if_unhealthy(global_step, self._head_path) if self._health is not None else 0
         if ignored:
             rank_zero_info(f"MultiMix: {ignored} training example(s) so far with label {self.ignore_index} "
                            "(`ignore_index`) were left out of the mixing, as your loss ignores them.")
+

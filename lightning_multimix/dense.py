@@ -173,10 +173,11 @@ def factorised_dense_logit_loss(
     dense_weights(weights, attention))``. With ``D = Lambda^T A`` (the normaliser of :func:`dense_weights`, ``n x
     r``), ``sum_i w_ikj v_ij = (sum_i lambda_ik a_ij v_ij) / D_kj``: matrix products ``(r*c x m) @ (m x n)`` of the
     attention-weighted logits and targets, then a division. Where no example of a tuple has attention at a position
-    (``D_kj = 0``), :func:`dense_weights` falls back to the plain weights ``lambda``; here every attention gets a floor
-    of ``1e-20``, which gives exactly those weights there (``lambda_ik eps / sum_i lambda_ik eps``) and changes no
-    other weight in float32 (``eps`` is below the last bit of any attention that is not zero), so no second product
-    is needed for the fallback. Extra memory ``O(r*c*n)`` instead of ``O(m*n*r)``.
+    (``D_kj = 0``), :func:`dense_weights` falls back to the plain weights ``lambda``; here an attention of exactly zero
+    becomes ``1e-20``, which gives exactly those weights there (``lambda_ik eps / sum_i lambda_ik eps``) and changes
+    no other weight in float32 as long as the positive attentions at a position are above about ``1e-13`` (``eps``
+    is then below their last bit), so no second product is needed for the fallback. Extra memory ``O(r*c*n)``
+    instead of ``O(m*n*r)``.
 
     Args:
         position_logits: ``(m, r, c)`` the head's logits at every position of the ``m`` real examples.
@@ -201,7 +202,8 @@ def factorised_dense_logit_loss(
         return (values.reshape(m, -1).T @ weights).view(values.shape[1], values.shape[2], -1)
 
     with full_precision(position_logits):
-        a = attention.detach().to(dtype) + ATTENTION_FLOOR
+        a = attention.detach().to(dtype)
+        a = torch.where(a > 0, a, ATTENTION_FLOOR)
         a = (a if mask is None else a * mask.to(dtype)).unsqueeze(-1)  # (m, r, 1)
         logits = position_logits.to(dtype)
         with torch.no_grad():
@@ -254,7 +256,7 @@ def masked_dense_weights(weights: Tensor, attention: Tensor, mask: Tensor) -> tu
         >>> w[:, 0, 0], valid
         (tensor([0.5000, 0.5000]), tensor([[ True, False]]))
     """
-    a = (attention.to(weights.dtype) + ATTENTION_FLOOR) * mask.to(weights.dtype)
+    a = torch.where(attention > 0, attention.to(weights.dtype), ATTENTION_FLOOR) * mask.to(weights.dtype)
     raw = weights.unsqueeze(-1) * a.unsqueeze(1)
     total = raw.sum(0, keepdim=True)
     return raw / total.clamp_min(torch.finfo(raw.dtype).tiny), total[0] > 0

@@ -210,7 +210,7 @@ def mixup_objective(
         return soft_cross_entropy(logits, targets, label_smoothing)
     counts = (keep & keep[partner]).float()
     per_example = F.cross_entropy(logits.float(), targets, reduction="none", label_smoothing=label_smoothing)
-    return (per_example * counts).sum() / counts.sum()
+    return (per_example * counts).sum() / counts.sum().clamp_min(1.0)  # nothing kept: 0, as multimix_objective
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -258,6 +258,7 @@ def _dense_objective(weights: Tensor, labels: Tensor, features: Tensor, head: He
     if affine:  # the head at every position of the real examples, needed anyway: the class scores come from it
         position_logits = F.linear(features, head.weight, head.bias) if linear else per_position(head, features)
     with torch.no_grad():
+        labels = labels.clamp_min(0)  # a left-out example (ignore index) has weight 0; any class reads its scores
         own_class = labels.view(-1, 1, 1).expand(-1, features.shape[1], 1)
         if linear and position_logits is not None:  # F_ij . W[y_i]: the logit without its bias, as in CAM
             scores = position_logits.detach().float().gather(-1, own_class)[..., 0]

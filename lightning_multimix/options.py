@@ -175,7 +175,13 @@ def validate_multimix(n_tuples: Optional[int], alpha: float, mode: str, tuple_si
     if probability == 1.0:
         not_applying += [f"`{n}={v!r}` (probability=1.0: every batch is mixed by {mode!r})" for n, v in
                          (("other_batches", other_batches), ("mixup_alpha", mixup_alpha)) if v is not None]
-    elif other_batches == "own_loss" and mixup_alpha is not None:
+    elif probability == 0.0:
+        if other_batches == "own_loss":
+            raise ValueError("MultiMix: `probability=0.0` with `other_batches='own_loss'` mixes no batch at all. "
+                             "Remove the callback for plain training, or set probability > 0.")
+        not_applying += [f"`{n}={v!r}` (probability=0.0: no batch is mixed by {mode!r})" for n, v in
+                         (("n_tuples", n_tuples), ("tuple_size", tuple_size), ("dense", dense)) if v is not None]
+    if probability < 1.0 and other_batches == "own_loss" and mixup_alpha is not None:
         not_applying.append(f"`mixup_alpha={mixup_alpha!r}` (other_batches='own_loss' does not mix them)")
     if dense is not None and distill is not None and distill.targets == "logits":
         not_applying.append("`SelfDistillation(targets='logits')` with `Dense` (dense takes targets='probs': the "

@@ -24,6 +24,7 @@ from lightning_multimix.batch import InputMixer, check_labels, default_labels, d
 from lightning_multimix.capture import StepCapture
 from lightning_multimix.errors import MultiMixError
 from lightning_multimix.heads import declared_feature_map
+from lightning_multimix.mixin import MultiMixMixin
 from lightning_multimix.objective import TeacherOutputs, mixup_objective, multimix_objective
 from lightning_multimix.probe import HeadProbe
 from lightning_multimix.sampling import step_seed
@@ -84,8 +85,10 @@ class TrainingStep:
         index = callback._next_batch()
         kind = self.kind(index, trainer.global_rank)
         batch = args[0] if args else kwargs["batch"]
-        named_labels = hasattr(module, "multimix_labels")
-        labels = check_labels(module.multimix_labels(batch) if named_labels else default_labels(batch))
+        named_labels = getattr(type(module), "multimix_labels", MultiMixMixin.multimix_labels) is not \
+            MultiMixMixin.multimix_labels  # labels the user names (not the mixin's default) are not checked
+        read_labels = getattr(module, "multimix_labels", default_labels)
+        labels = check_labels(read_labels(batch))
         if kind != "own_loss" and callback.sync_batch and trainer.world_size > 1:
             _check_equal_batch_sizes(module, labels.shape[0])  # every process, before any may take another way
         if kind != "own_loss" and labels.shape[0] < 2:
@@ -165,7 +168,8 @@ class TrainingStep:
             teacher = callback.distiller.outputs(*capture.model_inputs(), self.module.trainer.global_step,
                                                  with_embeddings)
         keep = None if callback.ignore_index is None else labels != callback.ignore_index
-        if keep is not None and keep.device.type == "cpu" and bool(keep.all()):
+        gathering = callback.sync_batch and self.module.trainer.world_size > 1  # every process the same calls
+        if keep is not None and not gathering and keep.device.type == "cpu" and bool(keep.all()):
             keep = None  # nothing to leave out: on CPU reading that is free, and it saves a pass over the weights
         if mixer is not None:
             return mixup_objective(logits, labels, *mixer.draw, teacher=teacher, keep=keep,
@@ -204,8 +208,11 @@ class TrainingStep:
             def gather(t: Optional[Tensor]) -> Optional[Tensor]:
                 return None if t is None else module.all_gather(t, sync_grads=True).flatten(0, 1)
 
-            embeddings, logits, labels, keep, features, mask = map(
-                gather, (embeddings, logits, labels, keep, features, mask))
+            # what the objective reads, and only that: the same collectives on every process
+            logit_path = features is None and callback._in_logit_space
+            embeddings = None if logit_path or features is not None else gather(embeddings)
+            logits = gather(logits) if logit_path else None
+            labels, keep, features, mask = map(gather, (labels, keep, features, mask))
             if teacher is not None:
                 teacher = dataclasses.replace(teacher, logits=gather(teacher.logits),
                                               embeddings=gather(teacher.embeddings))
@@ -251,8 +258,9 @@ def check_supported(trainer: "pl.Trainer", module: "pl.LightningModule") -> None
             "`lightning_multimix.multimix_objective` in your own step instead."
         )
     strategy = trainer.strategy
-    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or type(strategy).__name__.startswith(
-            ("FSDP", "DeepSpeed", "ModelParallel", "XLA")):
+    name = type(strategy).__name__
+    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or "XLA" in name or name.startswith(
+            ("FSDP", "DeepSpeed", "ModelParallel")):
         raise MultiMixError(
             f"MultiMix supports single-device training and DDP (strategy='ddp', 'ddp_spawn', ...); got "
             f"{type(strategy).__name__}, whose sharded or replaced parameters it has not been made to work with. "

@@ -67,6 +67,8 @@ class EMATeacher:
         self.decay = decay
         self.warmup = warmup
         self.num_updates = 0
+        #: float32 copies of half-precision parameters, which the EMA moves (see :meth:`update`)
+        self.masters: Optional[list[Tensor]] = None
         self.module = copy.deepcopy(model)
         self.module.requires_grad_(False)
         self.module.eval()
@@ -86,8 +88,18 @@ class EMATeacher:
             )
         floating = [(t, s) for t, s in zip(teacher_params, student_params) if t.is_floating_point()]
         if floating:
-            teachers, students = zip(*floating)
-            get_ema_multi_avg_fn(self.decay_now())(list(teachers), list(students), None)
+            teachers, students = map(list, zip(*floating))
+            average = get_ema_multi_avg_fn(self.decay_now())
+            if self.masters is None and any(t.dtype in (torch.float16, torch.bfloat16) for t in teachers):
+                # in half precision (`precision="bf16-true"`) a step `(1 - decay) * (student - teacher)` is below
+                # the last bit of the teacher for decay near 1, and the teacher would never move: average float32
+                # masters and round them into the teacher
+                self.masters = [t.float().clone() for t in teachers]
+            if self.masters is not None:
+                average(self.masters, [s.float() for s in students], None)
+                torch._foreach_copy_(teachers, self.masters)
+            else:
+                average(teachers, students, None)
         teacher_buffers = list(self.module.buffers())
         if teacher_buffers:
             torch._foreach_copy_(teacher_buffers, [b.detach() for b in model.buffers()])
@@ -95,6 +107,8 @@ class EMATeacher:
 
     def to(self, device: torch.device) -> "EMATeacher":
         self.module.to(device)
+        if self.masters is not None:
+            self.masters = [m.to(device) for m in self.masters]
         return self
 
     @torch.no_grad()
@@ -104,11 +118,14 @@ class EMATeacher:
             teacher_tensor.data, student_tensor.data = student_tensor.data, teacher_tensor.data
 
     def state_dict(self) -> dict[str, Any]:
-        return {"module": self.module.state_dict(), "num_updates": self.num_updates}
+        return {"module": self.module.state_dict(), "num_updates": self.num_updates, "masters": self.masters}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["module"])
         self.num_updates = int(state["num_updates"])
+        masters = state.get("masters")
+        device = next(iter(_tensors(self.module)), torch.empty(0)).device
+        self.masters = None if masters is None else [m.to(device).clone() for m in masters]
 
 
 def _tensors(module: nn.Module) -> list[Tensor]:
@@ -188,9 +205,13 @@ class Distiller:
             targets=self.options.targets, embeddings=self._head.input if with_embeddings else None, head=head,
         )
 
+    def start(self, global_step: int) -> None:
+        """A fit starts (or resumes) at ``global_step``: the next optimizer step updates the teacher."""
+        self.last_update_step = global_step
+
     def update(self, module: nn.Module, global_step: int, world_size: int) -> None:
         """One EMA update per optimizer step (not per batch under gradient accumulation)."""
-        if self.teacher is None or global_step <= self.last_update_step:
+        if self.teacher is None or global_step == self.last_update_step:
             return
         self.teacher.update(module)
         self.last_update_step = global_step
@@ -214,11 +235,10 @@ class Distiller:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_update_step = state.get("last_ema_step", 0)
-        teacher = state.get("teacher")
-        if teacher is not None and self.teacher is not None:
-            self.teacher.load_state_dict(teacher)
-        else:
-            self._pending = teacher
+        # kept until `attach`, which may build a new teacher (a new module) and must give it this state too
+        self._pending = state.get("teacher")
+        if self._pending is not None and self.teacher is not None:
+            self.teacher.load_state_dict(self._pending)
 
 
 def broadcast_buffers(module: nn.Module) -> None:

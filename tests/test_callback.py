@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_multimix import MultiMix, MultiMixError, MultiMixMixin
+from lightning_multimix.step import TrainingStep
 
 NUM_CLASSES, DIM = 3, 8
 
@@ -128,9 +129,10 @@ def test_both_paths_train_to_the_same_weights(logit_space):
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
 
 
-def test_probability_zero_leaves_the_users_training_exactly():
+def test_own_loss_batches_leave_the_users_training_exactly(monkeypatch):
+    monkeypatch.setattr(TrainingStep, "kind", lambda self, index, rank: "own_loss")
     finals = []
-    for callbacks in ([], [MultiMix(probability=0.0, other_batches="own_loss")]):
+    for callbacks in ([], [MultiMix(other_batches="own_loss")]):
         torch.manual_seed(0)
         model = MLP()
         trainer(callbacks=callbacks, max_epochs=2).fit(model, data())
@@ -450,3 +452,30 @@ def test_progress_bar_shows_the_optimised_loss_logged_as_window_means():
         last = max(i for i in expected if i <= index)
         torch.testing.assert_close(torch.as_tensor(value), expected[last].float())
     torch.testing.assert_close(t.callback_metrics["multimix/loss_epoch"], losses.mean())
+
+
+def test_the_loss_reaches_the_loggers_whenever_lightning_logs():
+    """Epochs of 5 batches, ``log_every_n_steps=3``: Lightning logs at global batches 3, 6, 9 (1-based), across
+    epoch boundaries; every one of those logs carries ``multimix/loss``."""
+    from lightning.pytorch.loggers import Logger
+
+    class Memory(Logger):
+        name, version = "memory", 0
+
+        def __init__(self):
+            super().__init__()
+            self.steps = []
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+        def log_metrics(self, metrics, step=None):
+            self.steps.append((step, set(metrics)))
+
+    memory = Memory()
+    t = trainer(callbacks=[MultiMix(n_tuples=8, seed=0)], log_every_n_steps=3, max_epochs=2, logger=memory)
+    t.fit(MLP(), data(n=40, batch_size=8))
+    step_logs = [(step, keys) for step, keys in memory.steps if "multimix/loss_epoch" not in keys]
+    assert [step for step, _ in step_logs] == [2, 5, 8]
+    assert all("multimix/loss" in keys for _, keys in step_logs)
+    assert sum("multimix/loss_epoch" in keys for _, keys in memory.steps) == 2

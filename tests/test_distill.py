@@ -370,3 +370,60 @@ def test_a_callback_reused_on_another_module_builds_a_new_teacher():
     quiet_trainer([callback], max_steps=1).fit(second, loader(x, y, 4))
     for (name, p), q in zip(second.named_parameters(), callback.teacher.module.parameters()):
         torch.testing.assert_close(q, p, msg=f"teacher {name} is not the second module's")
+
+
+def test_a_second_fit_of_the_same_module_keeps_updating_the_teacher():
+    """A new Trainer starts its step count at 0 again: the teacher still takes one update per optimizer step."""
+    callback = MultiMix(distill=SelfDistillation(), n_tuples=4, seed=0)
+    module, (x, y) = Classifier(TinyMLP()), data()
+    quiet_trainer([callback], max_steps=3).fit(module, loader(x, y, 4))
+    quiet_trainer([callback], max_steps=2).fit(module, loader(x, y, 4))
+    assert callback.teacher.num_updates == 5 and callback.distiller.last_update_step == 2
+
+
+def test_a_loaded_state_reaches_the_teacher_of_a_new_module():
+    """``load_state_dict`` on a callback that already has a teacher (of another module) must still reach the teacher
+    built for the module fitted next."""
+    x, y = data(8)
+    torch.manual_seed(0)
+    first = MultiMix(n_tuples=4, seed=0, distill=SelfDistillation(ema_decay=0.5, ema_warmup=False))
+    quiet_trainer([first], max_steps=2).fit(Classifier(TinyMLP()), loader(x, y, batch_size=4))
+    second = MultiMix(n_tuples=4, seed=0, distill=SelfDistillation(ema_decay=0.5, ema_warmup=False))
+    quiet_trainer([second], max_steps=1).fit(Classifier(TinyMLP()), loader(x, y, batch_size=4))
+    second.load_state_dict(pickle.loads(pickle.dumps(first.state_dict())))
+    module = Classifier(TinyMLP())
+    second.setup(quiet_trainer(), module, "fit")
+    second.on_fit_start(quiet_trainer(), module)
+    try:
+        assert second.teacher.num_updates == 2
+        assert torch.equal(second.teacher.module.net.fc.weight, first.teacher.module.net.fc.weight)
+    finally:
+        second._uninstall()
+
+
+def test_a_bf16_teacher_moves_through_float32_masters():
+    """In bfloat16 one EMA step ``(1 - 0.999) * (student - teacher)`` is below the teacher's last bit: without
+    float32 masters the teacher never moves. With them, after k steps towards a student ``delta`` away the master is
+    ``delta * (1 - 0.999**k)`` away from the start, which the bf16 weights show once it passes half a bit."""
+    student = nn.Linear(1, 1, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        student.weight.fill_(1.0)
+    teacher = EMATeacher(student, decay=0.999, warmup=False)
+    delta = 2.0 ** -7  # one bf16 bit at 1.0
+    with torch.no_grad():
+        student.weight.fill_(1.0 + delta)
+    for _ in range(1000):
+        teacher.update(student)
+    expected = 1.0 + delta * (1.0 - 0.999 ** 1000)  # 1.0049, more than half a bit (0.0039) from 1.0
+    assert teacher.masters[0].dtype == torch.float32
+    torch.testing.assert_close(teacher.masters[0].item(), expected, rtol=0, atol=1e-6)
+    assert teacher.module.weight.item() == 1.0 + delta  # rounded to the nearest bf16 value
+    restored = EMATeacher(student, decay=0.999, warmup=False)
+    restored.load_state_dict(teacher.state_dict())
+    assert torch.equal(restored.masters[0], teacher.masters[0])
+
+
+def test_a_float32_teacher_has_no_masters():
+    teacher = EMATeacher(nn.Linear(2, 2), decay=0.9)
+    teacher.update(nn.Linear(2, 2))
+    assert teacher.masters is None

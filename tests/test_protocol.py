@@ -21,6 +21,7 @@ from helpers import TinyCNN, TinyMLP, loader, tensors, trainer
 from helpers_models import Classifier, PooledHead, quiet_trainer
 from lightning_multimix import Dense, MultiMix, MultiMixError, MultiMixMixin, SelfDistillation
 from lightning_multimix.sampling import mixup_pairing, step_seed
+from lightning_multimix.step import TrainingStep
 
 LAM, PARTNER = 0.3, [2, 0, 3, 1]
 
@@ -34,6 +35,12 @@ def fixed_pairing(monkeypatch):
         return torch.tensor(LAM, device=device, dtype=dtype), torch.tensor(PARTNER, device=device)
 
     monkeypatch.setattr(batch_module, "mixup_pairing", fixed)
+
+
+@pytest.fixture
+def input_mixup_only(monkeypatch):
+    """Every batch goes to input mixup whatever the options (dense needs probability > 0 to be accepted)."""
+    monkeypatch.setattr(TrainingStep, "kind", lambda self, index, rank: "input_mixup")
 
 
 class SeeingMLP(TinyMLP):
@@ -101,6 +108,10 @@ def test_defaults_are_the_papers_protocol():
         (dict(other_batches="own_loss", mixup_alpha=0.4), "mixup_alpha=0.4.*own_loss"),
         (dict(mixup_alpha=0.0), "mixup_alpha=0.0"),
         (dict(mixup_alpha=float("nan")), "mixup_alpha=nan"),
+        (dict(probability=0.0, other_batches="own_loss"), "mixes no batch at all"),
+        (dict(probability=0.0, n_tuples=500), "n_tuples=500.*probability=0.0"),
+        (dict(probability=0.0, tuple_size=4), "tuple_size=4.*probability=0.0"),
+        (dict(probability=0.0, dense=Dense()), "dense=Dense.*probability=0.0"),
     ],
 )
 def test_options_that_do_not_apply_are_errors(kwargs, match):
@@ -323,7 +334,7 @@ def test_mixin_returning_none_falls_back_to_pairs():
         def multimix_mix_inputs(self, batch, mix):
             return None
 
-    callback = MultiMix(n_tuples=8, probability=0.0)
+    callback = MultiMix(probability=0.0)
     trainer([callback], max_steps=2).fit(NoInputs(), DataLoader(TwoInputData(), batch_size=2))
     assert callback.batch_counts == {"multimix": 0, "input_mixup": 0, "pairs": 2, "own_loss": 0}
 
@@ -340,7 +351,7 @@ def test_other_batches_pairs_uses_pair_weights():
             seen.append((mode, weights))
             return weights
 
-    callback = Spy(n_tuples=8, seed=0, probability=0.0, other_batches="pairs", mixup_alpha=2.0)
+    callback = Spy(seed=0, probability=0.0, other_batches="pairs", mixup_alpha=2.0)
     trainer([callback], max_steps=3, max_epochs=-1).fit(TinyMLP(), loader(n=16, batch_size=4))
     assert callback.batch_counts["pairs"] == 3 and [mode for mode, _ in seen] == ["pairs"] * 3
     for _, weights in seen:
@@ -374,7 +385,7 @@ def test_distillation_on_an_input_mixup_batch_uses_the_teachers_view_of_the_mixe
     torch.testing.assert_close(returned.losses[0], soft_ce(logits, targets).detach())
 
 
-def test_dense_checks_the_feature_map_on_the_first_batch_even_when_it_is_input_mixed(fixed_pairing):
+def test_dense_checks_the_feature_map_on_the_first_batch_even_when_it_is_input_mixed(fixed_pairing, input_mixup_only):
     class WrongMap(nn.Module):
         def __init__(self):
             super().__init__()
@@ -387,19 +398,21 @@ def test_dense_checks_the_feature_map_on_the_first_batch_even_when_it_is_input_m
             return self.head(self.conv(x))
 
     module = Classifier(WrongMap())
-    callback = MultiMix(probability=0.0, dense=Dense(feature_map="net.other"), head="net.head.fc")
+    callback = MultiMix(dense=Dense(feature_map="net.other"), head="net.head.fc")
     x, y = tensors(4, image=True)
     with pytest.raises(MultiMixError, match="does not match"):
         quiet_trainer([callback], max_steps=1).fit(module, DataLoader(TensorDataset(x, y), batch_size=4))
 
 
-def test_dense_protocol_input_mixup_batches_use_the_pooled_logits(fixed_pairing):
+def test_dense_protocol_input_mixup_batches_use_the_pooled_logits(fixed_pairing, input_mixup_only):
     torch.manual_seed(0)
     model, returned = TinyCNN(lr=0.0), Returned()
     x, y = tensors(4, image=True)
     y = torch.tensor([0, 1, 2, 0])  # tensors(4, image=True) draws four equal labels: mixing them would change nothing
     data = DataLoader(TensorDataset(x, y), batch_size=4)
-    trainer([MultiMix(probability=0.0, dense=Dense()), returned], max_steps=1).fit(model, data)
+    callback = MultiMix(dense=Dense())
+    trainer([callback, returned], max_steps=1).fit(model, data)
+    assert callback.batch_counts["input_mixup"] == 1
     torch.testing.assert_close(returned.losses[0], soft_ce(model(mixed(x)), mixed(torch.eye(3)[y])).detach())
 
 
