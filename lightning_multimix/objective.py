@@ -258,13 +258,13 @@ def _dense_objective(weights: Tensor, labels: Tensor, features: Tensor, head: He
     if affine:  # the head at every position of the real examples, needed anyway: the class scores come from it
         position_logits = F.linear(features, head.weight, head.bias) if linear else per_position(head, features)
     with torch.no_grad():
-        labels = labels.clamp_min(0)  # a left-out example (ignore index) has weight 0; any class reads its scores
-        own_class = labels.view(-1, 1, 1).expand(-1, features.shape[1], 1)
+        readable = labels.clamp_min(0)  # a left-out example (ignore index) has weight 0: any class's scores do
+        own_class = readable.view(-1, 1, 1).expand(-1, features.shape[1], 1)
         if linear and position_logits is not None:  # F_ij . W[y_i]: the logit without its bias, as in CAM
             scores = position_logits.detach().float().gather(-1, own_class)[..., 0]
-            scores = scores - head.bias[labels, None].float() if head.bias is not None else scores
+            scores = scores - head.bias[readable, None].float() if head.bias is not None else scores
         elif linear:
-            scores = class_scores(features, head.weight, labels)
+            scores = class_scores(features, head.weight, readable)
         else:
             logits_here = position_logits if position_logits is not None else per_position(head, features)
             scores = logits_here.detach().float().gather(-1, own_class)[..., 0]

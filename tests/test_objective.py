@@ -135,3 +135,17 @@ def test_labels_must_be_integers_one_per_row():
         multimix_objective(torch.full((6, 4), 1 / 6), torch.zeros(6), logits=torch.zeros(6, 3))
     with pytest.raises(ValueError, match="both `embeddings` and `head`"):
         TeacherOutputs(logits=torch.zeros(2, 3), weight=0.5, embeddings=torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("attention", ["cam", "softmax", "uniform"])
+def test_dense_with_an_ignored_label_equals_dense_on_the_kept_examples(attention):
+    """An example labelled -100 has no weight: the dense loss is the dense loss of the other examples alone."""
+    torch.manual_seed(0)
+    head = nn.Linear(6, 3)
+    features, labels = torch.randn(4, 5, 6), torch.tensor([0, -100, 2, 1])
+    weights = torch.distributions.Dirichlet(torch.ones(4)).sample((7,)).T
+    keep = labels != -100
+    loss = multimix_objective(weights, labels, feature_map=features, head=head, attention=attention, keep=keep)
+    kept = weights[keep] / weights[keep].sum(0, keepdim=True)
+    expected = multimix_objective(kept, labels[keep], feature_map=features[keep], head=head, attention=attention)
+    torch.testing.assert_close(loss, expected)
