@@ -155,6 +155,29 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(line for line in handle if not line.startswith("# ")))
 
 
+def read_preamble(path: Path) -> dict[str, str]:
+    """The ``# key: value`` comment lines at the top of a results CSV (command, date, machine, settings)."""
+    if not path.exists():
+        return {}
+    found = {}
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if not line.startswith("# "):
+                break
+            key, _, value = line[2:].rstrip("\n").partition(": ")
+            found[key] = value
+    return found
+
+
+def resumed_note(path: Path, kept: int) -> str:
+    """Said in the settings of a resumed run: how many runs came from the invocation that started the file."""
+    if not kept:
+        return ""
+    first = read_preamble(path)
+    return (f"; {kept} run(s) from earlier invocation(s), the first `{first.get('command', '?')}` started "
+            f"{first.get('date', '?')}")
+
+
 def append_csv(path: Path, headers: Sequence[str], row: Iterable[Any], preamble: str = "") -> None:
     """Append one row, writing ``preamble`` (comment lines) and the header first when the file is new (partial
     results survive a crash)."""

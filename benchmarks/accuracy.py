@@ -54,6 +54,7 @@ from benchmarks._harness import (
     quiet,
     read_csv,
     results_header,
+    resumed_note,
     run_tasks,
     write_csv,
 )
@@ -197,8 +198,14 @@ def plot(summary: Sequence[dict[str, Any]], regimes: Sequence[str], path: Path, 
                capsize=3)
         ax.plot(names, [r["best_acc_mean"] for r in rows], "k.", label="best epoch")
         top = max(r["best_acc_mean"] for r in rows)
-        low = sorted(r["test_acc_mean"] for r in rows)[len(rows) // 4]  # keep the collapsed methods from flattening
-        ax.set_ylim(max(0.0, low - 8.0), min(100.0, top + 2.0))
+        # the axis starts below every method within 30 points of the best; a collapsed one (further below) would
+        # flatten the others: its bar is cut and its value written at the bottom instead
+        low = max(0.0, min(r["test_acc_mean"] for r in rows if r["test_acc_mean"] > top - 30.0) - 5.0)
+        ax.set_ylim(low, min(100.0, top + 2.0))
+        for i, r in enumerate(rows):
+            if r["test_acc_mean"] < low:
+                ax.annotate(f"{r['test_acc_mean']:.1f}\n(below)", (i, low), xytext=(0, 4), textcoords="offset points",
+                            ha="center", fontsize=7)
         ax.set_title(f"{regime}: {REGIMES[regime].description}", fontsize=8)
         ax.set_ylabel("test accuracy % (last epoch; dot: best)")
         ax.tick_params(axis="x", rotation=45, labelsize=7)
@@ -239,6 +246,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         done = [row for row in read_csv(runs_path) if row["regime"] in regimes and row["method"] in methods
                 and int(row["seed"]) in seeds]
         print(f"resuming: {len(done)} run(s) already in {runs_path}")
+        settings += resumed_note(runs_path, len(done))
     elif runs_path.exists():
         runs_path.unlink()
     finished = {(row["regime"], row["method"], int(row["seed"])) for row in done}

@@ -58,7 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  torch.device("cpu"), args.repeats)
         written, package = median(times["written out"]), median(times["F.cross_entropy"])
         rows.append([name, "x".join(map(str, shape)), f"{written:.3f}", f"{package:.3f}", f"{package / written:.2f}",
-                     f"{float((a - b).abs()):.1e}", f"{float((grad_a - grad_b).abs().max()):.1e}"])
+                     f"{float((a - b).detach().abs()):.1e}", f"{float((grad_a - grad_b).abs().max()):.1e}"])
     table = format_table(("layout", "shape", "written out (ms)", "F.cross_entropy (ms)", "ratio", "|loss diff|",
                           "max |grad diff|"), rows,
                          title="== soft cross-entropy, forward + backward, medians, one thread ==")

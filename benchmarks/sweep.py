@@ -49,6 +49,7 @@ from benchmarks._harness import (
     quiet,
     read_csv,
     results_header,
+    resumed_note,
     run_tasks,
 )
 from lightning_multimix.demo.training import REGIMES, run_method
@@ -147,6 +148,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     done: list[dict[str, Any]] = []
     if args.resume:
         done = [r for r in read_csv(runs_path) if r["config"] in configs and int(r["seed"]) in seeds]
+        settings += resumed_note(runs_path, len(done))
     elif runs_path.exists():
         runs_path.unlink()
     finished = {(r["config"], int(r["seed"])) for r in done}

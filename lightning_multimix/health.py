@@ -45,7 +45,7 @@ class HealthFlag:
         if self.host is not None:
             kept = labels if keep is None else labels[keep]
             if self.host[0] < 0:
-                code = 0 if math.isfinite(float(loss)) else 1
+                code = 0 if math.isfinite(float(loss.detach())) else 1
                 if kept.numel():
                     low, high = torch.aminmax(kept)
                     code += 2 if int(low) < 0 or int(high) >= num_classes else 0

@@ -91,3 +91,15 @@ def test_labels_out_of_range_raise_naming_the_range_and_the_batch(bad_label):
     model = LabelFree()
     with pytest.raises(MultiMixError, match=rf"labels outside \[0, {NUM_CLASSES}\) at training batch 1"):
         trainer([MultiMix(n_tuples=5)], max_steps=4).fit(model, loader(labels=labels))
+
+
+def test_a_fit_on_cpu_emits_no_warning_from_the_package():
+    """Reading the loss on the host must not trigger torch's "Converting a tensor with requires_grad=True to a
+    scalar" warning (it did: ``float(loss)`` on the loss being optimised)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer([MultiMix(n_tuples=8, seed=0)], max_steps=4).fit(TinyMLP(), loader(n=16, batch_size=4))
+    ours = [str(w.message) for w in caught if "lightning_multimix" in w.filename]
+    assert not ours, ours
