@@ -172,8 +172,9 @@ class Distiller:
                 self.teacher.module.__dict__.pop(name, None)
         self.teacher.to(device)
         if device.type == "cpu" and any(p.ndim == 4 for p in self.teacher.module.parameters()):
-            # convolutions on CPU run 2.2x faster in channels-last memory (benchmarks/overhead.py, distill-1000: a
-            # third of a training step to a sixth); same values to float rounding. Only the teacher's private copy.
+            # convolutions on CPU run faster in channels-last memory (benchmarks/overhead.py, distill-1000 on this
+            # project's machine: the teacher's forward took 34.8 ms before, 13.8 ms after); same values to float
+            # rounding. Only the teacher's private copy changes layout.
             self.teacher.module.to(memory_format=torch.channels_last)
         if self._pending is not None:
             self.teacher.load_state_dict(self._pending)
