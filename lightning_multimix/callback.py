@@ -308,7 +308,7 @@ class MultiMix(Callback):
     def _next_batch(self) -> int:
         """The index of the batch starting now (the random stream is a pure function of it: resume is exact)."""
         self._batches_seen += 1
-        self._loss_log.epoch_batches += 1
+        self._loss_log.batch_started()
         return self._batches_seen - 1
 
     def _after_step(self, pl_module: pl.LightningModule, loss: Tensor, labels: Tensor, num_classes: int, index: int,

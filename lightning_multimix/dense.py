@@ -49,8 +49,9 @@ from lightning_multimix.interpolation import full_precision
 from lightning_multimix.losses import soft_cross_entropy
 
 AttentionKind = Literal["cam", "softmax", "uniform"]
-#: added to every attention in :func:`factorised_dense_logit_loss` (see there): far below any non-zero attention's last
-#: bit in float32, far above the smallest normal float even multiplied by a weight and a logit
+#: what an attention of exactly zero becomes (:func:`floored_attention`, see :func:`factorised_dense_logit_loss`): far
+#: below the last bit of usual non-zero attentions in float32, far above the smallest normal float even multiplied by
+#: a weight and a logit
 ATTENTION_FLOOR = 1e-20
 ATTENTION_KINDS = ("cam", "softmax", "uniform")
 
@@ -163,6 +164,19 @@ def dense_multimix_logit_loss(
     return soft_cross_entropy(mixed_logits, dense_interpolate_targets(targets, weights), label_smoothing)
 
 
+def floored_attention(attention: Tensor, dtype: torch.dtype) -> Tensor:
+    """``attention`` in ``dtype`` with every exact zero replaced by :data:`ATTENTION_FLOOR`: where no example of a
+    tuple has attention at a position, the normalised weights become the plain ``lambda`` there, and no other weight
+    changes (the positive attentions are left as they are).
+
+    Example:
+        >>> floored_attention(torch.tensor([0.0, 0.5]), torch.float32)
+        tensor([1.0000e-20, 5.0000e-01])
+    """
+    a = attention.to(dtype)
+    return torch.where(a > 0, a, ATTENTION_FLOOR)
+
+
 def factorised_dense_logit_loss(
     position_logits: Tensor, targets: Tensor, weights: Tensor, attention: Tensor, label_smoothing: float = 0.0,
     mask: Optional[Tensor] = None,
@@ -202,8 +216,7 @@ def factorised_dense_logit_loss(
         return (values.reshape(m, -1).T @ weights).view(values.shape[1], values.shape[2], -1)
 
     with full_precision(position_logits):
-        a = attention.detach().to(dtype)
-        a = torch.where(a > 0, a, ATTENTION_FLOOR)
+        a = floored_attention(attention.detach(), dtype)
         a = (a if mask is None else a * mask.to(dtype)).unsqueeze(-1)  # (m, r, 1)
         logits = position_logits.to(dtype)
         with torch.no_grad():
@@ -256,7 +269,7 @@ def masked_dense_weights(weights: Tensor, attention: Tensor, mask: Tensor) -> tu
         >>> w[:, 0, 0], valid
         (tensor([0.5000, 0.5000]), tensor([[ True, False]]))
     """
-    a = torch.where(attention > 0, attention.to(weights.dtype), ATTENTION_FLOOR) * mask.to(weights.dtype)
+    a = floored_attention(attention, weights.dtype) * mask.to(weights.dtype)
     raw = weights.unsqueeze(-1) * a.unsqueeze(1)
     total = raw.sum(0, keepdim=True)
     return raw / total.clamp_min(torch.finfo(raw.dtype).tiny), total[0] > 0

@@ -34,6 +34,10 @@ class LossLog:
         self._epoch: Optional[Union[float, Tensor]] = None
         self._window_count = self._epoch_count = 0
 
+    def batch_started(self) -> None:
+        """Count a training batch of the epoch, mixed or not (the epoch's last one is logged)."""
+        self.epoch_batches += 1
+
     def add(self, loss: Tensor) -> None:
         detached = loss.detach()
         value = float(detached) if detached.device.type == "cpu" else detached  # a float: cheaper than a tensor add
@@ -53,7 +57,7 @@ class LossLog:
 
     def epoch_total(self) -> list:
         """``[sum, count]`` of the epoch on this process."""
-        return [float(self._epoch or 0.0), self._epoch_count]
+        return [0.0 if self._epoch is None else float(self._epoch), self._epoch_count]
 
     def log_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log the epoch's mean over all processes. Every process takes part (one with no mixed batch this epoch

@@ -55,6 +55,12 @@ class TrainingStep:
         self.batch_counts: dict[str, int] = dict.fromkeys(KINDS, 0)
         self.verified = self.features_verified = self.warned_small_batch = False
         self.inputs_mixable: Optional[bool] = None
+        # facts of the fit, settled once: whether the batches are gathered across processes (every process then
+        # makes the same collective calls), and whether the user names the labels (then they are not second-guessed)
+        self.gathering = callback.sync_batch and module.trainer.world_size > 1
+        self.named_labels = getattr(type(module), "multimix_labels", MultiMixMixin.multimix_labels) is not \
+            MultiMixMixin.multimix_labels
+        self.read_labels = getattr(module, "multimix_labels", default_labels)
 
     def remove(self) -> None:
         if self.capture is not None:
@@ -85,11 +91,8 @@ class TrainingStep:
         index = callback._next_batch()
         kind = self.kind(index, trainer.global_rank)
         batch = args[0] if args else kwargs["batch"]
-        named_labels = getattr(type(module), "multimix_labels", MultiMixMixin.multimix_labels) is not \
-            MultiMixMixin.multimix_labels  # labels the user names (not the mixin's default) are not checked
-        read_labels = getattr(module, "multimix_labels", default_labels)
-        labels = check_labels(read_labels(batch))
-        if kind != "own_loss" and callback.sync_batch and trainer.world_size > 1:
+        labels = check_labels(self.read_labels(batch))
+        if kind != "own_loss" and self.gathering:
             _check_equal_batch_sizes(module, labels.shape[0])  # every process, before any may take another way
         if kind != "own_loss" and labels.shape[0] < 2:
             if not self.warned_small_batch:
@@ -126,7 +129,7 @@ class TrainingStep:
                 raise MultiMixError(f"`training_step` returned {type(output).__name__}; MultiMix needs a loss tensor "
                                     "or a dict with 'loss'.")
             capture = self._adopt(probe) if probe is not None else self.capture
-            loss = self._loss(kind, capture, labels, mixer, user_loss, named_labels)
+            loss = self._loss(kind, capture, labels, mixer, user_loss, self.named_labels)
         finally:
             if probe is not None:
                 probe.remove()
@@ -168,8 +171,7 @@ class TrainingStep:
             teacher = callback.distiller.outputs(*capture.model_inputs(), self.module.trainer.global_step,
                                                  with_embeddings)
         keep = None if callback.ignore_index is None else labels != callback.ignore_index
-        gathering = callback.sync_batch and self.module.trainer.world_size > 1  # every process the same calls
-        if keep is not None and not gathering and keep.device.type == "cpu" and bool(keep.all()):
+        if keep is not None and not self.gathering and keep.device.type == "cpu" and bool(keep.all()):
             keep = None  # nothing to leave out: on CPU reading that is free, and it saves a pass over the weights
         if mixer is not None:
             return mixup_objective(logits, labels, *mixer.draw, teacher=teacher, keep=keep,
@@ -203,7 +205,7 @@ class TrainingStep:
                          keep: Optional[Tensor], features: Optional[Tensor], mask: Optional[Tensor],
                          teacher: Optional[TeacherOutputs]) -> Tensor:
         callback, module = self.callback, self.module
-        if callback.sync_batch and module.trainer.world_size > 1:
+        if self.gathering:
 
             def gather(t: Optional[Tensor]) -> Optional[Tensor]:
                 return None if t is None else module.all_gather(t, sync_grads=True).flatten(0, 1)
