@@ -193,9 +193,14 @@ def factorised_dense_logit_loss(
     is then below their last bit), so no second product is needed for the fallback. Extra memory ``O(r*c*n)``
     instead of ``O(m*n*r)``.
 
+    One-hot targets given as ``(m,)`` integer labels cost ``r*m*n`` products instead of ``r*c*m*n`` on CPU: the
+    target numerator ``sum_i lambda_ik a_ij [y_i = c]`` is one ``(r x m_c) @ (m_c x n)`` product per class over the
+    ``m_c`` examples of that class (:func:`mix_by_class`).
+
     Args:
         position_logits: ``(m, r, c)`` the head's logits at every position of the ``m`` real examples.
-        targets: ``(m, c)`` per-example targets (each position inherits its example's).
+        targets: ``(m, c)`` per-example targets (each position inherits its example's), or ``(m,)`` integer labels:
+            one-hot targets (a label outside ``[0, c)`` gives an all-zero target, as :func:`one_hot`).
         weights: ``(m, n)`` MultiMix weights.
         attention: ``(m, r)`` non-negative attention (no gradient flows through it).
         mask: ``(m, r)`` booleans, false at padding: a padded position is never mixed, and an interpolated position
@@ -224,11 +229,46 @@ def factorised_dense_logit_loss(
             if mask is not None:
                 valid = denominator > 0
                 denominator = denominator.clamp_min(torch.finfo(dtype).tiny)
-            mixed_targets = mix(a * targets.to(dtype).unsqueeze(1)).div_(denominator)
+            if targets.is_floating_point():
+                mixed_targets = mix(a * targets.to(dtype).unsqueeze(1))
+            else:
+                mixed_targets = mix_by_class(a[..., 0], targets, position_logits.shape[-1], weights)
+            mixed_targets = mixed_targets.div_(denominator)
         mixed_logits = mix(a * logits) / denominator
     if mask is None:
         return soft_cross_entropy(mixed_logits, mixed_targets, label_smoothing, dim=1)
     return masked_soft_cross_entropy(mixed_logits, mixed_targets, valid.squeeze(1), label_smoothing, dim=1)
+
+
+def mix_by_class(attention: Tensor, labels: Tensor, num_classes: int, weights: Tensor) -> Tensor:
+    r"""The dense target numerator of one-hot targets, ``(r, c, n)``: ``sum_i a_ij lambda_ik [y_i = c]``.
+
+    On CPU, one product ``(r x m_c) @ (m_c x n)`` per class over its ``m_c`` examples (``r*m*n`` multiply-adds in
+    all, instead of the ``r*c*m*n`` of one product with the one-hot targets spread over ``r*c`` rows; the dense
+    objective of ``benchmarks/overhead.py`` spends about a third of its time there). Elsewhere the one product: the
+    per-class split needs the class counts on the host, a synchronisation. A label outside ``[0, c)`` adds nothing.
+
+    Example:
+        >>> attention, weights = torch.tensor([[1.0, 0.0], [0.5, 0.5]]), torch.tensor([[0.25], [0.75]])
+        >>> mix_by_class(attention, torch.tensor([1, 1]), 2, weights)[:, :, 0]  # (r, c): all of it in class 1
+        tensor([[0.0000, 0.6250],
+                [0.0000, 0.3750]])
+    """
+    m, r = attention.shape
+    valid = (labels >= 0) & (labels < num_classes)
+    if weights.device.type != "cpu":
+        spread = attention.unsqueeze(-1) * (labels.unsqueeze(-1) == torch.arange(num_classes, device=labels.device))
+        return (spread.to(weights.dtype).reshape(m, -1).T @ weights).view(r, num_classes, -1)
+    bucket = torch.where(valid, labels, num_classes)
+    order = torch.argsort(bucket, stable=True)
+    attention, weights = attention[order], weights[order]
+    out = weights.new_zeros(r, num_classes, weights.shape[1])
+    start = 0
+    for label, count in enumerate(torch.bincount(bucket, minlength=num_classes + 1).tolist()[:num_classes]):
+        if count:
+            torch.mm(attention[start:start + count].T, weights[start:start + count], out=out[:, label])
+        start += count
+    return out
 
 
 def dense_multimix_loss(

@@ -41,7 +41,13 @@ from lightning_multimix.dense import (
     masked_dense_weights,
     per_position,
 )
-from lightning_multimix.interpolation import interpolate, interpolate_columns, mix_with_partner, one_hot
+from lightning_multimix.interpolation import (
+    interpolate,
+    interpolate_columns,
+    interpolate_labels_columns,
+    mix_with_partner,
+    one_hot,
+)
 from lightning_multimix.losses import soft_cross_entropy
 from lightning_multimix.options import ATTENTION_KINDS, DISTILL_TARGETS
 
@@ -160,7 +166,10 @@ def multimix_objective(
         _check_rows("logits", logits, labels)
         # class-major (c, n): CPU BLAS computes (c x m) @ (m x n) several times faster than (n x m) @ (m x c)
         mixed_logits = interpolate_columns(logits, weights)
-        mixed_targets = interpolate_columns(_targets(labels, logits.shape[-1], teacher), weights)
+        if teacher is None or teacher.targets == "logits":  # one-hot targets: summed by class, no product
+            mixed_targets = interpolate_labels_columns(labels, logits.shape[-1], weights)
+        else:
+            mixed_targets = interpolate_columns(_targets(labels, logits.shape[-1], teacher), weights)
         class_dim = 0
     else:
         _check_rows("embeddings", embeddings, labels)
@@ -271,9 +280,9 @@ def _dense_objective(weights: Tensor, labels: Tensor, features: Tensor, head: He
         num_classes = head.out_features if linear else logits_here.shape[-1]
         weights_per_position = attention_from_scores(scores, attention, mask)
     targets = _targets(labels, num_classes, teacher)
-    if position_logits is not None:
-        return factorised_dense_logit_loss(position_logits, targets, weights, weights_per_position, label_smoothing,
-                                           mask)
+    if position_logits is not None:  # one-hot targets go as labels: summed by class, cheaper
+        return factorised_dense_logit_loss(position_logits, labels if teacher is None else targets, weights,
+                                           weights_per_position, label_smoothing, mask)
     if mask is None:
         return dense_multimix_loss(features, targets, dense_weights(weights, weights_per_position), head,
                                    label_smoothing)

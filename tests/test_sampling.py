@@ -1,9 +1,13 @@
 """Weight matrices: simplex columns, Dirichlet/Beta moments, generator ownership, pairs structure."""
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
-from lightning_multimix.sampling import dirichlet_weights, pair_weights, sample_gamma, step_seed
+from lightning_multimix import sampling
+from lightning_multimix.sampling import dirichlet_weights, pair_weights, sample_gamma, standard_exponential, step_seed
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -29,12 +33,34 @@ def test_dirichlet_marginal_moments(alpha):
     torch.testing.assert_close(weights.var(1), torch.full((m,), var), atol=0, rtol=3e-2)
 
 
-def test_dirichlet_uses_only_its_generator():
-    global_state = torch.get_rng_state()
-    first = dirichlet_weights(5, 10, 0.7, generator=_gen(3))
+@pytest.mark.parametrize("alpha", [0.7, 1.0])
+def test_dirichlet_uses_only_its_generator(alpha):
+    global_state, numpy_state = torch.get_rng_state(), np.random.get_state()[1].copy()
+    first = dirichlet_weights(5, 10, alpha, generator=_gen(3))
     assert torch.equal(torch.get_rng_state(), global_state), "the global RNG was touched"
-    torch.testing.assert_close(first, dirichlet_weights(5, 10, 0.7, generator=_gen(3)), rtol=0, atol=0)
-    assert not torch.equal(first, dirichlet_weights(5, 10, 0.7, generator=_gen(4)))
+    assert np.array_equal(np.random.get_state()[1], numpy_state), "NumPy's global RNG was touched"
+    torch.testing.assert_close(first, dirichlet_weights(5, 10, alpha, generator=_gen(3)), rtol=0, atol=0)
+    assert not torch.equal(first, dirichlet_weights(5, 10, alpha, generator=_gen(4)))
+
+
+@pytest.mark.parametrize("source", ["numpy", "torch"])
+def test_standard_exponential_is_exponential_on_the_uniform_grid(source, monkeypatch):
+    """Both sources of bits (NumPy's SFC64 on CPU, torch's random_ elsewhere, run here on CPU) give Exponential(1):
+    the empirical CDF within the Kolmogorov-Smirnov bound of 1 - exp(-x), and U = exp(-x) on the 2**-23 grid of
+    (0, 1], every draw finite and at most 23 log 2."""
+    if source == "torch":
+        words = sampling.random_words
+        monkeypatch.setattr(sampling, "random_words", lambda count, g, device, numpy: words(count, g, device, False))
+    draws = standard_exponential((401, 499), generator=_gen(7))  # an odd count: the last word is half used
+    assert draws.shape == (401, 499) and draws.dtype == torch.float32
+    x = draws.flatten().double().sort().values
+    assert x.min() >= 0 and x.max() <= 23 * math.log(2) + 1e-5
+    empirical = torch.arange(1, x.numel() + 1, dtype=torch.float64) / x.numel()
+    assert (empirical - (1 - torch.exp(-x))).abs().max() < 1.63 / math.sqrt(x.numel())  # KS at the 1% level
+    grid = torch.exp(-x) * 2**23
+    assert ((grid - grid.round()).abs() <= 2e-6 * grid).all()  # off the grid by the float32 rounding of the log only
+    assert grid.round().min() >= 1 and grid.round().max() <= 2**23
+    assert not torch.equal(draws, standard_exponential((401, 499), generator=_gen(8)))
 
 
 def test_tuple_size_gives_m_examples_per_column():
