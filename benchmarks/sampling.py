@@ -3,15 +3,19 @@
 What is measured
 ----------------
 The ``(m, n)`` weights of MultiMix for ``alpha = 1`` are normalised Exponential(1) draws. Candidates, each followed
-by the same in-place column normalisation: ``-log(U)`` with ``U`` from ``torch.rand`` floored at the smallest normal
-float (what :func:`lightning_multimix.sampling.sample_gamma` does), ``-log1p(-U)``, ``Tensor.exponential_`` and
-``torch.distributions.Dirichlet``. Each candidate runs in a fresh process (a slow start shows: the first calls of a
-process are timed apart from the steady state), one intra-op thread, thread CPU time.
+by the same in-place column normalisation: the package's way on CPU (:func:`lightning_multimix.sampling.
+standard_exponential`: ``-log(U)``, ``U = 2 - f`` with ``f`` a float in ``[1, 2)`` whose 23 mantissa bits are raw bits
+from NumPy's SFC64, seeded from the torch generator), the same with torch's ``random_`` bits (the package's way on
+an accelerator, timed here on CPU), ``-log(U)`` with ``U`` from ``torch.rand`` floored at the smallest normal float
+(the package's way before), ``-log1p(-U)``, ``Tensor.exponential_`` and ``torch.distributions.Dirichlet``. Each
+candidate runs in a fresh process (a slow start shows: the first calls of a process are timed apart from the steady
+state), one intra-op thread, thread CPU time.
 
 How to read the output
 ----------------------
 ``first 100`` is the median of a fresh process's first 100 calls, ``steady`` the median of calls 300 to 500;
-``vs package`` the steady ratio to the package's way. All candidates draw the same distribution.
+``vs package`` the steady ratio to the package's way. All candidates draw the same distribution (the bit-based ones
+on the ``2**-23`` grid of ``U``, ``torch.rand`` on the ``2**-24`` grid).
 
 Example::
 
@@ -33,7 +37,8 @@ if __package__ in (None, ""):
 
 from benchmarks._harness import format_table, machine_info, print_machine, results_header
 
-CANDIDATES = ("-log(U) (package)", "-log1p(-U)", "exponential_", "distributions.Dirichlet")
+CANDIDATES = ("SFC64 bits (package)", "torch random_ bits", "-log(torch.rand)", "-log1p(-U)", "exponential_",
+              "distributions.Dirichlet")
 
 
 def _child(candidate: str, m: int, n: int) -> None:
@@ -44,13 +49,17 @@ def _child(candidate: str, m: int, n: int) -> None:
     tiny = torch.finfo(torch.float32).tiny
 
     def draw() -> torch.Tensor:
-        if candidate == CANDIDATES[0]:
-            from lightning_multimix.sampling import dirichlet_weights
+        from lightning_multimix import sampling
 
-            return dirichlet_weights(m, n, 1.0, generator=generator)
+        if candidate == CANDIDATES[0]:
+            return sampling.dirichlet_weights(m, n, 1.0, generator=generator)
         if candidate == CANDIDATES[1]:
-            g = torch.rand((m, n), generator=generator).neg_().log1p_().neg_().clamp_min_(tiny)
+            g = sampling.standard_exponential((m, n), generator=generator, bits="torch")
         elif candidate == CANDIDATES[2]:
+            g = torch.rand((m, n), generator=generator).clamp_min_(tiny).log_().neg_()
+        elif candidate == CANDIDATES[3]:
+            g = torch.rand((m, n), generator=generator).neg_().log1p_().neg_().clamp_min_(tiny)
+        elif candidate == CANDIDATES[4]:
             g = torch.empty((m, n)).exponential_(generator=generator)
         else:
             return torch.distributions.Dirichlet(torch.ones(m)).sample((n,)).T

@@ -311,10 +311,10 @@ class MultiMix(Callback):
         self._loss_log.batch_started()
         return self._batches_seen - 1
 
-    def _after_step(self, pl_module: pl.LightningModule, loss: Tensor, labels: Tensor, num_classes: int, index: int,
-                    first: bool) -> None:
-        """Update the health flag (read it when due) and the running loss; log it when due."""
-        keep = labels != self.ignore_index if self.ignore_index is not None else None
+    def _after_step(self, pl_module: pl.LightningModule, loss: Tensor, labels: Tensor, keep: Optional[Tensor],
+                    num_classes: int, index: int, first: bool) -> None:
+        """Update the health flag (read it when due) and the running loss; log it when due. ``keep``: the examples
+        whose label is not the ignore index (``None``: all)."""
         self._health.update(loss, labels, num_classes, index, keep=keep)
         trainer = pl_module.trainer
         if first or self._health.read_due(index, loss.device):

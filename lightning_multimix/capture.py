@@ -10,7 +10,6 @@ to the head whose arguments the teacher re-runs) and checks what they recorded.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import weakref
 from typing import Any, Optional
@@ -140,13 +139,13 @@ class StepCapture:
         return [self.head, *([self.features] if self.features is not None else []), *self.inputs.values()]
 
     def __enter__(self) -> "StepCapture":
-        self._stack = contextlib.ExitStack()
         for capture in self._all():
-            self._stack.enter_context(capture)
+            capture.__enter__()  # arming cannot fail: no capture to undo
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._stack.close()
+        for capture in self._all():
+            capture.__exit__()
 
     def remove(self) -> None:
         for capture in self._all():

@@ -244,9 +244,9 @@ def mix_by_class(attention: Tensor, labels: Tensor, num_classes: int, weights: T
     r"""The dense target numerator of one-hot targets, ``(r, c, n)``: ``sum_i a_ij lambda_ik [y_i = c]``.
 
     On CPU, one product ``(r x m_c) @ (m_c x n)`` per class over its ``m_c`` examples (``r*m*n`` multiply-adds in
-    all, instead of the ``r*c*m*n`` of one product with the one-hot targets spread over ``r*c`` rows; the dense
-    objective of ``benchmarks/overhead.py`` spends about a third of its time there). Elsewhere the one product: the
-    per-class split needs the class counts on the host, a synchronisation. A label outside ``[0, c)`` adds nothing.
+    all, instead of the ``r*c*m*n`` of one product with the one-hot targets spread over ``r*c`` rows: about 3x faster
+    in ``benchmarks/kernels.py``). Elsewhere the one product: the per-class split needs the class counts on the
+    host, a synchronisation. A label outside ``[0, c)`` adds nothing.
 
     Example:
         >>> attention, weights = torch.tensor([[1.0, 0.0], [0.5, 0.5]]), torch.tensor([[0.25], [0.75]])

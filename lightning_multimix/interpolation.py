@@ -23,9 +23,16 @@ def full_precision(tensor: Tensor) -> contextlib.AbstractContextManager:
         ...     (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
         torch.float32
     """
+    device = tensor.device.type
     try:
-        return torch.autocast(tensor.device.type, enabled=False)
-    except RuntimeError:  # a device type autocast does not know
+        enabled = torch.is_autocast_enabled(device)
+    except (RuntimeError, TypeError):  # torch < 2.4 takes no device type; a device type autocast does not know
+        enabled = True
+    if not enabled:
+        return contextlib.nullcontext()  # nothing to turn off: a twentieth of the cost of entering autocast
+    try:
+        return torch.autocast(device, enabled=False)
+    except RuntimeError:
         return contextlib.nullcontext()
 
 
@@ -87,7 +94,7 @@ def interpolate_columns(values: Tensor, weights: Tensor) -> Tensor:
 
     Returns ``(f, n)``: column ``k`` is the ``k``-th interpolated row. For few features (``f`` = the number of classes)
     and many tuples, CPU BLAS computes the wide product ``(f x m) @ (m x n)`` several times faster than the skinny
-    ``(n x m) @ (m x f)`` (``benchmarks/overhead.py --core-alternatives``); the values are the same.
+    ``(n x m) @ (m x f)``, forward and backward (``benchmarks/kernels.py``); the values are the same.
 
     Example:
         >>> values = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
@@ -100,7 +107,9 @@ def interpolate_columns(values: Tensor, weights: Tensor) -> Tensor:
             f"`values` {tuple(values.shape)} must be (m, f) with m = {weights.shape[0]}, the rows of `weights`."
         )
     with full_precision(values):
-        return values.to(weights.dtype).T @ weights
+        # a contiguous (f, m) operand: its gradient is then the fast (f x n) @ (n x m) product, not the skinny
+        # (m x n) @ (n x f) that autograd picks for a transposed one (benchmarks/kernels.py)
+        return values.to(weights.dtype).T.contiguous() @ weights
 
 
 def interpolate_labels_columns(labels: Tensor, num_classes: int, weights: Tensor) -> Tensor:
@@ -108,9 +117,9 @@ def interpolate_labels_columns(labels: Tensor, num_classes: int, weights: Tensor
 
     Row ``c`` of the result is the sum of the rows of ``weights`` whose label is ``c``; a label outside ``[0, c)``
     adds nothing (its one-hot row is zero). On CPU it is computed that way, ``m*n`` additions by ``index_add_``
-    instead of the ``c*m*n`` multiply-adds of the product (``benchmarks/overhead.py``: 0.17 instead of 0.36 ms for
-    ``m = 128``, ``n = 10000``, ``c = 10``); elsewhere by the product, which is cheap there and, unlike
-    ``index_add_`` on CUDA, deterministic.
+    instead of the ``c*m*n`` multiply-adds of the product (``benchmarks/kernels.py``: about 3x faster for ``m = 128``,
+    ``n = 10000``, ``c = 10``); elsewhere by the product, which is cheap there and, unlike ``index_add_`` on CUDA,
+    deterministic.
 
     Example:
         >>> weights = torch.tensor([[0.25, 1.0], [0.75, 0.0], [0.0, 0.0]])

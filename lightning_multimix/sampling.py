@@ -11,7 +11,7 @@ All randomness comes from an explicit :class:`torch.Generator` on the target dev
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ def standard_exponential(
     *,
     generator: Optional[torch.Generator] = None,
     device: Union[torch.device, str, None] = None,
+    bits: Literal["auto", "numpy", "torch"] = "auto",
 ) -> Tensor:
     """``Exponential(1)`` float32 draws of the given shape: ``-log(U)``, ``U`` uniform on the ``2**-23`` grid of
     ``(0, 1]``, made from raw random bits.
@@ -41,7 +42,8 @@ def standard_exponential(
     ``torch.rand`` tops out at 16.6). The bits come from ``generator``: on CPU one 64-bit seed is drawn from it for
     NumPy's SFC64 generator, which makes the bits of a ``128 x 1000`` draw about twice as fast as torch's CPU
     generator (``benchmarks/sampling.py``: the whole Dirichlet draw 1.5x faster than ``-log(torch.rand)``); elsewhere
-    torch's ``random_`` fills the words. Either way the draws are a pure function of the generator's state.
+    torch's ``random_`` fills the words (``bits="auto"``; ``"numpy"`` or ``"torch"`` chooses, ``"numpy"`` on CPU
+    only). Either way the draws are a pure function of the generator's state.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -52,12 +54,16 @@ def standard_exponential(
     count = math.prod(shape)
     device = torch.device(device) if device is not None else (generator.device if generator is not None else
                                                                  torch.device("cpu"))
-    bits = random_words((count + 1) // 2, generator, device, numpy=device.type == "cpu")
-    mantissa = bits.view(torch.int32)[:count].view(shape).bitwise_and_(0x7FFFFF).bitwise_or_(0x3F800000)
+    if bits not in ("auto", "numpy", "torch") or bits == "numpy" and device.type != "cpu":
+        raise ValueError(f"standard_exponential: bits={bits!r} on {device}; expected 'auto', 'torch', or 'numpy' "
+                         "(CPU only).")
+    numpy = bits == "numpy" or bits == "auto" and device.type == "cpu"
+    words = _random_words((count + 1) // 2, generator, device, numpy=numpy)
+    mantissa = words.view(torch.int32)[:count].view(shape).bitwise_and_(0x7FFFFF).bitwise_or_(0x3F800000)
     return mantissa.view(torch.float32).neg_().add_(2.0).log_().neg_()  # in place: no new tensor of the draws' size
 
 
-def random_words(count: int, generator: Optional[torch.Generator], device: torch.device, numpy: bool) -> Tensor:
+def _random_words(count: int, generator: Optional[torch.Generator], device: torch.device, numpy: bool) -> Tensor:
     """``count`` int64 words of random bits from ``generator`` on ``device``: with ``numpy`` (CPU only), NumPy's SFC64
     seeded by one draw from ``generator``, else torch's ``random_``, which fills ``[0, 2**63)`` (the top bit is 0;
     the others are uniform)."""

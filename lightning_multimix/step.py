@@ -134,7 +134,7 @@ class TrainingStep:
             if probe is not None:
                 probe.remove()
         self.batch_counts[kind] += 1
-        callback._after_step(module, loss, self._labels_on_device, self._num_classes, index,
+        callback._after_step(module, loss, self._labels_on_device, self._keep, self._num_classes, index,
                              first=not self.verified)
         self.verified = True
         return {**output, "loss": loss} if isinstance(output, dict) else loss
@@ -170,9 +170,7 @@ class TrainingStep:
             with_embeddings = not callback._in_logit_space and callback.distill.targets == "logits" and mixer is None
             teacher = callback.distiller.outputs(*capture.model_inputs(), self.module.trainer.global_step,
                                                  with_embeddings)
-        keep = None if callback.ignore_index is None else labels != callback.ignore_index
-        if keep is not None and not self.gathering and keep.device.type == "cpu" and bool(keep.all()):
-            keep = None  # nothing to leave out: on CPU reading that is free, and it saves a pass over the weights
+        keep = self._keep = self._left_out(labels)
         if mixer is not None:
             return mixup_objective(logits, labels, *mixer.draw, teacher=teacher, keep=keep,
                                    label_smoothing=callback.label_smoothing)
@@ -181,6 +179,19 @@ class TrainingStep:
         if callback.clean_loss_weight > 0:
             loss = loss + callback.clean_loss_weight * user_loss.float()
         return loss
+
+    def _left_out(self, labels: Tensor) -> Optional[Tensor]:
+        """``keep``, the examples whose label is not the ignore index, or ``None`` when none is left out: known for
+        sure only on CPU, where reading the labels' range is free (the ignore index lies outside it) and saves a
+        pass over the weights; under ``sync_batch`` every process gathers ``keep`` (the same collectives)."""
+        ignore = self.callback.ignore_index
+        if ignore is None:
+            return None
+        if labels.device.type == "cpu" and not self.gathering:
+            low, high = torch.aminmax(labels)
+            if not int(low) <= ignore <= int(high):
+                return None
+        return labels != ignore
 
     def _mix_batch(self, batch: Any, mixer: InputMixer) -> Optional[Any]:
         """The batch with its inputs mixed, or ``None`` (said once) when they cannot be interpolated."""

@@ -63,7 +63,8 @@ def test_sampling_and_cross_entropy_scripts_report_their_candidates(tmp_path: Pa
     stdout = _run("benchmarks/cross_entropy.py", "--repeats", "3", "--out", str(tmp_path))
     assert "F.cross_entropy (ms)" in stdout and (tmp_path / "cross_entropy.md").exists()
     stdout = _run("benchmarks/sampling.py", "--n", "100", "--out", str(tmp_path))
-    for candidate in ("-log(U) (package)", "-log1p(-U)", "exponential_", "distributions.Dirichlet"):
+    for candidate in ("SFC64 bits (package)", "torch random_ bits", "-log(torch.rand)", "-log1p(-U)", "exponential_",
+                      "distributions.Dirichlet"):
         assert candidate in stdout
     assert (tmp_path / "sampling.md").read_text().startswith("command: ")
 
@@ -99,3 +100,11 @@ def test_sweep_quick_reports_every_configuration(tmp_path: Path) -> None:
     rows = _table_rows(stdout, "== MultiMix settings, noisy")
     assert [row[0] for row in rows] == list(SWEEP_CONFIGS)
     assert (tmp_path / "sweep_noisy.md").read_text().startswith("command: python benchmarks/sweep.py --quick")
+
+
+@pytest.mark.slow
+def test_kernels_script_compares_every_product_with_equal_values(tmp_path: Path) -> None:
+    stdout = _run("benchmarks/kernels.py", "--n", "100,200", "--repeats", "3", "--out", str(tmp_path))
+    rows = _table_rows(stdout, "== products of the objective")
+    assert len(rows) == 8 and all(float(row[-1]) < 1e-5 for row in rows)
+    assert (tmp_path / "kernels.md").read_text().startswith("command: python benchmarks/kernels.py")

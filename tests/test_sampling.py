@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_multimix import sampling
 from lightning_multimix.sampling import dirichlet_weights, pair_weights, sample_gamma, standard_exponential, step_seed
 
 
@@ -43,15 +42,12 @@ def test_dirichlet_uses_only_its_generator(alpha):
     assert not torch.equal(first, dirichlet_weights(5, 10, alpha, generator=_gen(4)))
 
 
-@pytest.mark.parametrize("source", ["numpy", "torch"])
-def test_standard_exponential_is_exponential_on_the_uniform_grid(source, monkeypatch):
+@pytest.mark.parametrize("bits", ["numpy", "torch"])
+def test_standard_exponential_is_exponential_on_the_uniform_grid(bits):
     """Both sources of bits (NumPy's SFC64 on CPU, torch's random_ elsewhere, run here on CPU) give Exponential(1):
     the empirical CDF within the Kolmogorov-Smirnov bound of 1 - exp(-x), and U = exp(-x) on the 2**-23 grid of
     (0, 1], every draw finite and at most 23 log 2."""
-    if source == "torch":
-        words = sampling.random_words
-        monkeypatch.setattr(sampling, "random_words", lambda count, g, device, numpy: words(count, g, device, False))
-    draws = standard_exponential((401, 499), generator=_gen(7))  # an odd count: the last word is half used
+    draws = standard_exponential((401, 499), generator=_gen(7), bits=bits)  # an odd count: the last word is half used
     assert draws.shape == (401, 499) and draws.dtype == torch.float32
     x = draws.flatten().double().sort().values
     assert x.min() >= 0 and x.max() <= 23 * math.log(2) + 1e-5
@@ -60,7 +56,17 @@ def test_standard_exponential_is_exponential_on_the_uniform_grid(source, monkeyp
     grid = torch.exp(-x) * 2**23
     assert ((grid - grid.round()).abs() <= 2e-6 * grid).all()  # off the grid by the float32 rounding of the log only
     assert grid.round().min() >= 1 and grid.round().max() <= 2**23
-    assert not torch.equal(draws, standard_exponential((401, 499), generator=_gen(8)))
+    assert not torch.equal(draws, standard_exponential((401, 499), generator=_gen(8), bits=bits))
+    torch.testing.assert_close(draws, standard_exponential((401, 499), generator=_gen(7), bits=bits), rtol=0, atol=0)
+
+
+def test_standard_exponential_auto_bits_on_cpu_are_numpys_and_numpy_bits_need_cpu():
+    assert torch.equal(standard_exponential((5, 7), generator=_gen(1)),
+                       standard_exponential((5, 7), generator=_gen(1), bits="numpy"))
+    with pytest.raises(ValueError, match="bits='numpy' on meta"):
+        standard_exponential((5, 7), device="meta", bits="numpy")
+    with pytest.raises(ValueError, match="bits='philox'"):
+        standard_exponential((5, 7), bits="philox")
 
 
 def test_tuple_size_gives_m_examples_per_column():

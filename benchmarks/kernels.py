@@ -1,0 +1,115 @@
+"""Which way of computing each product of the MultiMix objective is fastest, with the same values?
+
+What is measured
+----------------
+The three products the logit-space and dense objectives spend their time in, each computed the way the package does
+it and the way it could be done instead, interleaved call by call, one intra-op thread, thread CPU time
+(``m = 128`` examples, ``c = 10`` classes, ``r = 49`` positions, as the small CNN of ``benchmarks/overhead.py``):
+
+* mixed logits, forward and backward: class-major ``(c x m) @ (m x n)`` with a contiguous ``(c, m)`` operand
+  (:func:`lightning_multimix.interpolation.interpolate_columns`) against row-major ``(n x m) @ (m x c)``, and against
+  a transposed ``(c, m)`` view, whose gradient autograd computes as the skinny ``(m x n) @ (n x c)``;
+* mixed one-hot targets: summed by class with ``index_add_``
+  (:func:`lightning_multimix.interpolation.interpolate_labels_columns`, on CPU) against the product with the
+  one-hot matrix;
+* dense target numerator ``sum_i a_ij lambda_ik [y_i = c]``: one product per class
+  (:func:`lightning_multimix.dense.mix_by_class`, on CPU) against one product with the attention spread over
+  ``r * c`` rows.
+
+How to read the output
+----------------------
+``package`` and ``other`` are medians in ms, ``ratio`` is package / other (below 1: the package's way is faster),
+``max |diff|`` the largest difference between the two results (float32 rounding).
+
+Example::
+
+    python benchmarks/kernels.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+if __package__ in (None, ""):
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+import torch
+from torch import Tensor
+
+from benchmarks._harness import format_table, machine_info, print_machine, results_header
+from benchmarks._timing import median, set_clock, time_interleaved
+from lightning_multimix.dense import mix_by_class
+from lightning_multimix.interpolation import interpolate_columns, interpolate_labels_columns, one_hot
+from lightning_multimix.sampling import dirichlet_weights
+
+M, C, R = 128, 10, 49
+
+
+def _forward_backward(product: Callable[[Tensor], Tensor], logits: Tensor) -> Callable[[], Tensor]:
+    def run() -> Tensor:
+        out = product(logits)
+        out.sum().backward()
+        return out.detach()
+    return run
+
+
+def cases(n: int) -> list[tuple[str, str, Callable[[], Tensor], Callable[[], Tensor]]]:
+    """``(product, other way, package's way, other way)``; both ways return the same tensor."""
+    g = torch.Generator().manual_seed(0)
+    weights = dirichlet_weights(M, n, generator=g)
+    labels = torch.randint(0, C, (M,), generator=g)
+    logits = torch.randn(M, C, generator=g, requires_grad=True)
+    package_logits = _forward_backward(lambda v: interpolate_columns(v, weights), logits)
+    found = [("mixed logits, fwd + bwd", "row-major (n x m) @ (m x c)", package_logits,
+              _forward_backward(lambda v: (weights.T @ v).T, logits)),
+             ("mixed logits, fwd + bwd", "transposed (c, m) view @ (m x n)", package_logits,
+              _forward_backward(lambda v: v.T @ weights, logits)),
+             ("one-hot targets", "one-hot (c x m) @ (m x n)", lambda: interpolate_labels_columns(labels, C, weights),
+              lambda: one_hot(labels, C).T @ weights)]
+    if n <= 1000:
+        attention = torch.rand(M, R, generator=g)
+
+        def spread() -> Tensor:
+            rows = attention.unsqueeze(-1) * one_hot(labels, C).unsqueeze(1)  # (m, r, c)
+            return (rows.reshape(M, -1).T @ weights).view(R, C, n)
+
+        found.append((f"dense targets, r = {R}", "one (r*c x m) @ (m x n)",
+                      lambda: mix_by_class(attention, labels, C, weights), spread))
+    return found
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", default="1000,10000")
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    set_clock("cpu")
+    info = machine_info("cpu")
+    print_machine(info)
+    rows = []
+    for n in (int(v) for v in args.n.split(",")):
+        for name, other_way, package, other in cases(n):
+            difference = float((package() - other()).abs().max())
+            times = time_interleaved({"package": package, "other": other}, torch.device("cpu"), args.repeats)
+            ours, theirs = median(times["package"]), median(times["other"])
+            rows.append([name, str(n), other_way, f"{ours:.3f}", f"{theirs:.3f}", f"{ours / theirs:.2f}",
+                         f"{difference:.1e}"])
+    table = format_table(("product", "n", "other way", "package (ms)", "other (ms)", "ratio", "max |diff|"), rows,
+                         title=f"== products of the objective, m = {M}, c = {C}, medians, one thread ==")
+    print(table + "\n")
+    if args.out:
+        path = Path(args.out) / "kernels.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(results_header(info, f"n={args.n}, {args.repeats} interleaved calls each") + "\n```\n" + table
+                        + "\n```\n")
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
