@@ -3,23 +3,24 @@
 What is measured
 ----------------
 The ``(m, n)`` weights of MultiMix for ``alpha = 1`` are normalised Exponential(1) draws. Candidates, each followed
-by the same in-place column normalisation: the package's way on CPU (:func:`lightning_multimix.sampling.
-standard_exponential`: ``-log(U)``, ``U = 2 - f`` with ``f`` a float in ``[1, 2)`` whose 23 mantissa bits are raw bits
-from NumPy's SFC64, seeded from the torch generator), the same with torch's ``random_`` bits (the package's way on
-an accelerator, timed here on CPU), ``-log(U)`` with ``U`` from ``torch.rand`` floored at the smallest normal float
-(the package's way before), ``-log1p(-U)``, ``Tensor.exponential_`` and ``torch.distributions.Dirichlet``. Each
-candidate runs in a fresh process (a slow start shows: the first calls of a process are timed apart from the steady
-state), one intra-op thread, thread CPU time.
+by the same in-place column normalisation: the package's way (:func:`lightning_multimix.sampling.dirichlet_weights`,
+:func:`~lightning_multimix.sampling.standard_exponential`: ``-log(U)`` with, for large draws on CPU, ``U = 2 - f``,
+``f`` a float in ``[1, 2)`` whose 23 mantissa bits are raw bits from NumPy's SFC64 seeded from the torch generator,
+else ``U`` from ``torch.rand``), each of those two sources alone (``-log(torch.rand)`` was the package's way before),
+``-log1p(-U)``, ``Tensor.exponential_`` and ``torch.distributions.Dirichlet``. ``n = 16`` shows small draws, where
+seeding NumPy's generator costs more than it saves, ``n = 512`` (``2**16`` draws) the crossover. Each candidate runs
+in a fresh process (a slow start shows: the first calls of a process are timed apart from the steady state), one
+intra-op thread, thread CPU time.
 
 How to read the output
 ----------------------
 ``first 100`` is the median of a fresh process's first 100 calls, ``steady`` the median of calls 300 to 500;
-``vs package`` the steady ratio to the package's way. All candidates draw the same distribution (the bit-based ones
-on the ``2**-23`` grid of ``U``, ``torch.rand`` on the ``2**-24`` grid).
+``vs package`` the steady ratio to the package's way. All candidates draw the same distribution (NumPy's bits
+put ``U`` on the ``2**-23`` grid, ``torch.rand`` on the ``2**-24`` grid).
 
 Example::
 
-    python benchmarks/sampling.py                 # m = 128; n = 1000 and 10000
+    python benchmarks/sampling.py                 # m = 128; n = 16, 512, 1000 and 10000
 """
 
 from __future__ import annotations
@@ -37,8 +38,7 @@ if __package__ in (None, ""):
 
 from benchmarks._harness import format_table, machine_info, print_machine, results_header
 
-CANDIDATES = ("SFC64 bits (package)", "torch random_ bits", "-log(torch.rand)", "-log1p(-U)", "exponential_",
-              "distributions.Dirichlet")
+CANDIDATES = ("package", "SFC64 bits", "-log(torch.rand)", "-log1p(-U)", "exponential_", "distributions.Dirichlet")
 
 
 def _child(candidate: str, m: int, n: int) -> None:
@@ -53,10 +53,9 @@ def _child(candidate: str, m: int, n: int) -> None:
 
         if candidate == CANDIDATES[0]:
             return sampling.dirichlet_weights(m, n, 1.0, generator=generator)
-        if candidate == CANDIDATES[1]:
-            g = sampling.standard_exponential((m, n), generator=generator, bits="torch")
-        elif candidate == CANDIDATES[2]:
-            g = torch.rand((m, n), generator=generator).clamp_min_(tiny).log_().neg_()
+        if candidate in CANDIDATES[1:3]:
+            source = "numpy" if candidate == CANDIDATES[1] else "torch"
+            g = sampling.standard_exponential((m, n), generator=generator, source=source)
         elif candidate == CANDIDATES[3]:
             g = torch.rand((m, n), generator=generator).neg_().log1p_().neg_().clamp_min_(tiny)
         elif candidate == CANDIDATES[4]:
@@ -76,7 +75,7 @@ def _child(candidate: str, m: int, n: int) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--m", type=int, default=128)
-    parser.add_argument("--n", default="1000,10000")
+    parser.add_argument("--n", default="16,512,1000,10000")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

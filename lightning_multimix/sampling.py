@@ -18,6 +18,9 @@ import torch
 from torch import Tensor
 
 _MASK64 = (1 << 64) - 1
+#: from this many draws on, ``source="auto"`` on CPU takes NumPy's bits: below it, seeding NumPy's generator costs
+#: more than its faster bits save (``benchmarks/sampling.py``, the ``128 x 16`` and ``128 x 512`` rows)
+NUMPY_MIN_DRAWS = 2**16
 
 
 def _validate(num_examples: int, alpha: float, *, min_examples: int = 1) -> None:
@@ -32,18 +35,18 @@ def standard_exponential(
     *,
     generator: Optional[torch.Generator] = None,
     device: Union[torch.device, str, None] = None,
-    bits: Literal["auto", "numpy", "torch"] = "auto",
+    source: Literal["auto", "numpy", "torch"] = "auto",
 ) -> Tensor:
-    """``Exponential(1)`` float32 draws of the given shape: ``-log(U)``, ``U`` uniform on the ``2**-23`` grid of
-    ``(0, 1]``, made from raw random bits.
+    """``Exponential(1)`` float32 draws of the given shape, ``-log(U)`` with ``U`` uniform, from ``generator``.
 
-    The 23 low bits of each random 32-bit word become the mantissa of a float ``f`` in ``[1, 2)`` and ``U = 2 - f``
-    (exact), so no ``U`` is 0 and every draw is finite (at most ``23 log 2``, about 15.9: the ``2**-24``-grid
-    ``torch.rand`` tops out at 16.6). The bits come from ``generator``: on CPU one 64-bit seed is drawn from it for
-    NumPy's SFC64 generator, which makes the bits of a ``128 x 1000`` draw about twice as fast as torch's CPU
-    generator (``benchmarks/sampling.py``: the whole Dirichlet draw 1.5x faster than ``-log(torch.rand)``); elsewhere
-    torch's ``random_`` fills the words (``bits="auto"``; ``"numpy"`` or ``"torch"`` chooses, ``"numpy"`` on CPU
-    only). Either way the draws are a pure function of the generator's state.
+    ``source="numpy"`` (CPU only): one 64-bit seed drawn from ``generator`` seeds NumPy's SFC64 generator, whose raw
+    bits make ``U = 2 - f``, ``f`` a float in ``[1, 2)`` with 23 random mantissa bits: ``U`` is uniform on the
+    ``2**-23`` grid of ``(0, 1]`` (exact), every draw finite (at most ``23 log 2``, about 15.9). ``"torch"``: ``U``
+    from ``torch.rand`` (the ``2**-24`` grid of ``[0, 1)``), an exact 0 floored at the smallest normal float.
+    ``"auto"`` takes NumPy's bits on CPU from :data:`NUMPY_MIN_DRAWS` draws on (``benchmarks/sampling.py``: the
+    ``128 x 1000`` Dirichlet draw 1.4x, ``128 x 10000`` 1.6x faster than with ``torch.rand``, whose generator is
+    slower per bit), ``torch.rand`` otherwise. Either way the draws are a pure function of the generator's state, and
+    each pass runs in place (no second tensor of the draws' size).
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -54,24 +57,17 @@ def standard_exponential(
     count = math.prod(shape)
     device = torch.device(device) if device is not None else (generator.device if generator is not None else
                                                                  torch.device("cpu"))
-    if bits not in ("auto", "numpy", "torch") or bits == "numpy" and device.type != "cpu":
-        raise ValueError(f"standard_exponential: bits={bits!r} on {device}; expected 'auto', 'torch', or 'numpy' "
-                         "(CPU only).")
-    numpy = bits == "numpy" or bits == "auto" and device.type == "cpu"
-    words = _random_words((count + 1) // 2, generator, device, numpy=numpy)
-    mantissa = words.view(torch.int32)[:count].view(shape).bitwise_and_(0x7FFFFF).bitwise_or_(0x3F800000)
-    return mantissa.view(torch.float32).neg_().add_(2.0).log_().neg_()  # in place: no new tensor of the draws' size
-
-
-def _random_words(count: int, generator: Optional[torch.Generator], device: torch.device, numpy: bool) -> Tensor:
-    """``count`` int64 words of random bits from ``generator`` on ``device``: with ``numpy`` (CPU only), NumPy's SFC64
-    seeded by one draw from ``generator``, else torch's ``random_``, which fills ``[0, 2**63)`` (the top bit is 0;
-    the others are uniform)."""
-    if numpy:
-        seed = int(torch.randint(-(2**63), 2**63 - 1, (), generator=generator, dtype=torch.int64)) & _MASK64
-        raw = np.random.Generator(np.random.SFC64(seed)).integers(0, _MASK64, count, dtype=np.uint64, endpoint=True)
-        return torch.from_numpy(raw.view(np.int64))
-    return torch.empty(count, dtype=torch.int64, device=device).random_(generator=generator)
+    if source not in ("auto", "numpy", "torch") or source == "numpy" and device.type != "cpu":
+        raise ValueError(f"standard_exponential: source={source!r} on {device}; expected 'auto', 'torch', or "
+                         "'numpy' (CPU only).")
+    if source == "torch" or source == "auto" and (device.type != "cpu" or count < NUMPY_MIN_DRAWS):
+        uniform = torch.rand(shape, generator=generator, device=device)
+        return uniform.clamp_min_(torch.finfo(torch.float32).tiny).log_().neg_()
+    seed = int(torch.randint(-(2**63), 2**63 - 1, (), generator=generator, dtype=torch.int64)) & _MASK64
+    words = np.random.Generator(np.random.SFC64(seed)).integers(0, _MASK64, (count + 1) // 2, dtype=np.uint64,
+                                                               endpoint=True)
+    mantissa = torch.from_numpy(words.view(np.int32))[:count].view(shape).bitwise_and_(0x7FFFFF)
+    return mantissa.bitwise_or_(0x3F800000).view(torch.float32).neg_().add_(2.0).log_().neg_()
 
 
 def sample_gamma(

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from lightning_multimix import sampling
 from lightning_multimix.sampling import dirichlet_weights, pair_weights, sample_gamma, standard_exponential, step_seed
 
 
@@ -42,31 +43,35 @@ def test_dirichlet_uses_only_its_generator(alpha):
     assert not torch.equal(first, dirichlet_weights(5, 10, alpha, generator=_gen(4)))
 
 
-@pytest.mark.parametrize("bits", ["numpy", "torch"])
-def test_standard_exponential_is_exponential_on_the_uniform_grid(bits):
-    """Both sources of bits (NumPy's SFC64 on CPU, torch's random_ elsewhere, run here on CPU) give Exponential(1):
-    the empirical CDF within the Kolmogorov-Smirnov bound of 1 - exp(-x), and U = exp(-x) on the 2**-23 grid of
-    (0, 1], every draw finite and at most 23 log 2."""
-    draws = standard_exponential((401, 499), generator=_gen(7), bits=bits)  # an odd count: the last word is half used
+@pytest.mark.parametrize("source, grid_bits", [("numpy", 23), ("torch", 24)])
+def test_standard_exponential_is_exponential_on_the_uniform_grid(source, grid_bits):
+    """Both sources (NumPy's SFC64 bits, torch.rand) give Exponential(1): the empirical CDF within the
+    Kolmogorov-Smirnov bound of 1 - exp(-x), and U = exp(-x) on the source's grid, every draw finite."""
+    draws = standard_exponential((401, 499), generator=_gen(7), source=source)  # odd count: a half-used last word
     assert draws.shape == (401, 499) and draws.dtype == torch.float32
     x = draws.flatten().double().sort().values
-    assert x.min() >= 0 and x.max() <= 23 * math.log(2) + 1e-5
+    tiny = torch.finfo(torch.float32).tiny
+    assert x.min() >= 0 and x.max() <= (23 * math.log(2) + 1e-5 if source == "numpy" else -math.log(tiny) + 1e-3)
     empirical = torch.arange(1, x.numel() + 1, dtype=torch.float64) / x.numel()
     assert (empirical - (1 - torch.exp(-x))).abs().max() < 1.63 / math.sqrt(x.numel())  # KS at the 1% level
-    grid = torch.exp(-x) * 2**23
+    grid = (torch.exp(-x) * 2**grid_bits)[x < 20]  # leaves out a floored 0 of torch.rand
     assert ((grid - grid.round()).abs() <= 2e-6 * grid).all()  # off the grid by the float32 rounding of the log only
-    assert grid.round().min() >= 1 and grid.round().max() <= 2**23
-    assert not torch.equal(draws, standard_exponential((401, 499), generator=_gen(8), bits=bits))
-    torch.testing.assert_close(draws, standard_exponential((401, 499), generator=_gen(7), bits=bits), rtol=0, atol=0)
+    assert grid.round().min() >= 1 and grid.round().max() <= 2**grid_bits
+    assert not torch.equal(draws, standard_exponential((401, 499), generator=_gen(8), source=source))
+    torch.testing.assert_close(draws, standard_exponential((401, 499), generator=_gen(7), source=source), rtol=0,
+                               atol=0)
 
 
-def test_standard_exponential_auto_bits_on_cpu_are_numpys_and_numpy_bits_need_cpu():
+def test_standard_exponential_auto_source_on_cpu_is_numpy_for_large_draws_and_numpy_needs_cpu():
+    large = (2, sampling.NUMPY_MIN_DRAWS // 2)
+    assert torch.equal(standard_exponential(large, generator=_gen(1)),
+                       standard_exponential(large, generator=_gen(1), source="numpy"))
     assert torch.equal(standard_exponential((5, 7), generator=_gen(1)),
-                       standard_exponential((5, 7), generator=_gen(1), bits="numpy"))
-    with pytest.raises(ValueError, match="bits='numpy' on meta"):
-        standard_exponential((5, 7), device="meta", bits="numpy")
-    with pytest.raises(ValueError, match="bits='philox'"):
-        standard_exponential((5, 7), bits="philox")
+                       standard_exponential((5, 7), generator=_gen(1), source="torch"))
+    with pytest.raises(ValueError, match="source='numpy' on meta"):
+        standard_exponential((5, 7), device="meta", source="numpy")
+    with pytest.raises(ValueError, match="source='philox'"):
+        standard_exponential((5, 7), source="philox")
 
 
 def test_tuple_size_gives_m_examples_per_column():
