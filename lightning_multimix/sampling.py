@@ -44,7 +44,7 @@ def standard_exponential(
     ``2**-23`` grid of ``(0, 1]`` (exact), every draw finite (at most ``23 log 2``, about 15.9). ``"torch"``: ``U``
     from ``torch.rand`` (the ``2**-24`` grid of ``[0, 1)``), an exact 0 floored at the smallest normal float.
     ``"auto"`` takes NumPy's bits on CPU from :data:`NUMPY_MIN_DRAWS` draws on (``benchmarks/sampling.py``: the
-    ``128 x 1000`` Dirichlet draw 1.4x, ``128 x 10000`` 1.6x faster than with ``torch.rand``, whose generator is
+    ``128 x 1000`` Dirichlet draw 1.4x, ``128 x 10000`` 1.7x faster than with ``torch.rand``, whose generator is
     slower per bit), ``torch.rand`` otherwise. Either way the draws are a pure function of the generator's state, and
     each pass runs in place (no second tensor of the draws' size).
 
