@@ -219,7 +219,13 @@ class TrainingStep:
         if self.gathering:
 
             def gather(t: Optional[Tensor]) -> Optional[Tensor]:
-                return None if t is None else module.all_gather(t, sync_grads=True).flatten(0, 1)
+                if t is None:
+                    return None
+                gathered = module.all_gather(t, sync_grads=True)
+                if gathered.requires_grad:  # the backward of torch.distributed.nn's all_gather misreads a strided
+                    # gradient (gloo: wrong gradients in tests/test_ddp.py), such as the class-major product's
+                    gathered.register_hook(lambda grad: grad.contiguous())
+                return gathered.flatten(0, 1)
 
             # what the objective reads, and only that: the same collectives on every process
             logit_path = features is None and callback._in_logit_space

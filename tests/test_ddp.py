@@ -149,8 +149,8 @@ def test_sync_batch_equals_one_process_on_the_global_batch(ddp_out, logit_space)
     torch.testing.assert_close((r0["losses"][0] + r1["losses"][0]) / 2, loss.detach())
     loss.backward()
     for name, param in initial.named_parameters():
-        torch.testing.assert_close(r0["grads"][name], param.grad, msg=name)
-        torch.testing.assert_close(r1["grads"][name], param.grad, msg=name)
+        torch.testing.assert_close(r0["grads"][name], param.grad, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(r1["grads"][name], param.grad, msg=lambda m: f"{name}: {m}")
 
 
 def test_sync_batch_processes_take_the_same_mixing_decision(ddp_out):
