@@ -255,11 +255,10 @@ def mix_by_class(attention: Tensor, labels: Tensor, num_classes: int, weights: T
                 [0.0000, 0.3750]])
     """
     m, r = attention.shape
-    valid = (labels >= 0) & (labels < num_classes)
     if weights.device.type != "cpu":
         spread = attention.unsqueeze(-1) * (labels.unsqueeze(-1) == torch.arange(num_classes, device=labels.device))
         return (spread.to(weights.dtype).reshape(m, -1).T @ weights).view(r, num_classes, -1)
-    bucket = torch.where(valid, labels, num_classes)
+    bucket = torch.where((labels >= 0) & (labels < num_classes), labels, num_classes)  # the others: dropped
     order = torch.argsort(bucket, stable=True)
     attention, weights = attention[order], weights[order]
     out = weights.new_zeros(r, num_classes, weights.shape[1])

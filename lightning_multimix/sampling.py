@@ -5,7 +5,9 @@ column ``k`` holds the coefficients of the ``m`` examples in the ``k``-th interp
 rest of the pipeline (:mod:`lightning_multimix.interpolation`, :mod:`lightning_multimix.losses`): a mode is a way of
 drawing this matrix, nothing else.
 
-All randomness comes from an explicit :class:`torch.Generator` on the target device; the global RNG is never touched.
+All randomness comes from an explicit :class:`torch.Generator` on the target device (large draws on CPU take their bits
+from a NumPy generator seeded from it, :func:`standard_exponential`); neither torch's nor NumPy's global RNG is ever
+touched.
 """
 
 from __future__ import annotations
