@@ -324,8 +324,10 @@ class MultiMix(Callback):
             pl_module.log("multimix/loss", self._loss_log.take_window(), on_step=True, on_epoch=False, prog_bar=True,
                           batch_size=labels.shape[0])
             if self._distiller is not None:
-                pl_module.log("multimix/distill_weight", self._distiller.beta(trainer.global_step), on_step=True,
-                              on_epoch=False, batch_size=labels.shape[0])
+                # a 0-dim tensor filled on the device: a Python float would be copied to it, a synchronisation
+                beta = torch.full((), self._distiller.beta(trainer.global_step), device=loss.device)
+                pl_module.log("multimix/distill_weight", beta, on_step=True, on_epoch=False,
+                              batch_size=labels.shape[0])
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -254,10 +254,9 @@ def mix_by_class(attention: Tensor, labels: Tensor, num_classes: int, weights: T
         tensor([[0.0000, 0.6250],
                 [0.0000, 0.3750]])
     """
-    m, r = attention.shape
     if weights.device.type != "cpu":
-        spread = attention.unsqueeze(-1) * (labels.unsqueeze(-1) == torch.arange(num_classes, device=labels.device))
-        return (spread.to(weights.dtype).reshape(m, -1).T @ weights).view(r, num_classes, -1)
+        return spread_by_class(attention, labels, num_classes, weights)
+    r = attention.shape[1]
     bucket = torch.where((labels >= 0) & (labels < num_classes), labels, num_classes)  # the others: dropped
     order = torch.argsort(bucket, stable=True)
     attention, weights = attention[order], weights[order]
@@ -268,6 +267,22 @@ def mix_by_class(attention: Tensor, labels: Tensor, num_classes: int, weights: T
             torch.mm(attention[start:start + count].T, weights[start:start + count], out=out[:, label])
         start += count
     return out
+
+
+def spread_by_class(attention: Tensor, labels: Tensor, num_classes: int, weights: Tensor) -> Tensor:
+    r""":func:`mix_by_class` as one product: the attention spread over ``r*c`` rows by the one-hot labels, ``(r*c x
+    m) @ (m x n)``. What :func:`mix_by_class` does off CPU, where it needs no class counts on the host.
+
+    Example:
+        >>> attention, weights = torch.tensor([[1.0, 0.0], [0.5, 0.5]]), torch.tensor([[0.25], [0.75]])
+        >>> spread_by_class(attention, torch.tensor([1, 1]), 2, weights)[:, :, 0]
+        tensor([[0.0000, 0.6250],
+                [0.0000, 0.3750]])
+    """
+    m, r = attention.shape
+    one_hot = labels.view(m, 1, 1) == torch.arange(num_classes, device=labels.device)  # (m, 1, c)
+    spread = attention.unsqueeze(-1) * one_hot.to(attention.dtype)  # (m, r, c)
+    return (spread.to(weights.dtype).reshape(m, -1).T @ weights).view(r, num_classes, -1)
 
 
 def dense_multimix_loss(

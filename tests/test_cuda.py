@@ -56,7 +56,8 @@ def no_sync_in_the_callback(monkeypatch):
 def test_a_training_step_makes_no_host_device_synchronisation(no_sync_in_the_callback, options):
     image = "dense" in options
     model = TinyCNN() if image else TinyMLP()
-    n_tuples = {} if options.get("probability") == 0.0 else {"n_tuples": 64}  # no MultiMix batch at probability 0
+    # no MultiMix batch at probability 0; pairs take n = b
+    n_tuples = {} if options.get("probability") == 0.0 or options.get("mode") == "pairs" else {"n_tuples": 64}
     callback = MultiMix(seed=0, check_every_n_steps=1000, **n_tuples, **options)
     trainer([callback], accelerator="gpu", max_steps=6, log_every_n_steps=1000).fit(
         model, loader(n=48, batch_size=8, image=image))

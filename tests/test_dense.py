@@ -520,7 +520,7 @@ def test_factorised_dense_loss_equals_the_per_position_weights_path():
 def test_factorised_dense_loss_with_labels_equals_one_hot_targets():
     """One-hot targets given as labels (the per-class products of `mix_by_class`) give the loss and gradients of the
     same targets written out, with a class with no example, a class with one, and an ignored label (-100, weight 0)."""
-    from lightning_multimix.dense import factorised_dense_logit_loss, mix_by_class
+    from lightning_multimix.dense import factorised_dense_logit_loss, mix_by_class, spread_by_class
 
     g = torch.Generator().manual_seed(3)
     m, n, r, c = 7, 11, 5, 4
@@ -539,6 +539,7 @@ def test_factorised_dense_loss_with_labels_equals_one_hot_targets():
         if label >= 0:
             numerator[:, label, :] += attention[i][:, None] * weights[i][None, :]
     torch.testing.assert_close(mix_by_class(attention, labels, c, weights), numerator)
+    torch.testing.assert_close(spread_by_class(attention, labels, c, weights), numerator)  # the branch off CPU
     reference = factorised_dense_logit_loss(logits, one_hot_targets, weights, attention, label_smoothing=0.1)
     by_class = factorised_dense_logit_loss(logits, labels, weights, attention, label_smoothing=0.1)
     torch.testing.assert_close(by_class, reference)
