@@ -31,6 +31,7 @@ def ddp_out(tmp_path_factory) -> Path:
         "helpers.fit_modes('ddp', sys.argv[1] + '/modes', steps=int(sys.argv[2]))\n"
         "helpers.fit_sync('ddp', sys.argv[1] + '/sync')\n"
         "helpers.fit_unequal('ddp', sys.argv[1])\n"
+        "helpers.destroy_process_group()\n"
     )
     run_script(script, str(out), str(STEPS))
     return out
