@@ -121,6 +121,27 @@ def results_header(info: dict[str, str], settings: str) -> str:
     return f"command: {command_line()}\ndate: {info['date']}\nmachine: {machine}\nsettings: {settings}\n"
 
 
+def write_report(out_dir: str, name: str, info: dict[str, str], settings: str, body: str) -> Optional[Path]:
+    """Write ``out_dir/name``: the results header (:func:`results_header`) and ``body`` in a code block; say where.
+    An empty ``out_dir`` writes nothing."""
+    if not out_dir:
+        return None
+    path = Path(out_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(results_header(info, settings) + "\n```\n" + body + "\n```\n")
+    print(f"wrote {path}")
+    return path
+
+
+def one_cpu_thread() -> dict[str, str]:
+    """Set up a CPU micro-benchmark: one intra-op thread; print and return the machine (:func:`machine_info`). The
+    caller picks the clock (``benchmarks._timing.set_clock("cpu")``: thread CPU time)."""
+    torch.set_num_threads(1)
+    info = machine_info("cpu")
+    print_machine(info)
+    return info
+
+
 def quiet() -> None:
     """Silence Lightning's per-fit chatter in benchmark processes (their tables are the output)."""
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric"):

@@ -24,7 +24,7 @@ if __package__ in (None, ""):
 
 import torch
 
-from benchmarks._harness import format_table, machine_info, print_machine, results_header
+from benchmarks._harness import format_table, one_cpu_thread, write_report
 from benchmarks._timing import median, set_clock, time_interleaved
 from lightning_multimix.losses import soft_cross_entropy
 
@@ -41,10 +41,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    info = one_cpu_thread()
     set_clock("cpu")
-    info = machine_info("cpu")
-    print_machine(info)
     rows = []
     for name, shape, dim in SHAPES:
         g = torch.Generator().manual_seed(0)
@@ -63,11 +61,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           "max |grad diff|"), rows,
                          title="== soft cross-entropy, forward + backward, medians, one thread ==")
     print(table)
-    if args.out:
-        path = Path(args.out) / "cross_entropy.md"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(results_header(info, f"{args.repeats} interleaved calls each") + "\n```\n" + table + "\n```\n")
-        print(f"wrote {path}")
+    write_report(args.out, "cross_entropy.md", info, f"{args.repeats} interleaved calls each", table)
     return 0
 
 

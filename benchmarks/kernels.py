@@ -14,7 +14,7 @@ it and the way it could be done instead, interleaved call by call, one intra-op 
   one-hot matrix;
 * dense target numerator ``sum_i a_ij lambda_ik [y_i = c]``: one product per class
   (:func:`lightning_multimix.dense.mix_by_class`, on CPU) against one product with the attention spread over
-  ``r * c`` rows.
+  ``r * c`` rows (:func:`~lightning_multimix.dense.spread_by_class`, its way off CPU).
 
 How to read the output
 ----------------------
@@ -39,9 +39,9 @@ if __package__ in (None, ""):
 import torch
 from torch import Tensor
 
-from benchmarks._harness import format_table, machine_info, print_machine, results_header
+from benchmarks._harness import format_table, one_cpu_thread, write_report
 from benchmarks._timing import median, set_clock, time_interleaved
-from lightning_multimix.dense import mix_by_class
+from lightning_multimix.dense import mix_by_class, spread_by_class
 from lightning_multimix.interpolation import interpolate_columns, interpolate_labels_columns, one_hot
 from lightning_multimix.sampling import dirichlet_weights
 
@@ -72,12 +72,9 @@ def cases(n: int) -> list[tuple[str, str, Callable[[], Tensor], Callable[[], Ten
     if n <= 1000:
         attention = torch.rand(M, R, generator=g)
 
-        def spread() -> Tensor:
-            rows = attention.unsqueeze(-1) * one_hot(labels, C).unsqueeze(1)  # (m, r, c)
-            return (rows.reshape(M, -1).T @ weights).view(R, C, n)
-
         found.append((f"dense targets, r = {R}", "one (r*c x m) @ (m x n)",
-                      lambda: mix_by_class(attention, labels, C, weights), spread))
+                      lambda: mix_by_class(attention, labels, C, weights),
+                      lambda: spread_by_class(attention, labels, C, weights)))
     return found
 
 
@@ -87,10 +84,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    info = one_cpu_thread()
     set_clock("cpu")
-    info = machine_info("cpu")
-    print_machine(info)
     rows = []
     for n in (int(v) for v in args.n.split(",")):
         for name, other_way, package, other in cases(n):
@@ -102,12 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     table = format_table(("product", "n", "other way", "package (ms)", "other (ms)", "ratio", "max |diff|"), rows,
                          title=f"== products of the objective, m = {M}, c = {C}, medians, one thread ==")
     print(table + "\n")
-    if args.out:
-        path = Path(args.out) / "kernels.md"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(results_header(info, f"n={args.n}, {args.repeats} interleaved calls each") + "\n```\n" + table
-                        + "\n```\n")
-        print(f"wrote {path}")
+    write_report(args.out, "kernels.md", info, f"n={args.n}, {args.repeats} interleaved calls each", table)
     return 0
 
 

@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._harness import format_table, machine_info, print_machine, results_header
+from benchmarks._harness import format_table, machine_info, print_machine, write_report
 
 CANDIDATES = ("package", "SFC64 bits", "-log(torch.rand)", "-log1p(-U)", "exponential_", "distributions.Dirichlet")
 
@@ -98,12 +98,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     table = format_table(("m x n", "candidate", "first 100 (ms)", "steady (ms)", "vs package"), rows,
                          title="== Dirichlet(1) weights, one thread, thread CPU time, medians ==")
     print(table)
-    if args.out:
-        path = Path(args.out) / "sampling.md"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(results_header(info, f"m={args.m}, n={args.n}, 500 calls per fresh process")
-                        + "\n```\n" + table + "\n```\n")
-        print(f"wrote {path}")
+    write_report(args.out, "sampling.md", info, f"m={args.m}, n={args.n}, 500 calls per fresh process", table)
     return 0
 
 

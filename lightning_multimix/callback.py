@@ -312,10 +312,11 @@ class MultiMix(Callback):
         return self._batches_seen - 1
 
     def _after_step(self, pl_module: pl.LightningModule, loss: Tensor, labels: Tensor, keep: Optional[Tensor],
-                    num_classes: int, index: int, first: bool) -> None:
+                    label_range: Optional[tuple[int, int]], num_classes: int, index: int, first: bool) -> None:
         """Update the health flag (read it when due) and the running loss; log it when due. ``keep``: the examples
-        whose label is not the ignore index (``None``: all)."""
-        self._health.update(loss, labels, num_classes, index, keep=keep)
+        whose label is not the ignore index (``None``: all); ``label_range``: the labels' ``(min, max)`` when the step
+        read it (on CPU)."""
+        self._health.update(loss, labels, num_classes, index, keep=keep, label_range=label_range)
         trainer = pl_module.trainer
         if first or self._health.read_due(index, loss.device):
             self._read_health(trainer.global_step)

@@ -45,7 +45,7 @@ from typing import Callable, Literal, Optional
 import torch
 from torch import Tensor
 
-from lightning_multimix.interpolation import full_precision
+from lightning_multimix.interpolation import class_buckets, full_precision, one_hot
 from lightning_multimix.losses import soft_cross_entropy
 
 AttentionKind = Literal["cam", "softmax", "uniform"]
@@ -257,7 +257,7 @@ def mix_by_class(attention: Tensor, labels: Tensor, num_classes: int, weights: T
     if weights.device.type != "cpu":
         return spread_by_class(attention, labels, num_classes, weights)
     r = attention.shape[1]
-    bucket = torch.where((labels >= 0) & (labels < num_classes), labels, num_classes)  # the others: dropped
+    bucket = class_buckets(labels, num_classes)
     order = torch.argsort(bucket, stable=True)
     attention, weights = attention[order], weights[order]
     out = weights.new_zeros(r, num_classes, weights.shape[1])
@@ -280,8 +280,7 @@ def spread_by_class(attention: Tensor, labels: Tensor, num_classes: int, weights
                 [0.0000, 0.3750]])
     """
     m, r = attention.shape
-    one_hot = labels.view(m, 1, 1) == torch.arange(num_classes, device=labels.device)  # (m, 1, c)
-    spread = attention.unsqueeze(-1) * one_hot.to(attention.dtype)  # (m, r, c)
+    spread = attention.unsqueeze(-1) * one_hot(labels, num_classes, attention.dtype).unsqueeze(1)  # (m, r, c)
     return (spread.to(weights.dtype).reshape(m, -1).T @ weights).view(r, num_classes, -1)
 
 

@@ -38,17 +38,21 @@ class HealthFlag:
         self.num_classes: Optional[int] = None
         self.reported_ignored = False
 
-    def update(self, loss: Tensor, labels: Tensor, num_classes: int, batch: int, keep: Optional[Tensor] = None) -> None:
+    def update(self, loss: Tensor, labels: Tensor, num_classes: int, batch: int, keep: Optional[Tensor] = None,
+               label_range: Optional[tuple[int, int]] = None) -> None:
         """Record, on the device and without synchronising, ``batch`` if it is the first bad one, and count the
-        examples left out (``keep`` false: their label is the ignore index, never out of range)."""
+        examples left out (``keep`` false: their label is the ignore index, never out of range). On CPU,
+        ``label_range`` (the labels' ``(min, max)``, already read by the caller) saves reading it again when no
+        example is left out."""
         self.num_classes = num_classes
         if self.host is not None:
             kept = labels if keep is None else labels[keep]
             if self.host[0] < 0:
                 code = 0 if math.isfinite(float(loss.detach())) else 1
                 if kept.numel():
-                    low, high = torch.aminmax(kept)
-                    code += 2 if int(low) < 0 or int(high) >= num_classes else 0
+                    known = keep is None and label_range is not None
+                    low, high = label_range if known else map(int, torch.aminmax(kept))
+                    code += 2 if low < 0 or high >= num_classes else 0
                 if code:
                     self.host[:2] = [batch, code]
             self.host[2] += labels.numel() - kept.numel()

@@ -50,6 +50,18 @@ def one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32
     return (labels.unsqueeze(-1) == torch.arange(num_classes, device=labels.device)).to(dtype)
 
 
+def class_buckets(labels: Tensor, num_classes: int) -> Tensor:
+    """``labels`` with every label outside ``[0, num_classes)`` (an ignore index, a bad label) replaced by
+    ``num_classes``: a bucket of its own, which the per-class sums drop (as :func:`one_hot` gives such a label no
+    class).
+
+    Example:
+        >>> class_buckets(torch.tensor([2, -100, 0, 5]), 3)
+        tensor([2, 3, 0, 3])
+    """
+    return torch.where((labels >= 0) & (labels < num_classes), labels, num_classes)
+
+
 def labels_out_of_range(labels: Tensor, num_classes: int) -> Tensor:
     """A 0-dim boolean tensor, on the labels' device, that is true when a label lies outside ``[0, num_classes)``.
 
@@ -132,9 +144,9 @@ def interpolate_labels_columns(labels: Tensor, num_classes: int, weights: Tensor
                          f"{tuple(weights.shape)}.")
     if weights.device.type != "cpu":
         return interpolate_columns(one_hot(labels, num_classes, weights.dtype), weights)
-    bucket = torch.where((labels >= 0) & (labels < num_classes), labels, num_classes)  # the others: a dropped row
     with full_precision(weights):
-        return weights.new_zeros(num_classes + 1, weights.shape[1]).index_add_(0, bucket, weights)[:num_classes]
+        summed = weights.new_zeros(num_classes + 1, weights.shape[1])
+        return summed.index_add_(0, class_buckets(labels, num_classes), weights)[:num_classes]
 
 
 def mix_with_partner(values: Tensor, lam: Tensor, partner: Tensor) -> Tensor:

@@ -134,8 +134,8 @@ class TrainingStep:
             if probe is not None:
                 probe.remove()
         self.batch_counts[kind] += 1
-        callback._after_step(module, loss, self._labels_on_device, self._keep, self._num_classes, index,
-                             first=not self.verified)
+        callback._after_step(module, loss, self._labels_on_device, self._keep, self._label_range, self._num_classes,
+                             index, first=not self.verified)
         self.verified = True
         return {**output, "loss": loss} if isinstance(output, dict) else loss
 
@@ -170,6 +170,8 @@ class TrainingStep:
             with_embeddings = not callback._in_logit_space and callback.distill.targets == "logits" and mixer is None
             teacher = callback.distiller.outputs(*capture.model_inputs(), self.module.trainer.global_step,
                                                  with_embeddings)
+        # on CPU the labels' range is read once (free there): for `keep` and for the health check
+        self._label_range = tuple(int(v) for v in torch.aminmax(labels)) if labels.device.type == "cpu" else None
         keep = self._keep = self._left_out(labels)
         if mixer is not None:
             return mixup_objective(logits, labels, *mixer.draw, teacher=teacher, keep=keep,
@@ -187,9 +189,9 @@ class TrainingStep:
         ignore = self.callback.ignore_index
         if ignore is None:
             return None
-        if labels.device.type == "cpu" and not self.gathering:
-            low, high = torch.aminmax(labels)
-            if not int(low) <= ignore <= int(high):
+        if self._label_range is not None and not self.gathering:
+            low, high = self._label_range
+            if not low <= ignore <= high:
                 return None
         return labels != ignore
 
