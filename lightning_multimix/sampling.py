@@ -20,9 +20,11 @@ import torch
 from torch import Tensor
 
 _MASK64 = (1 << 64) - 1
-#: from this many draws on, ``source="auto"`` on CPU takes NumPy's bits: below it, seeding NumPy's generator costs
-#: more than its faster bits save (``benchmarks/sampling.py``, the ``128 x 16`` and ``128 x 512`` rows)
-NUMPY_MIN_DRAWS = 2**16
+#: from this many draws on, ``source="auto"`` on CPU takes NumPy's bits and logarithm: below it, seeding NumPy's
+#: generator costs more than they save (``benchmarks/sampling.py``: slower at ``128 x 32``, faster from ``128 x 64``)
+NUMPY_MIN_DRAWS = 2**13
+#: ``f - (1 - 2**-24) = (2k + 1) 2**-24`` exactly for ``f = 1 + k 2**-23``: the midpoints of the ``2**-23`` grid
+_TO_MIDPOINT = np.float32(1 - 2**-24)
 
 
 def _validate(num_examples: int, alpha: float, *, min_examples: int = 1) -> None:
@@ -42,13 +44,14 @@ def standard_exponential(
     """``Exponential(1)`` float32 draws of the given shape, ``-log(U)`` with ``U`` uniform, from ``generator``.
 
     ``source="numpy"`` (CPU only): one 64-bit seed drawn from ``generator`` seeds NumPy's SFC64 generator, whose raw
-    bits make ``U = 2 - f``, ``f`` a float in ``[1, 2)`` with 23 random mantissa bits: ``U`` is uniform on the
-    ``2**-23`` grid of ``(0, 1]`` (exact), every draw finite (at most ``23 log 2``, about 15.9). ``"torch"``: ``U``
-    from ``torch.rand`` (the ``2**-24`` grid of ``[0, 1)``), an exact 0 floored at the smallest normal float.
-    ``"auto"`` takes NumPy's bits on CPU from :data:`NUMPY_MIN_DRAWS` draws on (``benchmarks/sampling.py``: the
-    ``128 x 1000`` Dirichlet draw 1.4x, ``128 x 10000`` 1.7x faster than with ``torch.rand``, whose generator is
-    slower per bit), ``torch.rand`` otherwise. Either way the draws are a pure function of the generator's state, and
-    each pass runs in place (no second tensor of the draws' size).
+    bits become the draws in place (:func:`exponential_from_bits`: ``U`` uniform on the midpoints of the ``2**-23``
+    grid of ``(0, 1)``, every draw finite, at most ``24 log 2``, about 16.6). ``"torch"``: ``U`` from ``torch.rand``
+    (the ``2**-24`` grid of ``[0, 1)``), an exact 0 floored at the smallest normal float. ``"auto"`` takes NumPy's
+    way on CPU from :data:`NUMPY_MIN_DRAWS` draws on (``benchmarks/sampling.py``: the ``128 x 1000`` Dirichlet draw
+    about 2x, ``128 x 10000`` about 2.3x faster than with ``torch.rand``, whose generator is slower per bit and
+    whose ``log`` is slower than NumPy's), ``torch.rand`` otherwise. Either way the draws are a pure function of the
+    generator's state on a given machine (vectorised logarithms pick their code by the CPU's vector units, so the
+    last bit may differ between machines), and each pass runs in place (no second array of the draws' size).
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -66,10 +69,31 @@ def standard_exponential(
         uniform = torch.rand(shape, generator=generator, device=device)
         return uniform.clamp_min_(torch.finfo(torch.float32).tiny).log_().neg_()
     seed = int(torch.randint(-(2**63), 2**63 - 1, (), generator=generator, dtype=torch.int64)) & _MASK64
-    words = np.random.Generator(np.random.SFC64(seed)).integers(0, _MASK64, (count + 1) // 2, dtype=np.uint64,
-                                                               endpoint=True)
-    mantissa = torch.from_numpy(words.view(np.int32))[:count].view(shape).bitwise_and_(0x7FFFFF)
-    return mantissa.bitwise_or_(0x3F800000).view(torch.float32).neg_().add_(2.0).log_().neg_()
+    bits = np.random.SFC64(seed).random_raw((count + 1) // 2).view(np.uint32)[:count]
+    return torch.from_numpy(exponential_from_bits(bits)).view(shape)
+
+
+def exponential_from_bits(bits: np.ndarray) -> np.ndarray:
+    """``Exponential(1)`` float32 draws from random ``uint32`` words, in place (the result shares their memory).
+
+    The 23 low bits ``k`` of a word give ``U = (2k + 1) 2**-24``, uniform on the midpoints of the ``2**-23`` grid of
+    ``(0, 1)`` (made exactly: a mantissa ``f = 1 + k 2**-23`` minus ``1 - 2**-24``), and the draw is ``-log(U)``,
+    computed as ``log2(U) * -log(2)`` with NumPy's vectorised ``log2``: about 5x ``torch.log`` on this machine's CPU
+    (``benchmarks/sampling.py``), within 3 units in the last place of ``-log(U)`` over the whole grid, decreasing in
+    ``k``, every draw finite and in ``[2**-24, 24 log 2]`` (all checked in ``tests/test_sampling.py``).
+
+    Example:
+        >>> exponential_from_bits(np.array([0x7FFFFF, 0], dtype=np.uint32))  # U = 1 - 2**-24, U = 2**-24
+        array([5.9604645e-08, 1.6635532e+01], dtype=float32)
+    """
+    if bits.dtype != np.uint32:
+        raise ValueError(f"exponential_from_bits takes uint32 words, got dtype {bits.dtype}.")
+    np.bitwise_and(bits, 0x7FFFFF, out=bits)
+    np.bitwise_or(bits, 0x3F800000, out=bits)  # the float f = 1 + k 2**-23
+    uniform = bits.view(np.float32)
+    np.subtract(uniform, _TO_MIDPOINT, out=uniform)
+    np.log2(uniform, out=uniform)
+    return np.multiply(uniform, np.float32(-math.log(2)), out=uniform)
 
 
 def sample_gamma(

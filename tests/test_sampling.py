@@ -43,23 +43,44 @@ def test_dirichlet_uses_only_its_generator(alpha):
     assert not torch.equal(first, dirichlet_weights(5, 10, alpha, generator=_gen(4)))
 
 
-@pytest.mark.parametrize("source, grid_bits", [("numpy", 23), ("torch", 24)])
-def test_standard_exponential_is_exponential_on_the_uniform_grid(source, grid_bits):
-    """Both sources (NumPy's SFC64 bits, torch.rand) give Exponential(1): the empirical CDF within the
-    Kolmogorov-Smirnov bound of 1 - exp(-x), and U = exp(-x) on the source's grid, every draw finite."""
+@pytest.mark.parametrize("source", ["numpy", "torch"])
+def test_standard_exponential_is_exponential_on_the_uniform_grid(source):
+    """Both sources give Exponential(1): the empirical CDF within the Kolmogorov-Smirnov bound of 1 - exp(-x), and
+    U = exp(-x) on the source's grid (NumPy: the odd multiples of 2**-24; torch.rand: multiples of 2**-24), every draw
+    finite."""
     draws = standard_exponential((401, 499), generator=_gen(7), source=source)  # odd count: a half-used last word
     assert draws.shape == (401, 499) and draws.dtype == torch.float32
     x = draws.flatten().double().sort().values
     tiny = torch.finfo(torch.float32).tiny
-    assert x.min() >= 0 and x.max() <= (23 * math.log(2) + 1e-5 if source == "numpy" else -math.log(tiny) + 1e-3)
+    assert x.min() >= 0 and x.max() <= (24 * math.log(2) + 1e-5 if source == "numpy" else -math.log(tiny) + 1e-3)
     empirical = torch.arange(1, x.numel() + 1, dtype=torch.float64) / x.numel()
     assert (empirical - (1 - torch.exp(-x))).abs().max() < 1.63 / math.sqrt(x.numel())  # KS at the 1% level
-    grid = (torch.exp(-x) * 2**grid_bits)[x < 20]  # leaves out a floored 0 of torch.rand
+    grid = (torch.exp(-x) * 2**24)[x < 15]  # leaves out a floored 0 of torch.rand
     assert ((grid - grid.round()).abs() <= 2e-6 * grid).all()  # off the grid by the float32 rounding of the log only
-    assert grid.round().min() >= 1 and grid.round().max() <= 2**grid_bits
+    assert grid.round().min() >= 1 and grid.round().max() <= 2**24
+    if source == "numpy":  # where float32's log pins U down to the unit (the whole grid: the next test)
+        small = grid[grid < 2**12].round()
+        assert small.numel() > 10 and (small % 2 == 1).all(), "U lies on the midpoints of the 2**-23 grid"
     assert not torch.equal(draws, standard_exponential((401, 499), generator=_gen(8), source=source))
     torch.testing.assert_close(draws, standard_exponential((401, 499), generator=_gen(7), source=source), rtol=0,
                                atol=0)
+
+
+def test_exponential_from_bits_over_every_mantissa():
+    """All 2**23 values of the 23 bits used: -log((2k + 1) 2**-24) within 3 units in the last place of the float64
+    value, decreasing in k, finite; the word's 9 high bits change nothing; the words are overwritten in place."""
+    k = np.arange(2**23, dtype=np.uint32)
+    expected = -np.log((2 * k.astype(np.float64) + 1) * 2.0**-24)
+    words = k.copy()
+    draws = sampling.exponential_from_bits(words)
+    assert draws.dtype == np.float32 and np.shares_memory(draws, words)
+    ulp = np.spacing(expected.astype(np.float32)).astype(np.float64)
+    assert (np.abs(draws - expected) <= 3 * ulp).all()
+    assert (np.diff(draws) <= 0).all() and np.isfinite(draws).all()
+    assert draws[0] == np.float32(24 * math.log(2)) and draws[-1] == np.float32(2.0**-24)
+    assert np.array_equal(sampling.exponential_from_bits(k | np.uint32(0xFF800000)), draws)
+    with pytest.raises(ValueError, match="uint32 words, got dtype int32"):
+        sampling.exponential_from_bits(np.zeros(3, dtype=np.int32))
 
 
 def test_standard_exponential_auto_source_on_cpu_is_numpy_for_large_draws_and_numpy_needs_cpu():
