@@ -2,7 +2,7 @@
 
 What is measured
 ----------------
-The three products the logit-space and dense objectives spend their time in, each computed the way the package does
+The four products the logit-space and dense objectives spend their time in, each computed the way the package does
 it and the way it could be done instead, interleaved call by call, one intra-op thread, thread CPU time
 (``m = 128`` examples, ``c = 10`` classes, ``r = 49`` positions, as the small CNN of ``benchmarks/overhead.py``):
 
@@ -14,7 +14,11 @@ it and the way it could be done instead, interleaved call by call, one intra-op 
   one-hot matrix;
 * dense target numerator ``sum_i a_ij lambda_ik [y_i = c]``: one product per class
   (:func:`lightning_multimix.dense.mix_by_class`, on CPU) against one product with the attention spread over
-  ``r * c`` rows (:func:`~lightning_multimix.dense.spread_by_class`, its way off CPU).
+  ``r * c`` rows (:func:`~lightning_multimix.dense.spread_by_class`, its way off CPU);
+* dense head at every position, forward and backward, on the ``(m, r, d)`` view of a CNN's ``(m, d, 7, 7)`` feature
+  map (``d = 128``): class-major batched products on the map where it lies
+  (:func:`lightning_multimix.dense.position_linear`) against ``F.linear`` on a contiguous copy (the package's way
+  before).
 
 How to read the output
 ----------------------
@@ -37,15 +41,16 @@ if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from benchmarks._harness import format_table, one_cpu_thread, write_report
 from benchmarks._timing import median, set_clock, time_interleaved
-from lightning_multimix.dense import mix_by_class, spread_by_class
+from lightning_multimix.dense import mix_by_class, position_linear, spread_by_class
 from lightning_multimix.interpolation import interpolate_columns, interpolate_labels_columns, one_hot
 from lightning_multimix.sampling import dirichlet_weights
 
-M, C, R = 128, 10, 49
+M, C, R, D = 128, 10, 49, 128
 
 
 def _forward_backward(product: Callable[[Tensor], Tensor], logits: Tensor) -> Callable[[], Tensor]:
@@ -75,6 +80,17 @@ def cases(n: int) -> list[tuple[str, str, Callable[[], Tensor], Callable[[], Ten
         found.append((f"dense targets, r = {R}", "one (r*c x m) @ (m x n)",
                       lambda: mix_by_class(attention, labels, C, weights),
                       lambda: spread_by_class(attention, labels, C, weights)))
+        # the head at every position of a CNN's (m, d, 7, 7) map, read as the (m, r, d) view dense mode captures
+        feature_map = torch.randn(M, D, 7, 7, generator=g, requires_grad=True)
+        head = torch.nn.Linear(D, C)
+
+        def view(v: Tensor) -> Tensor:
+            return v.flatten(2).transpose(1, 2)
+
+        found.append(("dense head per position, fwd + bwd", "F.linear on a contiguous (m, r, d) copy",
+                      _forward_backward(lambda v: position_linear(view(v), head.weight, head.bias), feature_map),
+                      _forward_backward(lambda v: F.linear(view(v).contiguous(), head.weight, head.bias),
+                                        feature_map)))
     return found
 
 

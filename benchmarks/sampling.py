@@ -8,11 +8,11 @@ by the same in-place column normalisation: the package's way (:func:`lightning_m
 from NumPy's SFC64 seeded from the torch generator, made into ``U`` on the midpoints of the ``2**-23`` grid and
 ``-log(U)`` by NumPy's vectorised ``log2``, else ``-log(torch.rand)``), each of those two ways alone, ``SFC64 bits,
 torch.log`` (the package's way before: ``-log(2 - f)`` with the same bits and ``torch.log``), ``-log1p(-U)``,
-``Tensor.exponential_`` and ``torch.distributions.Dirichlet``. ``n = 32`` and ``64`` show the crossover of NumPy's
-way for small draws (seeding its generator costs a fixed few microseconds): below ``NUMPY_MIN_DRAWS = 2**13`` draws
-``torch.rand`` is faster. Each candidate runs in a fresh
-process (a slow start shows: the first calls of a process are timed apart from the steady state), one intra-op
-thread, thread CPU time.
+``Tensor.exponential_``, ``torch.distributions.Dirichlet``, and ``SFC64 raw bits alone``: the generator's bits and
+nothing made of them (no draw, no normalisation), the floor of NumPy's way. ``n = 32`` and ``64`` show the crossover
+of NumPy's way for small draws (seeding its generator costs a fixed few microseconds): below ``NUMPY_MIN_DRAWS =
+2**13`` draws ``torch.rand`` is faster. Each candidate runs in a fresh process (a slow start shows: the first calls
+of a process are timed apart from the steady state), one intra-op thread, thread CPU time.
 
 How to read the output
 ----------------------
@@ -44,7 +44,7 @@ if __package__ in (None, ""):
 from benchmarks._harness import format_table, machine_info, print_machine, write_report
 
 CANDIDATES = ("package", "SFC64 bits, NumPy log2", "-log(torch.rand)", "SFC64 bits, torch.log", "-log1p(-U)",
-              "exponential_", "distributions.Dirichlet")
+              "exponential_", "distributions.Dirichlet", "SFC64 raw bits alone")
 
 
 def _child(candidate: str, m: int, n: int) -> None:
@@ -63,9 +63,12 @@ def _child(candidate: str, m: int, n: int) -> None:
         if candidate in CANDIDATES[1:3]:
             source = "numpy" if candidate == CANDIDATES[1] else "torch"
             g = sampling.standard_exponential((m, n), generator=generator, source=source)
-        elif candidate == CANDIDATES[3]:  # the package's way before: torch's log of U = 2 - f
+        elif candidate in CANDIDATES[3::4]:
             seed = int(torch.randint(-(2**63), 2**63 - 1, (), generator=generator, dtype=torch.int64)) & (2**64 - 1)
             words = np.random.SFC64(seed).random_raw((m * n + 1) // 2).view(np.int32)[:m * n]
+            if candidate == CANDIDATES[7]:  # the floor of NumPy's way: the bits, nothing made of them
+                return torch.from_numpy(words)
+            # the package's way before: torch's log of U = 2 - f
             g = torch.from_numpy(words).view(m, n).bitwise_and_(0x7FFFFF).bitwise_or_(0x3F800000)
             g = g.view(torch.float32).neg_().add_(2.0).log_().neg_()
         elif candidate == CANDIDATES[4]:

@@ -146,6 +146,27 @@ def per_position(head: Callable[[Tensor], Tensor], values: Tensor) -> Tensor:
     return out.reshape(*values.shape[:-1], out.shape[-1])
 
 
+def position_linear(features: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(features, weight, bias)``: a linear head's logits at every position of an ``(m, r, d)`` feature map,
+    ``(m, r, c)``.
+
+    Computed class-major, one ``(c x d) @ (d x r)`` product per example (a batched product), and returned as the
+    ``(m, r, c)`` view of the ``(m, c, r)`` result: a CNN's feature map, which lies in memory as ``(m, d, r)`` and
+    reaches here as a transposed view, is read where it lies, with no transposing copy forward or backward, and the
+    product has the wide shape that CPU BLAS runs fastest (``benchmarks/kernels.py``: forward and backward together
+    about 1.5x faster than ``F.linear`` on a contiguous copy, equal to float32 rounding).
+
+    Example:
+        >>> features, head = torch.randn(2, 5, 3), torch.nn.Linear(3, 4)
+        >>> torch.allclose(position_linear(features, head.weight, head.bias), head(features), atol=1e-6)
+        True
+    """
+    expanded = weight.unsqueeze(0).expand(features.shape[0], *weight.shape)
+    columns = features.transpose(1, 2)  # (m, d, r): a CNN feature map's own layout
+    product = torch.bmm(expanded, columns) if bias is None else torch.baddbmm(bias.view(1, -1, 1), expanded, columns)
+    return product.transpose(1, 2)
+
+
 def dense_multimix_logit_loss(
     position_logits: Tensor, targets: Tensor, weights: Tensor, label_smoothing: float = 0.0
 ) -> Tensor:

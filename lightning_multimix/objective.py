@@ -40,6 +40,7 @@ from lightning_multimix.dense import (
     factorised_dense_logit_loss,
     masked_dense_weights,
     per_position,
+    position_linear,
 )
 from lightning_multimix.interpolation import (
     interpolate,
@@ -263,9 +264,12 @@ def _dense_objective(weights: Tensor, labels: Tensor, features: Tensor, head: He
     _check_rows("feature_map", features, labels)
     linear = isinstance(head, nn.Linear)
     affine = linear if affine_head is None else affine_head
+    if not (linear and affine):  # read more than once, by products that would each copy a transposed (CNN) map
+        features = features.contiguous()
     position_logits = None
     if affine:  # the head at every position of the real examples, needed anyway: the class scores come from it
-        position_logits = F.linear(features, head.weight, head.bias) if linear else per_position(head, features)
+        position_logits = position_linear(features, head.weight, head.bias) if linear else \
+            per_position(head, features)
     with torch.no_grad():
         readable = labels.clamp_min(0)  # a left-out example (ignore index) has weight 0: any class's scores do
         own_class = readable.view(-1, 1, 1).expand(-1, features.shape[1], 1)

@@ -163,7 +163,6 @@ class TrainingStep:
         features = mask = None
         if callback.dense is not None and (dense_now or not self.features_verified):
             features, mask = capture.feature_map(embeddings, verify=not self.features_verified)
-            features = features.contiguous()  # once: the head per position and the class scores would each copy
             self.features_verified = True  # checked on the first batch, whichever way it is mixed
         teacher = None
         if callback.distiller is not None:

@@ -64,7 +64,7 @@ def test_sampling_and_cross_entropy_scripts_report_their_candidates(tmp_path: Pa
     assert "F.cross_entropy (ms)" in stdout and (tmp_path / "cross_entropy.md").exists()
     stdout = _run("benchmarks/sampling.py", "--n", "100", "--processes", "1", "--out", str(tmp_path))
     for candidate in ("package", "SFC64 bits, NumPy log2", "-log(torch.rand)", "SFC64 bits, torch.log", "-log1p(-U)",
-                      "exponential_", "distributions.Dirichlet"):
+                      "exponential_", "distributions.Dirichlet", "SFC64 raw bits alone"):
         assert candidate in stdout
     assert (tmp_path / "sampling.md").read_text().startswith("command: ")
 

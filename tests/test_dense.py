@@ -24,6 +24,7 @@ from lightning_multimix.dense import (
     dense_multimix_logit_loss,
     dense_multimix_loss,
     dense_weights,
+    position_linear,
 )
 from helpers_models import Classifier, PooledHead, Recording, TinyConv, loader, quiet_trainer, soft_ce
 
@@ -214,6 +215,48 @@ class LargestTensor(TorchDispatchMode):
             if isinstance(o, Tensor):
                 self.largest = max(self.largest, o.numel())
         return out
+
+
+class MapCopies(TorchDispatchMode):
+    """Records the size of every tensor a copying aten op (clone, copy_, _to_copy) produces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.clone, torch.ops.aten.copy_, torch.ops.aten._to_copy):
+            self.sizes.append(out.numel())
+        return out
+
+
+@pytest.mark.parametrize("layout", ["cnn map", "tokens"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_position_linear_is_the_head_at_every_position_without_copying_the_map(layout, bias):
+    """Values and gradients of the written-out sum over channels; a CNN map (m, d, h, w), read as its (m, r, d) view,
+    is never copied, forward or backward."""
+    m, d, c = 3, 5, 4
+    source = torch.randn(m, d, 2, 3) if layout == "cnn map" else torch.randn(m, 6, d)
+    source.requires_grad_()
+    head = nn.Linear(d, c, bias=bias)
+    view = source.flatten(2).transpose(1, 2) if layout == "cnn map" else source  # (m, r, d)
+    with MapCopies() as copies:
+        out = position_linear(view, head.weight, head.bias)
+        grad_out = torch.randn(out.shape)
+        (out * grad_out).sum().backward()
+    assert out.shape == (m, 6, c)
+    if layout == "cnn map":
+        assert source.numel() not in copies.sizes, copies.sizes
+    got = [source.grad.clone(), head.weight.grad.clone()] + ([head.bias.grad.clone()] if bias else [])
+    for p in (source, *head.parameters()):
+        p.grad = None
+    view = source.flatten(2).transpose(1, 2) if layout == "cnn map" else source
+    expected = sum(view[..., k, None] * head.weight[:, k] for k in range(d)) + (head.bias if bias else 0.0)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    (expected * grad_out).sum().backward()
+    for mine, theirs in zip(got, [source.grad, head.weight.grad] + ([head.bias.grad] if bias else [])):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
 
 
 def test_no_m_n_r_d_tensor_forward_or_backward():
