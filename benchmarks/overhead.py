@@ -198,7 +198,7 @@ def core_table(methods: Sequence[Method], args: argparse.Namespace, device: torc
         raw_map = net.pool.register_forward_hook(lambda m, a, o: setattr(m, "seen", a[0].detach()))
         net(x)
         raw_map.remove()
-    feature_map = net.pool.seen.flatten(2).transpose(1, 2).contiguous()
+    feature_map = net.pool.seen  # (m, d, 7, 7); dense mode reads it as its (m, r, d) view, as in the step
     del features
     distiller = Distiller(SelfDistillation())  # the teacher as the package builds it (channels-last on CPU)
     distiller.attach(net, device)
@@ -210,7 +210,7 @@ def core_table(methods: Sequence[Method], args: argparse.Namespace, device: torc
         options = method.callback
         n = options.get("n_tuples", 1000)
         logits = net.fc(pooled).detach().requires_grad_(True)
-        position_logits_input = feature_map.clone().requires_grad_(True)
+        feature_map_leaf = feature_map.clone().requires_grad_(True)
         state: dict[str, Any] = {}
 
         def sample() -> None:
@@ -232,8 +232,8 @@ def core_table(methods: Sequence[Method], args: argparse.Namespace, device: torc
             if "draw" in state:
                 state["loss"] = mixup_objective(logits, labels, *state["draw"])
             elif options.get("dense") is not None:
-                state["loss"] = multimix_objective(state["w"], labels, feature_map=position_logits_input,
-                                                   head=net.fc)
+                state["loss"] = multimix_objective(state["w"], labels, head=net.fc,
+                                                   feature_map=feature_map_leaf.flatten(2).transpose(1, 2))
             else:
                 state["loss"] = multimix_objective(state["w"], labels, logits=logits, teacher=state.get("teacher"))
 
