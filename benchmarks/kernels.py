@@ -13,8 +13,8 @@ it and the way it could be done instead, interleaved call by call, one intra-op 
   (:func:`lightning_multimix.interpolation.interpolate_labels_columns`, on CPU) against the product with the
   one-hot matrix;
 * dense target numerator ``sum_i a_ij lambda_ik [y_i = c]``: one product per class
-  (:func:`lightning_multimix.dense.mix_by_class`, on CPU) against one product with the attention spread over
-  ``r * c`` rows (:func:`~lightning_multimix.dense.spread_by_class`, its way off CPU);
+  (:func:`lightning_multimix.dense_targets.mix_by_class`, on CPU) against one product with the attention spread over
+  ``r * c`` rows (:func:`~lightning_multimix.dense_targets.spread_by_class`, its way off CPU);
 * dense head at every position, forward and backward, on the ``(m, r, d)`` view of a CNN's ``(m, d, 7, 7)`` feature
   map (``d = 128``): class-major batched products on the map where it lies
   (:func:`lightning_multimix.dense.position_linear`) against ``F.linear`` on a contiguous copy (the package's way
@@ -46,7 +46,8 @@ from torch import Tensor
 
 from benchmarks._harness import format_table, one_cpu_thread, write_report
 from benchmarks._timing import median, set_clock, time_interleaved
-from lightning_multimix.dense import mix_by_class, position_linear, spread_by_class
+from lightning_multimix.dense import position_linear
+from lightning_multimix.dense_targets import mix_by_class, spread_by_class
 from lightning_multimix.interpolation import interpolate_columns, interpolate_labels_columns, one_hot
 from lightning_multimix.sampling import dirichlet_weights
 

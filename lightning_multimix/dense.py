@@ -45,7 +45,8 @@ from typing import Callable, Literal, Optional
 import torch
 from torch import Tensor
 
-from lightning_multimix.interpolation import class_buckets, full_precision, one_hot
+from lightning_multimix.dense_targets import mix_by_class
+from lightning_multimix.interpolation import full_precision
 from lightning_multimix.losses import soft_cross_entropy
 
 AttentionKind = Literal["cam", "softmax", "uniform"]
@@ -217,12 +218,13 @@ def factorised_dense_logit_loss(
 
     One-hot targets given as ``(m,)`` integer labels cost ``r*m*n`` products instead of ``r*c*m*n`` on CPU: the
     target numerator ``sum_i lambda_ik a_ij [y_i = c]`` is one ``(r x m_c) @ (m_c x n)`` product per class over the
-    ``m_c`` examples of that class (:func:`mix_by_class`).
+    ``m_c`` examples of that class (:func:`~lightning_multimix.dense_targets.mix_by_class`).
 
     Args:
         position_logits: ``(m, r, c)`` the head's logits at every position of the ``m`` real examples.
         targets: ``(m, c)`` per-example targets (each position inherits its example's), or ``(m,)`` integer labels:
-            one-hot targets (a label outside ``[0, c)`` gives an all-zero target, as :func:`one_hot`).
+            one-hot targets (a label outside ``[0, c)`` gives an all-zero target, as
+            :func:`~lightning_multimix.interpolation.one_hot`).
         weights: ``(m, n)`` MultiMix weights.
         attention: ``(m, r)`` non-negative attention (no gradient flows through it).
         mask: ``(m, r)`` booleans, false at padding: a padded position is never mixed, and an interpolated position
@@ -260,50 +262,6 @@ def factorised_dense_logit_loss(
     if mask is None:
         return soft_cross_entropy(mixed_logits, mixed_targets, label_smoothing, dim=1)
     return masked_soft_cross_entropy(mixed_logits, mixed_targets, valid.squeeze(1), label_smoothing, dim=1)
-
-
-def mix_by_class(attention: Tensor, labels: Tensor, num_classes: int, weights: Tensor) -> Tensor:
-    r"""The dense target numerator of one-hot targets, ``(r, c, n)``: ``sum_i a_ij lambda_ik [y_i = c]``.
-
-    On CPU, one product ``(r x m_c) @ (m_c x n)`` per class over its ``m_c`` examples (``r*m*n`` multiply-adds in
-    all, instead of the ``r*c*m*n`` of one product with the one-hot targets spread over ``r*c`` rows: about 3x faster
-    in ``benchmarks/kernels.py``). Elsewhere the one product: the per-class split needs the class counts on the
-    host, a synchronisation. A label outside ``[0, c)`` adds nothing.
-
-    Example:
-        >>> attention, weights = torch.tensor([[1.0, 0.0], [0.5, 0.5]]), torch.tensor([[0.25], [0.75]])
-        >>> mix_by_class(attention, torch.tensor([1, 1]), 2, weights)[:, :, 0]  # (r, c): all of it in class 1
-        tensor([[0.0000, 0.6250],
-                [0.0000, 0.3750]])
-    """
-    if weights.device.type != "cpu":
-        return spread_by_class(attention, labels, num_classes, weights)
-    r = attention.shape[1]
-    bucket = class_buckets(labels, num_classes)
-    order = torch.argsort(bucket, stable=True)
-    attention, weights = attention[order], weights[order]
-    out = weights.new_zeros(r, num_classes, weights.shape[1])
-    start = 0
-    for label, count in enumerate(torch.bincount(bucket, minlength=num_classes + 1).tolist()[:num_classes]):
-        if count:
-            torch.mm(attention[start:start + count].T, weights[start:start + count], out=out[:, label])
-        start += count
-    return out
-
-
-def spread_by_class(attention: Tensor, labels: Tensor, num_classes: int, weights: Tensor) -> Tensor:
-    r""":func:`mix_by_class` as one product: the attention spread over ``r*c`` rows by the one-hot labels, ``(r*c x
-    m) @ (m x n)``. What :func:`mix_by_class` does off CPU, where it needs no class counts on the host.
-
-    Example:
-        >>> attention, weights = torch.tensor([[1.0, 0.0], [0.5, 0.5]]), torch.tensor([[0.25], [0.75]])
-        >>> spread_by_class(attention, torch.tensor([1, 1]), 2, weights)[:, :, 0]
-        tensor([[0.0000, 0.6250],
-                [0.0000, 0.3750]])
-    """
-    m, r = attention.shape
-    spread = attention.unsqueeze(-1) * one_hot(labels, num_classes, attention.dtype).unsqueeze(1)  # (m, r, c)
-    return (spread.to(weights.dtype).reshape(m, -1).T @ weights).view(r, num_classes, -1)
 
 
 def dense_multimix_loss(

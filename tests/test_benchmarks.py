@@ -106,5 +106,5 @@ def test_sweep_quick_reports_every_configuration(tmp_path: Path) -> None:
 def test_kernels_script_compares_every_product_with_equal_values(tmp_path: Path) -> None:
     stdout = _run("benchmarks/kernels.py", "--n", "100,200", "--repeats", "3", "--out", str(tmp_path))
     rows = _table_rows(stdout, "== products of the objective")
-    assert len(rows) == 8 and all(float(row[-1]) < 1e-5 for row in rows)
+    assert len(rows) == 10 and all(float(row[-1]) < 1e-5 for row in rows)
     assert (tmp_path / "kernels.md").read_text().startswith("command: python benchmarks/kernels.py")

@@ -563,7 +563,8 @@ def test_factorised_dense_loss_equals_the_per_position_weights_path():
 def test_factorised_dense_loss_with_labels_equals_one_hot_targets():
     """One-hot targets given as labels (the per-class products of `mix_by_class`) give the loss and gradients of the
     same targets written out, with a class with no example, a class with one, and an ignored label (-100, weight 0)."""
-    from lightning_multimix.dense import factorised_dense_logit_loss, mix_by_class, spread_by_class
+    from lightning_multimix.dense import factorised_dense_logit_loss
+    from lightning_multimix.dense_targets import mix_by_class, spread_by_class
 
     g = torch.Generator().manual_seed(3)
     m, n, r, c = 7, 11, 5, 4
