@@ -9,6 +9,9 @@ on the same batches through a real ``lightning.Trainer``, for every method, inte
 mixed in input space, the protocol's other batches), ``pairs``, ``multimix-N`` (``MultiMix(n_tuples=N,
 probability=1)``), ``protocol-1000`` (``MultiMix()``, the defaults: half MultiMix, half input mixup), ``dense-N``
 (Dense MultiMix, ``r`` positions: 7x7 = 49 on the small CNN) and ``distill-1000`` (with the EMA teacher).
+``input-mixup-in-step`` and ``multimix-1000-in-step`` call the package's functions (the draw and the objective) in
+the module's own ``training_step``, without the callback: the least any callback doing the same work can cost, so
+the difference to the callback's row is what the callback itself adds.
 
 How to read the tables
 ----------------------
@@ -68,7 +71,8 @@ from lightning_multimix import Dense, MultiMix, SelfDistillation
 from lightning_multimix.batch import InputMixer
 from lightning_multimix.demo.models import PreActResNet18, SmallCNN
 from lightning_multimix.objective import TeacherOutputs, mixup_objective, multimix_objective
-from lightning_multimix.sampling import dirichlet_weights, pair_weights
+from lightning_multimix.interpolation import mix_with_partner
+from lightning_multimix.sampling import dirichlet_weights, mixup_pairing, pair_weights
 from lightning_multimix.teacher import Distiller
 
 NUM_CLASSES, MB = 10, 2.0**20
@@ -78,7 +82,9 @@ NUM_CLASSES, MB = 10, 2.0**20
 class Method:
     name: str
     callback: dict[str, Any] = field(default_factory=dict)  # MultiMix's arguments; empty: no callback
-    transform: Optional[str] = None  # torchvision's "mixup" / "cutmix" in training_step
+    # in training_step: torchvision's "mixup" / "cutmix", or the package's functions called there ("input-mixup",
+    # "multimix-1000"), the least any callback doing the same work can cost
+    transform: Optional[str] = None
 
 
 METHODS: tuple[Method, ...] = (
@@ -86,8 +92,10 @@ METHODS: tuple[Method, ...] = (
     Method("mixup", transform="mixup"),
     Method("cutmix", transform="cutmix"),
     Method("input-mixup", {"probability": 0.0}),
+    Method("input-mixup-in-step", transform="input-mixup"),
     Method("pairs", {"mode": "pairs", "probability": 1.0}),
     Method("multimix-1000", {"n_tuples": 1000, "probability": 1.0}),
+    Method("multimix-1000-in-step", transform="multimix-1000"),
     Method("multimix-10000", {"n_tuples": 10000, "probability": 1.0}),
     Method("protocol-1000", {"n_tuples": 1000}),
     Method("dense-1000", {"n_tuples": 1000, "probability": 1.0, "dense": Dense()}),
@@ -105,13 +113,17 @@ MODELS: dict[str, tuple[Callable[[Optional[int]], nn.Module], tuple[int, int, in
 
 
 class BenchModule(L.LightningModule):
-    """A typical classification module: cross-entropy on the (optionally input-mixed) batch, logged every step."""
+    """A typical classification module: cross-entropy on the (optionally input-mixed) batch, logged every step; or,
+    with ``transform="input-mixup"`` / ``"multimix-1000"``, the package's objective computed in the step itself
+    (``mixup_pairing`` and ``mixup_objective``; ``dirichlet_weights`` and ``multimix_objective`` in logit space)."""
 
     def __init__(self, net: nn.Module, transform: Optional[str]) -> None:
         super().__init__()
         self.net = net
-        self.transform = None
-        if transform is not None:
+        self.transform: Optional[Callable[..., Any]] = None
+        self.in_step = transform if transform in ("input-mixup", "multimix-1000") else None
+        self.generator: Optional[torch.Generator] = None
+        if transform in ("mixup", "cutmix"):
             from torchvision.transforms import v2
 
             self.transform = (v2.MixUp if transform == "mixup" else v2.CutMix)(alpha=1.0, num_classes=NUM_CLASSES)
@@ -121,12 +133,24 @@ class BenchModule(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        target: Tensor = y
-        if self.transform is not None:
-            x, target = self.transform(x, y)
-        loss = F.cross_entropy(self(x), target)
+        if self.in_step is not None:
+            loss = self._package_objective(x, y)
+        else:
+            target: Tensor = y
+            if self.transform is not None:
+                x, target = self.transform(x, y)
+            loss = F.cross_entropy(self(x), target)
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, batch_size=y.shape[0])
         return loss
+
+    def _package_objective(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.generator is None:
+            self.generator = torch.Generator(device=self.device).manual_seed(0)
+        if self.in_step == "input-mixup":
+            lam, partner = mixup_pairing(y.shape[0], 1.0, generator=self.generator, device=self.device)
+            return mixup_objective(self(mix_with_partner(x, lam, partner)), y, lam, partner)
+        weights = dirichlet_weights(y.shape[0], 1000, 1.0, generator=self.generator, device=self.device)
+        return multimix_objective(weights, y, logits=self(x))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
