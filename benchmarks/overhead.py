@@ -263,6 +263,9 @@ def core_table(methods: Sequence[Method], args: argparse.Namespace, device: torc
 
         def backward() -> None:
             state.pop("loss").backward()
+            # as in the step, where these gradients go on into the network: a fresh gradient each time, not one
+            # accumulated in place into a leaf (an extra pass over the feature map's size in dense mode)
+            logits.grad = feature_map_leaf.grad = None
 
         calls = {"sample": sample, "objective": objective, "backward": backward}
         return {"teacher": teacher_step, **calls} if options.get("distill") else calls
