@@ -23,6 +23,11 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from benchmarks._timing import set_clock
+
+#: where every script writes its results by default (``--out``)
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
 
 def cpu_model() -> str:
     """The CPU model name from ``/proc/cpuinfo`` (Linux), else what :mod:`platform` knows."""
@@ -134,9 +139,10 @@ def write_report(out_dir: str, name: str, info: dict[str, str], settings: str, b
 
 
 def one_cpu_thread() -> dict[str, str]:
-    """Set up a CPU micro-benchmark: one intra-op thread; print and return the machine (:func:`machine_info`). The
-    caller picks the clock (``benchmarks._timing.set_clock("cpu")``: thread CPU time)."""
+    """Set up a CPU micro-benchmark: one intra-op thread timed by its CPU time (``benchmarks._timing.set_clock``);
+    print and return the machine (:func:`machine_info`)."""
     torch.set_num_threads(1)
+    set_clock("cpu")
     info = machine_info("cpu")
     print_machine(info)
     return info

@@ -46,6 +46,7 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks._harness import (
+    RESULTS_DIR,
     append_csv,
     format_table,
     machine_info,
@@ -85,7 +86,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                                          "shipped in the package)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each (default 1)")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="output folder")
+    parser.add_argument("--out", default=str(RESULTS_DIR), help="output folder")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in accuracy_runs.csv")
     parser.add_argument("--quick", action="store_true", help="CI smoke run: seed 0, 2 steps per run, tiny data")
     args = parser.parse_args(argv)

@@ -24,8 +24,8 @@ if __package__ in (None, ""):
 
 import torch
 
-from benchmarks._harness import format_table, one_cpu_thread, write_report
-from benchmarks._timing import median, set_clock, time_interleaved
+from benchmarks._harness import RESULTS_DIR, format_table, one_cpu_thread, write_report
+from benchmarks._timing import median, time_interleaved
 from lightning_multimix.losses import soft_cross_entropy
 
 SHAPES = (("rows (n, c)", (1000, 10), -1), ("class-major (c, n)", (10, 1000), 0),
@@ -39,10 +39,9 @@ def written_out(logits: torch.Tensor, targets: torch.Tensor, dim: int) -> torch.
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=200)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--out", default=str(RESULTS_DIR))
     args = parser.parse_args(argv)
     info = one_cpu_thread()
-    set_clock("cpu")
     rows = []
     for name, shape, dim in SHAPES:
         g = torch.Generator().manual_seed(0)

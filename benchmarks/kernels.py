@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmarks._harness import format_table, one_cpu_thread, write_report
-from benchmarks._timing import median, set_clock, time_interleaved
+from benchmarks._harness import RESULTS_DIR, format_table, one_cpu_thread, write_report
+from benchmarks._timing import median, time_interleaved
 from lightning_multimix.dense import position_linear
 from lightning_multimix.dense_targets import mix_by_class, spread_by_class
 from lightning_multimix.interpolation import interpolate_columns, interpolate_labels_columns, one_hot
@@ -99,10 +99,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", default="1000,10000")
     parser.add_argument("--repeats", type=int, default=200)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--out", default=str(RESULTS_DIR))
     args = parser.parse_args(argv)
     info = one_cpu_thread()
-    set_clock("cpu")
     rows = []
     for n in (int(v) for v in args.n.split(",")):
         for name, other_way, package, other in cases(n):

@@ -57,7 +57,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks._harness import format_table, machine_info, print_machine, quiet, results_header, write_csv
+from benchmarks._harness import (
+    RESULTS_DIR,
+    format_table,
+    machine_info,
+    print_machine,
+    quiet,
+    results_header,
+    write_csv,
+)
 from benchmarks._timing import (
     StepTimer,
     median,
@@ -70,8 +78,8 @@ from benchmarks._timing import (
 from lightning_multimix import Dense, MultiMix, SelfDistillation
 from lightning_multimix.batch import InputMixer
 from lightning_multimix.demo.models import PreActResNet18, SmallCNN
-from lightning_multimix.objective import TeacherOutputs, mixup_objective, multimix_objective
 from lightning_multimix.interpolation import mix_with_partner
+from lightning_multimix.objective import TeacherOutputs, mixup_objective, multimix_objective
 from lightning_multimix.sampling import dirichlet_weights, mixup_pairing, pair_weights
 from lightning_multimix.teacher import Distiller
 
@@ -307,7 +315,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:index]")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (the CPU clock needs 1)")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--out", default=str(RESULTS_DIR))
     parser.add_argument("--quick", action="store_true", help="CI smoke run: a tiny model, a few steps")
     args = parser.parse_args(argv)
     unknown = set(args.methods.split(",")) - {m.name for m in METHODS}

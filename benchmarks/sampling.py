@@ -41,7 +41,7 @@ from typing import Optional, Sequence
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._harness import format_table, machine_info, print_machine, write_report
+from benchmarks._harness import RESULTS_DIR, format_table, machine_info, print_machine, write_report
 
 CANDIDATES = ("package", "SFC64 bits, NumPy log2", "-log(torch.rand)", "SFC64 bits, torch.log", "-log1p(-U)",
               "exponential_", "distributions.Dirichlet", "SFC64 raw bits alone")
@@ -51,33 +51,37 @@ def _child(candidate: str, m: int, n: int) -> None:
     import numpy as np
     import torch
 
+    from lightning_multimix import sampling
+
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(0)
     tiny = torch.finfo(torch.float32).tiny
 
-    def draw() -> torch.Tensor:
-        from lightning_multimix import sampling
-
-        if candidate == CANDIDATES[0]:
-            return sampling.dirichlet_weights(m, n, 1.0, generator=generator)
-        if candidate in CANDIDATES[1:3]:
-            source = "numpy" if candidate == CANDIDATES[1] else "torch"
-            g = sampling.standard_exponential((m, n), generator=generator, source=source)
-        elif candidate in CANDIDATES[3::4]:
-            seed = int(torch.randint(-(2**63), 2**63 - 1, (), generator=generator, dtype=torch.int64)) & (2**64 - 1)
-            words = np.random.SFC64(seed).random_raw((m * n + 1) // 2).view(np.int32)[:m * n]
-            if candidate == CANDIDATES[7]:  # the floor of NumPy's way: the bits, nothing made of them
-                return torch.from_numpy(words)
-            # the package's way before: torch's log of U = 2 - f
-            g = torch.from_numpy(words).view(m, n).bitwise_and_(0x7FFFFF).bitwise_or_(0x3F800000)
-            g = g.view(torch.float32).neg_().add_(2.0).log_().neg_()
-        elif candidate == CANDIDATES[4]:
-            g = torch.rand((m, n), generator=generator).neg_().log1p_().neg_().clamp_min_(tiny)
-        elif candidate == CANDIDATES[5]:
-            g = torch.empty((m, n)).exponential_(generator=generator)
-        else:
-            return torch.distributions.Dirichlet(torch.ones(m)).sample((n,)).T
+    def normalised(g: torch.Tensor) -> torch.Tensor:
         return g.div_(g.sum(0, keepdim=True))
+
+    def exponential(source: str) -> torch.Tensor:
+        return sampling.standard_exponential((m, n), generator=generator, source=source)
+
+    def previous() -> torch.Tensor:  # the package's way before: torch's log of U = 2 - f, from the same bits
+        words = torch.from_numpy(sampling._sfc64_words(m * n, generator).view(np.int32)).view(m, n)
+        f = words.bitwise_and_(0x7FFFFF).bitwise_or_(0x3F800000).view(torch.float32)
+        return normalised(f.neg_().add_(2.0).log_().neg_())
+
+    ways = {
+        "package": lambda: sampling.dirichlet_weights(m, n, 1.0, generator=generator),
+        "SFC64 bits, NumPy log2": lambda: normalised(exponential("numpy")),
+        "-log(torch.rand)": lambda: normalised(exponential("torch")),
+        "SFC64 bits, torch.log": previous,
+        "-log1p(-U)": lambda: normalised(torch.rand((m, n), generator=generator).neg_().log1p_().neg_()
+                                         .clamp_min_(tiny)),
+        "exponential_": lambda: normalised(torch.empty((m, n)).exponential_(generator=generator)),
+        "distributions.Dirichlet": lambda: torch.distributions.Dirichlet(torch.ones(m)).sample((n,)).T,
+        # the floor of NumPy's way: the generator's bits, nothing made of them
+        "SFC64 raw bits alone": lambda: sampling._sfc64_words(m * n, generator),
+    }
+    assert tuple(ways) == CANDIDATES
+    draw = ways[candidate]
 
     times = []
     for _ in range(500):
@@ -92,7 +96,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--m", type=int, default=128)
     parser.add_argument("--n", default="32,64,1000,10000")
     parser.add_argument("--processes", type=int, default=3, help="fresh processes per candidate and n")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--out", default=str(RESULTS_DIR))
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:

@@ -41,6 +41,7 @@ if __package__ in (None, ""):
 
 from benchmarks import accuracy
 from benchmarks._harness import (
+    RESULTS_DIR,
     append_csv,
     format_table,
     machine_info,
@@ -80,7 +81,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each (default 1)")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="output folder")
+    parser.add_argument("--out", default=str(RESULTS_DIR), help="output folder")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the runs CSV")
     parser.add_argument("--quick", action="store_true", help="CI smoke run: seed 0, 2 steps per run, tiny data")
     args = parser.parse_args(argv)

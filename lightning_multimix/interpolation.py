@@ -144,9 +144,8 @@ def interpolate_labels_columns(labels: Tensor, num_classes: int, weights: Tensor
                          f"{tuple(weights.shape)}.")
     if weights.device.type != "cpu":
         return interpolate_columns(one_hot(labels, num_classes, weights.dtype), weights)
-    with full_precision(weights):
-        summed = weights.new_zeros(num_classes + 1, weights.shape[1])
-        return summed.index_add_(0, class_buckets(labels, num_classes), weights)[:num_classes]
+    summed = weights.new_zeros(num_classes + 1, weights.shape[1])  # index_add_ runs in the weights' dtype
+    return summed.index_add_(0, class_buckets(labels, num_classes), weights)[:num_classes]
 
 
 def mix_with_partner(values: Tensor, lam: Tensor, partner: Tensor) -> Tensor:

@@ -68,9 +68,13 @@ def standard_exponential(
     if source == "torch" or source == "auto" and (device.type != "cpu" or count < NUMPY_MIN_DRAWS):
         uniform = torch.rand(shape, generator=generator, device=device)
         return uniform.clamp_min_(torch.finfo(torch.float32).tiny).log_().neg_()
+    return torch.from_numpy(exponential_from_bits(_sfc64_words(count, generator))).view(shape)
+
+
+def _sfc64_words(count: int, generator: Optional[torch.Generator]) -> np.ndarray:
+    """``count`` random ``uint32`` words from NumPy's SFC64, seeded by one 64-bit draw from ``generator``."""
     seed = int(torch.randint(-(2**63), 2**63 - 1, (), generator=generator, dtype=torch.int64)) & _MASK64
-    bits = np.random.SFC64(seed).random_raw((count + 1) // 2).view(np.uint32)[:count]
-    return torch.from_numpy(exponential_from_bits(bits)).view(shape)
+    return np.random.SFC64(seed).random_raw((count + 1) // 2).view(np.uint32)[:count]
 
 
 def exponential_from_bits(bits: np.ndarray) -> np.ndarray:
