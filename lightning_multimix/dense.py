@@ -154,9 +154,9 @@ def position_linear(features: Tensor, weight: Tensor, bias: Optional[Tensor] = N
     Computed class-major, one ``(c x d) @ (d x r)`` product per example (a batched product), and returned as the
     ``(m, r, c)`` view of the ``(m, c, r)`` result: a CNN's feature map, which lies in memory as ``(m, d, r)`` and
     reaches here as a transposed view, is read where it lies, with no transposing copy forward or backward
-    (``benchmarks/kernels.py``: forward and backward together 0.85x the time of ``F.linear`` on a contiguous copy in a
-    loop, equal to float32 rounding; inside a training step, where the copy's memory traffic costs more, dense mode's
-    extra time fell by about 2 ms, ``benchmarks/results/overhead_dense_before_after/``).
+    (``benchmarks/kernels.py``: forward and backward together 0.85-0.87x the time of ``F.linear`` on a contiguous
+    copy in a loop, equal to float32 rounding; inside a training step, where the copy's memory traffic costs more,
+    dense mode's extra time fell by about 2 ms, ``benchmarks/results/overhead_dense_before_after/``).
 
     Example:
         >>> features, head = torch.randn(2, 5, 3), torch.nn.Linear(3, 4)

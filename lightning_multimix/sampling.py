@@ -83,7 +83,7 @@ def exponential_from_bits(bits: np.ndarray) -> np.ndarray:
     The 23 low bits ``k`` of a word give ``U = (2k + 1) 2**-24``, uniform on the midpoints of the ``2**-23`` grid of
     ``(0, 1)`` (made exactly: a mantissa ``f = 1 + k 2**-23`` minus ``1 - 2**-24``), and the draw is ``-log(U)``,
     computed as ``log2(U) * -log(2)`` with NumPy's vectorised ``log2`` (``benchmarks/sampling.py``: the ``128 x 10000``
-    Dirichlet draw 1.3x faster than with ``torch.log`` of the same bits): within 3 units in the last place of
+    Dirichlet draw 1.3-1.5x faster than with ``torch.log`` of the same bits): within 3 units in the last place of
     ``-log(U)`` over the whole grid, decreasing in ``k``, every draw finite and in ``[2**-24, 24 log 2]`` (all checked
     in ``tests/test_sampling.py``).
 
