@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import csv
 import datetime
+import json
 import logging
 import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -172,6 +174,16 @@ def run_tasks(fn: Callable[..., dict[str, Any]], tasks: Sequence[tuple], jobs: i
         futures = [pool.submit(fn, *task) for task in tasks]
         for future in as_completed(futures):
             yield future.result()
+
+
+def run_child(script: str, *args: Any) -> Any:
+    """Run ``python script --child *args`` in a fresh process and return the JSON its last output line holds.
+
+    Micro-benchmarks whose time moves with where a process's buffers land (up to 2x here for the same code) run each
+    measurement in several fresh processes and report the median over them."""
+    done = subprocess.run([sys.executable, script, "--child", *map(str, args)], capture_output=True, text=True,
+                          check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

@@ -2,7 +2,7 @@
 
 What is measured
 ----------------
-The four products the logit-space and dense objectives spend their time in, each computed the way the package does
+The products the logit-space and dense objectives spend their time in, each computed the way the package does
 it and the way it could be done instead, interleaved call by call, one intra-op thread, thread CPU time
 (``m = 128`` examples, ``c = 10`` classes, ``r = 49`` positions, as the small CNN of ``benchmarks/overhead.py``):
 
@@ -18,7 +18,10 @@ it and the way it could be done instead, interleaved call by call, one intra-op 
 * dense head at every position, forward and backward, on the ``(m, r, d)`` view of a CNN's ``(m, d, 7, 7)`` feature
   map (``d = 128``): class-major batched products on the map where it lies
   (:func:`lightning_multimix.dense.position_linear`) against ``F.linear`` on a contiguous copy (the package's way
-  before).
+  before);
+* and, not a product, input mixup of a batch of ``m`` images ``(1, 28, 28)`` with its partners
+  (:func:`lightning_multimix.interpolation.mix_with_partner`, partners by ``index_select``) against partners by
+  advanced indexing ``values[partner]`` (the package's way before); ``n`` does not apply.
 
 How to read the output
 ----------------------
@@ -48,7 +51,7 @@ from benchmarks._harness import RESULTS_DIR, format_table, one_cpu_thread, write
 from benchmarks._timing import median, time_interleaved
 from lightning_multimix.dense import position_linear
 from lightning_multimix.dense_targets import mix_by_class, spread_by_class
-from lightning_multimix.interpolation import interpolate_columns, interpolate_labels_columns, one_hot
+from lightning_multimix.interpolation import interpolate_columns, interpolate_labels_columns, mix_with_partner, one_hot
 from lightning_multimix.sampling import dirichlet_weights
 
 M, C, R, D = 128, 10, 49, 128
@@ -95,6 +98,15 @@ def cases(n: int) -> list[tuple[str, str, Callable[[], Tensor], Callable[[], Ten
     return found
 
 
+def batch_cases() -> list[tuple[str, str, Callable[[], Tensor], Callable[[], Tensor]]]:
+    """Input mixup's mixing of a batch of images, as :func:`cases`."""
+    g = torch.Generator().manual_seed(0)
+    images, lam = torch.randn(M, 1, 28, 28, generator=g), torch.rand((), generator=g)
+    partner = torch.randperm(M, generator=g)
+    return [(f"input mixup, {M} images 1x28x28", "advanced indexing values[partner]",
+             lambda: mix_with_partner(images, lam, partner), lambda: torch.lerp(images[partner], images, lam))]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", default="1000,10000")
@@ -102,16 +114,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", default=str(RESULTS_DIR))
     args = parser.parse_args(argv)
     info = one_cpu_thread()
+    found = [(str(n), case) for n in map(int, args.n.split(",")) for case in cases(n)]
     rows = []
-    for n in (int(v) for v in args.n.split(",")):
-        for name, other_way, package, other in cases(n):
-            difference = float((package() - other()).abs().max())
-            times = time_interleaved({"package": package, "other": other}, torch.device("cpu"), args.repeats)
-            ours, theirs = median(times["package"]), median(times["other"])
-            rows.append([name, str(n), other_way, f"{ours:.3f}", f"{theirs:.3f}", f"{ours / theirs:.2f}",
-                         f"{difference:.1e}"])
+    for n, (name, other_way, package, other) in found + [("-", case) for case in batch_cases()]:
+        difference = float((package() - other()).abs().max())
+        times = time_interleaved({"package": package, "other": other}, torch.device("cpu"), args.repeats)
+        ours, theirs = median(times["package"]), median(times["other"])
+        rows.append([name, n, other_way, f"{ours:.3f}", f"{theirs:.3f}", f"{ours / theirs:.2f}", f"{difference:.1e}"])
     table = format_table(("product", "n", "other way", "package (ms)", "other (ms)", "ratio", "max |diff|"), rows,
-                         title=f"== products of the objective, m = {M}, c = {C}, medians, one thread ==")
+                         title=f"== products of the objective, and input mixup, m = {M}, c = {C}, medians ==")
     print(table + "\n")
     write_report(args.out, "kernels.md", info, f"n={args.n}, {args.repeats} interleaved calls each", table)
     return 0

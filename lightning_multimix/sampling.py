@@ -13,6 +13,7 @@ touched.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Literal, Optional, Union
 
 import numpy as np
@@ -20,9 +21,13 @@ import torch
 from torch import Tensor
 
 _MASK64 = (1 << 64) - 1
-#: from this many draws on, ``source="auto"`` on CPU takes NumPy's bits and logarithm: below it, seeding NumPy's
-#: generator costs more than they save (``benchmarks/sampling.py``: slower at ``128 x 32``, faster from ``128 x 64``)
-NUMPY_MIN_DRAWS = 2**13
+#: this thread's NumPy bit generator (:func:`_sfc64_words`), re-seeded at every draw
+_THREAD = threading.local()
+#: from this many draws on, ``source="auto"`` on CPU takes NumPy's bits and logarithm. In a loop they are faster from
+#: about 2**13 draws, but inside a training step NumPy's code runs cold (about 0.3 ms more after a network's step,
+#: torch's much less): ``benchmarks/sampling.py``'s ``after a step`` column, torch's way faster up to ``128 x 500``
+#: (64,000 draws), NumPy's from ``128 x 1000``
+NUMPY_MIN_DRAWS = 2**16
 #: ``f - (1 - 2**-24) = (2k + 1) 2**-24`` exactly for ``f = 1 + k 2**-23``: the midpoints of the ``2**-23`` grid
 _TO_MIDPOINT = np.float32(1 - 2**-24)
 
@@ -43,15 +48,16 @@ def standard_exponential(
 ) -> Tensor:
     """``Exponential(1)`` float32 draws of the given shape, ``-log(U)`` with ``U`` uniform, from ``generator``.
 
-    ``source="numpy"`` (CPU only): one 64-bit seed drawn from ``generator`` seeds NumPy's SFC64 generator, whose raw
+    ``source="numpy"`` (CPU only): three 64-bit words drawn from ``generator`` seed NumPy's SFC64 generator, whose raw
     bits become the draws in place (:func:`exponential_from_bits`: ``U`` uniform on the midpoints of the ``2**-23``
     grid of ``(0, 1)``, every draw finite, at most ``24 log 2``, about 16.6). ``"torch"``: ``U`` from ``torch.rand``
     (the ``2**-24`` grid of ``[0, 1)``), an exact 0 floored at the smallest normal float. ``"auto"`` takes NumPy's
-    way on CPU from :data:`NUMPY_MIN_DRAWS` draws on (``benchmarks/sampling.py``: the ``128 x 1000`` Dirichlet draw
-    about 2x, ``128 x 10000`` about 2.3x faster than with ``torch.rand``, whose generator is slower per bit and
-    whose ``log`` is slower than NumPy's), ``torch.rand`` otherwise. Either way the draws are a pure function of the
-    generator's state on a given machine (vectorised logarithms pick their code by the CPU's vector units, so the
-    last bit may differ between machines), and each pass runs in place (no second array of the draws' size).
+    way on CPU from :data:`NUMPY_MIN_DRAWS` draws on (``benchmarks/sampling.py``, right after a network's step: the
+    ``128 x 1000`` Dirichlet draw about 1.2x, ``128 x 10000`` about 2x faster than with ``torch.rand``, whose
+    generator is slower per bit and whose ``log`` is slower than NumPy's), ``torch.rand`` otherwise. Either way the
+    draws are a pure function of the generator's state on a given machine (vectorised logarithms pick their code by
+    the CPU's vector units, so the last bit may differ between machines), and each pass runs in place (no second
+    array of the draws' size).
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -60,21 +66,42 @@ def standard_exponential(
         (torch.Size([2, 3]), torch.float32, True)
     """
     count = math.prod(shape)
-    device = torch.device(device) if device is not None else (generator.device if generator is not None else
-                                                                 torch.device("cpu"))
+    device = _device(device, generator)
     if source not in ("auto", "numpy", "torch") or source == "numpy" and device.type != "cpu":
         raise ValueError(f"standard_exponential: source={source!r} on {device}; expected 'auto', 'torch', or "
                          "'numpy' (CPU only).")
-    if source == "torch" or source == "auto" and (device.type != "cpu" or count < NUMPY_MIN_DRAWS):
+    if source == "torch" or source == "auto" and not _numpy_way(count, device):
         uniform = torch.rand(shape, generator=generator, device=device)
         return uniform.clamp_min_(torch.finfo(torch.float32).tiny).log_().neg_()
     return torch.from_numpy(exponential_from_bits(_sfc64_words(count, generator))).view(shape)
 
 
+def _device(device: Union[torch.device, str, None], generator: Optional[torch.Generator]) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def _numpy_way(count: int, device: torch.device) -> bool:
+    """Whether ``source="auto"`` takes NumPy's way for ``count`` draws on ``device``."""
+    return device.type == "cpu" and count >= NUMPY_MIN_DRAWS
+
+
 def _sfc64_words(count: int, generator: Optional[torch.Generator]) -> np.ndarray:
-    """``count`` random ``uint32`` words from NumPy's SFC64, seeded by one 64-bit draw from ``generator``."""
-    seed = int(torch.randint(-(2**63), 2**63 - 1, (), generator=generator, dtype=torch.int64)) & _MASK64
-    return np.random.SFC64(seed).random_raw((count + 1) // 2).view(np.uint32)[:count]
+    """``count`` random ``uint32`` words from NumPy's SFC64, seeded by three 64-bit draws from ``generator``.
+
+    Seeded as NumPy seeds SFC64 from a seed sequence (the three words, a counter of 1, then 12 outputs dropped), but
+    into one bit generator per thread that is kept: building a NumPy bit generator (and its ``SeedSequence``) costs
+    about 0.15 ms inside a training step (0.01 ms in a loop; ``benchmarks/sampling.py``, after a training step).
+    """
+    state = np.ones(4, dtype=np.uint64)  # the counter: 1
+    state[:3] = torch.randint(-(2**63), 2**63 - 1, (3,), generator=generator, dtype=torch.int64).numpy().view(np.uint64)
+    bits = getattr(_THREAD, "sfc64", None)
+    if bits is None:
+        bits = _THREAD.sfc64 = np.random.SFC64(0)
+    bits.state = {"bit_generator": "SFC64", "state": {"state": state}, "has_uint32": 0, "uinteger": 0}
+    bits.random_raw(12)
+    return bits.random_raw((count + 1) // 2).view(np.uint32)[:count]
 
 
 def exponential_from_bits(bits: np.ndarray) -> np.ndarray:
@@ -91,6 +118,13 @@ def exponential_from_bits(bits: np.ndarray) -> np.ndarray:
         >>> exponential_from_bits(np.array([0x7FFFFF, 0], dtype=np.uint32))  # U = 1 - 2**-24, U = 2**-24
         array([5.9604645e-08, 1.6635532e+01], dtype=float32)
     """
+    log2_uniform = _log2_uniform_from_bits(bits)
+    return np.multiply(log2_uniform, np.float32(-math.log(2)), out=log2_uniform)
+
+
+def _log2_uniform_from_bits(bits: np.ndarray) -> np.ndarray:
+    """``log2(U)`` in place, ``U`` made of the bits as in :func:`exponential_from_bits`: ``-E / log 2`` for the
+    draw ``E`` that function returns (negative)."""
     if bits.dtype != np.uint32:
         raise ValueError(f"exponential_from_bits takes uint32 words, got dtype {bits.dtype}; pass "
                          "`words.view(np.uint32)`.")
@@ -98,8 +132,7 @@ def exponential_from_bits(bits: np.ndarray) -> np.ndarray:
     np.bitwise_or(bits, 0x3F800000, out=bits)  # the float f = 1 + k 2**-23
     uniform = bits.view(np.float32)
     np.subtract(uniform, _TO_MIDPOINT, out=uniform)
-    np.log2(uniform, out=uniform)
-    return np.multiply(uniform, np.float32(-math.log(2)), out=uniform)
+    return np.log2(uniform, out=uniform)
 
 
 def sample_gamma(
@@ -140,7 +173,9 @@ def dirichlet_weights(
 ) -> Tensor:
     r"""MultiMix weights: ``n_tuples`` columns drawn i.i.d. from ``Dirichlet(alpha * 1_m)``.
 
-    Each column is normalised independent gammas, ``lambda_k = g_k / sum(g_k)``, ``g_ik ~ Gamma(alpha, 1)``.
+    Each column is normalised independent gammas, ``lambda_k = g_k / sum(g_k)``, ``g_ik ~ Gamma(alpha, 1)``; for
+    ``alpha = 1`` those are :func:`standard_exponential`'s draws (on CPU from :data:`NUMPY_MIN_DRAWS` draws, taken
+    as ``-g / log 2``: the factor cancels, and its pass is saved).
 
     Args:
         num_examples: ``b``, the number of examples available (rows of the result).
@@ -168,7 +203,13 @@ def dirichlet_weights(
         raise ValueError(f"Expected `tuple_size` to be None or an int >= 1, got {tuple_size!r}.")
     subset = tuple_size is not None and tuple_size < num_examples
     rows = tuple_size if subset else num_examples
-    gammas = sample_gamma(alpha, (rows, n_tuples), generator=generator, device=device, dtype=dtype)
+    if alpha == 1.0 and dtype == torch.float32 and _numpy_way(rows * n_tuples, _device(device, generator)):
+        # the bits standard_exponential would take, as -E / log 2: the factor cancels in the normalisation below, so
+        # its pass over the draws is left out (0.1 ms inside a step at n = 10,000)
+        words = _sfc64_words(rows * n_tuples, generator)
+        gammas = torch.from_numpy(_log2_uniform_from_bits(words)).view(rows, n_tuples)
+    else:
+        gammas = sample_gamma(alpha, (rows, n_tuples), generator=generator, device=device, dtype=dtype)
     if alpha != 1.0 or dtype != torch.float32:  # a column of all-zero gammas (tiny alpha) would divide 0 by 0
         gammas = gammas.clamp_min_(torch.finfo(dtype).tiny)
     gammas = gammas.div_(gammas.sum(0, keepdim=True))  # in place, as every pass over the (m, n) matrix here
@@ -192,7 +233,8 @@ def mixup_pairing(
     Example ``i`` is mixed with its partner ``partner[i]`` as ``lambda * x_i + (1 - lambda) * x_partner[i]`` (see
     :func:`~lightning_multimix.interpolation.mix_with_partner`); :func:`pair_weights` is the same draw written as a
     weight matrix. ``lambda`` is a 0-dim tensor on ``device``, drawn as ``g_1 / (g_1 + g_2)`` with
-    ``g ~ Gamma(alpha, 1)``, so nothing is read back to the host.
+    ``g ~ Gamma(alpha, 1)`` (for ``alpha = 1``, ``Beta(1, 1)``, by ``torch.rand``: uniform on the ``2**-24`` grid of
+    ``[0, 1)``), so nothing is read back to the host.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -201,8 +243,11 @@ def mixup_pairing(
         (torch.Size([]), True, [0, 1, 2, 3, 4])
     """
     _validate(num_examples, alpha, min_examples=2)
-    g = sample_gamma(alpha, (2,), generator=generator, device=device, dtype=dtype)
-    lam = g[0] / g.sum().clamp_min(torch.finfo(dtype).tiny)
+    if alpha == 1.0:  # Beta(1, 1) is Uniform(0, 1): one operation instead of eight, 0.13 ms less inside a step
+        lam = torch.rand((), generator=generator, device=device, dtype=dtype)
+    else:
+        g = sample_gamma(alpha, (2,), generator=generator, device=device, dtype=dtype)
+        lam = g[0] / g.sum().clamp_min(torch.finfo(dtype).tiny)
     partner = torch.randperm(num_examples, generator=generator, device=device)
     return lam, partner
 
@@ -247,9 +292,27 @@ def step_seed(base_seed: int, rank: int, step: int) -> int:
     """
     state = 0
     for value in (base_seed, rank, step):
-        state = (state + value + 0x9E3779B97F4A7C15) & _MASK64
-        z = state
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-        state = z ^ (z >> 31)
+        state = _splitmix64(state + value)
     return state >> 1
+
+
+def seed_uniform(seed: int) -> float:
+    """A number in ``[0, 1)`` that is a pure function of ``seed``: the top 53 bits of one more splitmix64 round.
+
+    The protocol's coin for a step (MultiMix or the other batches) comes from this rather than from a generator, so it
+    costs no generator and, in a training step, about 30 us less than seeding Python's ``random.Random``.
+
+    Example:
+        >>> u = seed_uniform(step_seed(0, 0, 7))
+        >>> 0.0 <= u < 1.0, u == seed_uniform(step_seed(0, 0, 7))
+        (True, True)
+    """
+    return (_splitmix64(seed) >> 11) * 2.0**-53
+
+
+def _splitmix64(state: int) -> int:
+    """One step of splitmix64 from ``state``: its output (the golden-ratio increment, then the mixing function)."""
+    z = (state + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)

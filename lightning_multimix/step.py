@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import random
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -27,7 +26,7 @@ from lightning_multimix.heads import declared_feature_map
 from lightning_multimix.mixin import MultiMixMixin
 from lightning_multimix.objective import TeacherOutputs, mixup_objective, multimix_objective
 from lightning_multimix.probe import HeadProbe
-from lightning_multimix.sampling import step_seed
+from lightning_multimix.sampling import seed_uniform, step_seed
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -81,7 +80,7 @@ class TrainingStep:
         ``other_batches``; with ``sync_batch`` every process takes rank 0's decision (they all join the gather)."""
         callback = self.callback
         seed = step_seed(callback._base_seed, 0 if callback.sync_batch else rank, batch_index)
-        if callback.probability < 1.0 and not random.Random(seed).random() < callback.probability:
+        if callback.probability < 1.0 and not seed_uniform(seed) < callback.probability:
             return callback.other_batches
         return callback.mode
 

@@ -62,11 +62,15 @@ def test_overhead_quick_prints_every_method_and_writes_files(tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_sampling_and_cross_entropy_scripts_report_their_candidates(tmp_path: Path) -> None:
-    stdout = _run("benchmarks/cross_entropy.py", "--repeats", "3", "--out", str(tmp_path))
-    assert "F.cross_entropy (ms)" in stdout and (tmp_path / "cross_entropy.md").exists()
+    stdout = _run("benchmarks/cross_entropy.py", "--repeats", "3", "--processes", "2", "--out", str(tmp_path))
+    rows = _table_rows(stdout, "== soft cross-entropy")
+    assert [row[-7] for row in rows] == ["1000x10", "10x1000", "10x10000", "49x10x1000"]
+    assert all(float(row[-2]) < 1e-5 and float(row[-1]) < 1e-6 for row in rows)  # same loss, same gradient
+    assert "2 fresh processes per layout" in (tmp_path / "cross_entropy.md").read_text()
     stdout = _run("benchmarks/sampling.py", "--n", "100", "--processes", "1", "--out", str(tmp_path))
-    for candidate in ("package", "SFC64 bits, NumPy log2", "-log(torch.rand)", "SFC64 bits, torch.log", "-log1p(-U)",
-                      "exponential_", "distributions.Dirichlet", "SFC64 raw bits alone"):
+    for candidate in ("package", "SFC64 bits, NumPy log2", "SFC64 seeded anew", "-log(torch.rand)",
+                      "SFC64 bits, torch.log", "-log1p(-U)", "exponential_", "distributions.Dirichlet",
+                      "SFC64 raw bits alone"):
         assert candidate in stdout
     assert (tmp_path / "sampling.md").read_text().startswith("command: ")
 
@@ -108,5 +112,6 @@ def test_sweep_quick_reports_every_configuration(tmp_path: Path) -> None:
 def test_kernels_script_compares_every_product_with_equal_values(tmp_path: Path) -> None:
     stdout = _run("benchmarks/kernels.py", "--n", "100,200", "--repeats", "3", "--out", str(tmp_path))
     rows = _table_rows(stdout, "== products of the objective")
-    assert len(rows) == 10 and all(float(row[-1]) < 1e-5 for row in rows)
+    assert len(rows) == 11 and all(float(row[-1]) < 1e-5 for row in rows)
+    assert rows[-1][:3] == ["input", "mixup,", "128"]  # the mixing of a batch, once
     assert (tmp_path / "kernels.md").read_text().startswith("command: python benchmarks/kernels.py")

@@ -479,3 +479,25 @@ def test_the_loss_reaches_the_loggers_whenever_lightning_logs():
     assert [step for step, _ in step_logs] == [2, 5, 8]
     assert all("multimix/loss" in keys for _, keys in step_logs)
     assert sum("multimix/loss_epoch" in keys for _, keys in memory.steps) == 2
+
+
+def test_the_head_input_is_copied_only_when_the_head_could_overwrite_it():
+    """An nn.Linear head's input is captured as is (nothing inside it writes in place); a head with an in-place
+    layer before its Linear (EfficientNet's classifier) is captured as a copy that keeps the values it was given."""
+    from lightning_multimix.capture import StepCapture
+
+    x = torch.randn(4, DIM)
+    linear = nn.Sequential(nn.Linear(DIM, NUM_CLASSES))
+    step = StepCapture.of(linear, "0")
+    with step:
+        linear(x)
+    assert step.head_tensors()[0] is x
+    step.remove()
+    with_dropout = nn.Sequential(nn.Sequential(nn.Dropout(0.5, inplace=True), nn.Linear(DIM, NUM_CLASSES)))
+    step = StepCapture.of(with_dropout, "0")
+    given = x.clone()
+    with step:
+        with_dropout(given)
+    captured = step.head_tensors()[0]
+    assert not torch.equal(given, x) and torch.equal(captured, x)  # the dropout overwrote its input, not the copy
+    step.remove()

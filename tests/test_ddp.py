@@ -6,7 +6,6 @@ the spawned processes, which is the pickling the callback must not break). Each 
 ``rank{r}.pt`` (see ``helpers.RecordingMultiMix``), and the tests compare the processes.
 """
 
-import random
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 
 import helpers
 from helpers import MODES, TinyMLP, hand_multimix_loss, run_script, sync_weights
-from lightning_multimix.sampling import dirichlet_weights, step_seed
+from lightning_multimix.sampling import dirichlet_weights, seed_uniform, step_seed
 
 pytestmark = pytest.mark.slow
 STEPS = 3
@@ -159,7 +158,7 @@ def test_sync_batch_processes_take_the_same_mixing_decision(ddp_out):
     (they all take part in the gather: a process that skipped it would leave the others waiting forever)."""
     r0, r1 = _load(ddp_out / "modes" / "sync_probability")["records"]
     config = MODES["sync_probability"]
-    decisions = {rank: [random.Random(step_seed(config["seed"], rank, step)).random() < config["probability"]
+    decisions = {rank: [seed_uniform(step_seed(config["seed"], rank, step)) < config["probability"]
                         for step in range(STEPS)] for rank in range(2)}
     assert decisions[0] != decisions[1]  # the processes' own streams disagree: the test can fail
     mixed = [step for step, mix in enumerate(decisions[0]) if mix]

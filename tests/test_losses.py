@@ -26,14 +26,15 @@ def test_interpolated_labels_are_the_sums_of_weights_by_class():
     """Row c of the interpolated one-hot targets sums the weights of the examples labelled c (a written-out loop);
     labels outside [0, c), such as an ignore index, add nothing, as their all-zero one-hot rows."""
     g = torch.Generator().manual_seed(0)
-    labels = torch.tensor([2, 0, 2, -100, 1, 5, 2])
     weights = torch.rand(7, 40, generator=g)
-    expected = torch.zeros(3, 40)
-    for i, label in enumerate(labels.tolist()):
-        if 0 <= label < 3:
-            expected[label] += weights[i]
-    torch.testing.assert_close(interpolate_labels_columns(labels, 3, weights), expected, rtol=0, atol=1e-6)
-    torch.testing.assert_close(interpolate_labels_columns(labels, 3, weights), one_hot(labels, 3).T @ weights)
+    for labels in (torch.tensor([2, 0, 2, -100, 1, 5, 2]), torch.tensor([2, 0, 2, 1, 1, 0, 2]),
+                   torch.tensor([2, 0, 2, 1, 1, 0, 2], dtype=torch.int32)):
+        expected = torch.zeros(3, 40)
+        for i, label in enumerate(labels.tolist()):
+            if 0 <= label < 3:
+                expected[label] += weights[i]
+        torch.testing.assert_close(interpolate_labels_columns(labels, 3, weights), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(interpolate_labels_columns(labels, 3, weights), one_hot(labels, 3).T @ weights)
     with pytest.raises(ValueError, match="one label per row"):
         interpolate_labels_columns(labels[:3], 3, weights)
 

@@ -114,6 +114,26 @@ def test_mixup_objective_by_hand():
     torch.testing.assert_close(mixup_objective(logits, labels, lam, partner, teacher=teacher), expected)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_mixup_objective_is_the_soft_cross_entropy_of_the_mixed_one_hot_targets_for_any_labels(smoothing):
+    """The loss and its gradient equal the written-out soft cross-entropy of the mixed (smoothed) one-hot targets,
+    whichever way it is computed: class indices (labels in range, any integer dtype), or one-hot rows (a label out
+    of range, the ignore index -100 included, counts as a row of zeros: no class)."""
+    g = torch.Generator().manual_seed(1)
+    lam, partner = torch.tensor(0.3, dtype=torch.float64), torch.tensor([2, 0, 3, 1, 5, 4])
+    for labels in (torch.tensor([0, 1, 2, 1, 2, 0]), torch.tensor([0, 1, 2, 1, 2, 0], dtype=torch.int32),
+                   torch.tensor([0, 1, 2, -100, 2, 7])):
+        logits = torch.randn(6, 3, generator=g, requires_grad=True)
+        rows = eye(labels.clamp(0, 2).long()) * ((labels >= 0) & (labels < 3)).unsqueeze(1)
+        targets = 0.3 * rows + 0.7 * rows[partner]
+        targets = (1 - smoothing) * targets + smoothing / 3  # as soft_cross_entropy smooths any row
+        expected = written_out(logits, targets)
+        loss = mixup_objective(logits, labels, lam, partner, label_smoothing=smoothing)
+        assert loss.dtype == torch.float32
+        torch.testing.assert_close(loss, expected)
+        torch.testing.assert_close(torch.autograd.grad(loss, logits)[0], torch.autograd.grad(expected, logits)[0])
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(), "pass `logits`"),
     (dict(logits=torch.zeros(6, 3), embeddings=torch.zeros(6, 5), head=nn.Linear(5, 3)), "not both"),

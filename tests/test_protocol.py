@@ -8,7 +8,6 @@ Where the test needs to know the input-mixup draw, it replaces ``batch.mixup_pai
 import copy
 import logging
 import math
-import random
 
 import lightning as L
 import pytest
@@ -20,7 +19,7 @@ import lightning_multimix.batch as batch_module
 from helpers import TinyCNN, TinyMLP, loader, tensors, trainer
 from helpers_models import Classifier, PooledHead, quiet_trainer
 from lightning_multimix import Dense, MultiMix, MultiMixError, MultiMixMixin, SelfDistillation
-from lightning_multimix.sampling import mixup_pairing, step_seed
+from lightning_multimix.sampling import mixup_pairing, seed_uniform, step_seed
 from lightning_multimix.step import TrainingStep
 
 LAM, PARTNER = 0.3, [2, 0, 3, 1]
@@ -129,7 +128,7 @@ def test_share_of_batches_mixed_by_multimix(probability):
     steps, seed = 240, 11
     callback = MultiMix(n_tuples=8, seed=seed, probability=probability)
     trainer([callback], max_steps=steps, max_epochs=-1).fit(TinyMLP(), loader(n=16, batch_size=4))
-    expected = sum(random.Random(step_seed(seed, 0, step)).random() < probability for step in range(steps))
+    expected = sum(seed_uniform(step_seed(seed, 0, step)) < probability for step in range(steps))
     assert callback.batch_counts == {"multimix": expected, "input_mixup": steps - expected, "pairs": 0, "own_loss": 0}
     assert abs(expected / steps - probability) < 4 * math.sqrt(probability * (1 - probability) / steps)
 
@@ -363,7 +362,7 @@ def test_other_batches_own_loss_trains_on_the_users_loss():
     model, returned = SeeingMLP(), Returned()
     callback = MultiMix(n_tuples=8, seed=2, other_batches="own_loss")
     trainer([callback, returned], max_steps=8, max_epochs=-1).fit(model, loader(n=16, batch_size=4))
-    own = [random.Random(step_seed(2, 0, step)).random() >= 0.5 for step in range(8)]
+    own = [seed_uniform(step_seed(2, 0, step)) >= 0.5 for step in range(8)]
     assert callback.batch_counts["own_loss"] == sum(own) > 0
     for is_own, loss, user_loss in zip(own, returned.losses, model.user_losses):
         assert torch.equal(loss, user_loss) == is_own

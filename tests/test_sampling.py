@@ -1,6 +1,7 @@
 """Weight matrices: simplex columns, Dirichlet/Beta moments, generator ownership, pairs structure."""
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -83,6 +84,34 @@ def test_exponential_from_bits_over_every_mantissa():
         sampling.exponential_from_bits(np.zeros(3, dtype=np.int32))
 
 
+class _Words(np.random.bit_generator.ISeedSequence):
+    """A seed sequence that hands NumPy's SFC64 given words: NumPy's own seeding from them is the reference."""
+
+    def __init__(self, words: np.ndarray) -> None:
+        self.words = words
+
+    def generate_state(self, n_words: int, dtype=np.uint32) -> np.ndarray:
+        assert n_words == 3 and dtype == np.uint64
+        return self.words
+
+
+def test_sfc64_words_are_numpys_sfc64_seeded_by_three_words_from_the_generator():
+    """The kept bit generator is re-seeded exactly as NumPy seeds a new SFC64 from the generator's next three 64-bit
+    words, whatever it drew before and in whichever thread (each has its own)."""
+    seed_words = torch.randint(-(2**63), 2**63 - 1, (3,), generator=_gen(5), dtype=torch.int64).numpy()
+    expected = np.random.SFC64(_Words(seed_words.view(np.uint64))).random_raw(500).view(np.uint32)[:999]
+    sampling._sfc64_words(4321, _gen(9))  # a draw before: the state it leaves behind must not matter
+    assert np.array_equal(sampling._sfc64_words(999, _gen(5)), expected)
+    in_thread = {}
+    worker = threading.Thread(target=lambda: in_thread.update(words=sampling._sfc64_words(999, _gen(5))))
+    worker.start()
+    worker.join()
+    assert np.array_equal(in_thread["words"], expected)
+    generator = _gen(5)
+    first, second = sampling._sfc64_words(999, generator), sampling._sfc64_words(999, generator)
+    assert np.array_equal(first, expected) and not np.array_equal(second, expected)  # the generator moved on
+
+
 def test_standard_exponential_auto_source_on_cpu_is_numpy_for_large_draws_and_numpy_needs_cpu():
     large = (2, sampling.NUMPY_MIN_DRAWS // 2)
     assert torch.equal(standard_exponential(large, generator=_gen(1)),
@@ -93,6 +122,18 @@ def test_standard_exponential_auto_source_on_cpu_is_numpy_for_large_draws_and_nu
         standard_exponential((5, 7), device="meta", source="numpy")
     with pytest.raises(ValueError, match="source='philox'"):
         standard_exponential((5, 7), source="philox")
+
+
+def test_dirichlet_one_is_the_normalised_standard_exponential_draws_of_the_same_generator():
+    """alpha = 1: the columns are standard_exponential's draws (NumPy's way: the factor -1/log 2 it leaves out
+    cancels) or torch.rand's (few draws), normalised; the generator moves on by the same draws."""
+    for shape in ((128, sampling.NUMPY_MIN_DRAWS // 64), (7, 5)):
+        one, other = _gen(2), _gen(2)
+        exponentials = standard_exponential(shape, generator=one)
+        weights = dirichlet_weights(*shape, 1.0, generator=other)
+        torch.testing.assert_close(weights, exponentials / exponentials.sum(0), rtol=1e-6, atol=0)
+        assert (weights > 0).all()
+        assert torch.equal(torch.rand(3, generator=one), torch.rand(3, generator=other))
 
 
 def test_tuple_size_gives_m_examples_per_column():
@@ -136,6 +177,22 @@ def test_pair_lambda_follows_beta():
     assert abs(lams.var().item() - 1 / (4 * (2 * alpha + 1))) < 0.015
 
 
+@pytest.mark.parametrize("alpha", [0.4, 1.0, 2.0])
+def test_mixup_pairing_draws_lambda_from_beta_and_a_permutation(alpha):
+    """lambda ~ Beta(alpha, alpha): in [0, 1], mean 1/2, variance 1 / (4 (2 alpha + 1)); for alpha = 1 (uniform) the
+    empirical CDF within the Kolmogorov-Smirnov bound of the identity. partner: a permutation."""
+    generator = _gen(11)
+    draws = [sampling.mixup_pairing(6, alpha, generator=generator) for _ in range(4000)]
+    lams = torch.stack([lam for lam, _ in draws]).double()
+    assert lams.shape == (4000,) and ((lams >= 0) & (lams <= 1)).all()
+    assert abs(lams.mean().item() - 0.5) < 0.02
+    assert abs(lams.var().item() - 1 / (4 * (2 * alpha + 1))) < 0.1 / (4 * (2 * alpha + 1))
+    if alpha == 1.0:
+        empirical = torch.arange(1, 4001, dtype=torch.float64) / 4000
+        assert (empirical - lams.sort().values).abs().max() < 1.63 / math.sqrt(4000)
+    assert all(sorted(partner.tolist()) == list(range(6)) for _, partner in draws)
+
+
 @pytest.mark.parametrize(
     "call, match",
     [
@@ -157,3 +214,16 @@ def test_step_seeds_are_distinct_per_rank_and_step():
     assert len(seeds) == 4000
     assert all(0 <= s < 2**63 for s in seeds)
     assert step_seed(42, 0, 0) == step_seed(42, 0, 0)
+
+
+def test_seed_uniform_is_uniform_over_step_seeds_and_apart_from_the_generator_they_seed():
+    """The protocol's per-step coin: uniform over consecutive steps' seeds (Kolmogorov-Smirnov at the 1% level), a pure
+    function of the seed, and unrelated to the first draw of the generator seeded with the same seed."""
+    seeds = [step_seed(3, 0, step) for step in range(20_000)]
+    coins = torch.tensor([sampling.seed_uniform(seed) for seed in seeds], dtype=torch.float64)
+    assert ((coins >= 0) & (coins < 1)).all() and coins.unique().numel() == coins.numel()
+    empirical = torch.arange(1, coins.numel() + 1, dtype=torch.float64) / coins.numel()
+    assert (empirical - coins.sort().values).abs().max() < 1.63 / math.sqrt(coins.numel())
+    assert [sampling.seed_uniform(seed) for seed in seeds[:5]] == coins[:5].tolist()
+    first_draws = torch.stack([torch.rand((), generator=_gen(seed)) for seed in seeds[:2000]]).double()
+    assert abs(torch.corrcoef(torch.stack((coins[:2000], first_draws)))[0, 1]) < 0.1  # 4.5 std of a null correlation
