@@ -63,7 +63,8 @@ STAGES: tuple[tuple[str, Any, str], ...] = (
     ("  the loss", step_module.TrainingStep, "_loss"),
     ("    the draw of the weights", callback_module.MultiMix, "sample_weights"),
     ("      SFC64 bits", sampling_module, "_sfc64_words"),
-    ("      -log U", sampling_module, "exponential_from_bits"),
+    ("      log2 U", sampling_module, "_log2_uniform_from_bits"),
+    ("      -log U", sampling_module, "exponential_from_bits"),  # the way before _log2_uniform_from_bits
     ("    MultiMix objective", step_module, "multimix_objective"),
     ("      mixed logits", objective_module, "interpolate_columns"),
     ("      mixed targets", objective_module, "interpolate_labels_columns"),
@@ -150,7 +151,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print_machine(info)
     active: list = [None]
     for label, owner, attribute in STAGES:
-        setattr(owner, attribute, timed(getattr(owner, attribute), label, lambda: active[0]))
+        if hasattr(owner, attribute):  # a stage another version of the package does not have is left out
+            setattr(owner, attribute, timed(getattr(owner, attribute), label, lambda: active[0]))
     columns = {name: profile(name, args, active) for name in names}
     labels = [label for label, _, _ in STAGES] + ["callback's part"]
     width = max(map(len, labels))  # left-aligned labels keep their indentation

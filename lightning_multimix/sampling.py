@@ -53,7 +53,7 @@ def standard_exponential(
     grid of ``(0, 1)``, every draw finite, at most ``24 log 2``, about 16.6). ``"torch"``: ``U`` from ``torch.rand``
     (the ``2**-24`` grid of ``[0, 1)``), an exact 0 floored at the smallest normal float. ``"auto"`` takes NumPy's
     way on CPU from :data:`NUMPY_MIN_DRAWS` draws on (``benchmarks/sampling.py``, right after a network's step: the
-    ``128 x 1000`` Dirichlet draw about 1.2x, ``128 x 10000`` about 2x faster than with ``torch.rand``, whose
+    ``128 x 1000`` Dirichlet draw about 1.1x, ``128 x 10000`` about 2x faster than with ``torch.rand``, whose
     generator is slower per bit and whose ``log`` is slower than NumPy's), ``torch.rand`` otherwise. Either way the
     draws are a pure function of the generator's state on a given machine (vectorised logarithms pick their code by
     the CPU's vector units, so the last bit may differ between machines), and each pass runs in place (no second
@@ -91,8 +91,9 @@ def _sfc64_words(count: int, generator: Optional[torch.Generator]) -> np.ndarray
     """``count`` random ``uint32`` words from NumPy's SFC64, seeded by three 64-bit draws from ``generator``.
 
     Seeded as NumPy seeds SFC64 from a seed sequence (the three words, a counter of 1, then 12 outputs dropped), but
-    into one bit generator per thread that is kept: building a NumPy bit generator (and its ``SeedSequence``) costs
-    about 0.15 ms inside a training step (0.01 ms in a loop; ``benchmarks/sampling.py``, after a training step).
+    into one bit generator per thread that is kept: building a NumPy bit generator (and its ``SeedSequence``) at every
+    draw cost 0.03-0.07 ms more right after a network's step (``benchmarks/sampling.py``: ``SFC64 seeded anew``
+    against ``SFC64 bits, NumPy log2``, ``after a step``), 0.005 ms in a loop.
     """
     state = np.ones(4, dtype=np.uint64)  # the counter: 1
     state[:3] = torch.randint(-(2**63), 2**63 - 1, (3,), generator=generator, dtype=torch.int64).numpy().view(np.uint64)
@@ -243,7 +244,7 @@ def mixup_pairing(
         (torch.Size([]), True, [0, 1, 2, 3, 4])
     """
     _validate(num_examples, alpha, min_examples=2)
-    if alpha == 1.0:  # Beta(1, 1) is Uniform(0, 1): one operation instead of eight, 0.13 ms less inside a step
+    if alpha == 1.0:  # Beta(1, 1) is Uniform(0, 1): one operation instead of eight
         lam = torch.rand((), generator=generator, device=device, dtype=dtype)
     else:
         g = sample_gamma(alpha, (2,), generator=generator, device=device, dtype=dtype)
@@ -300,7 +301,8 @@ def seed_uniform(seed: int) -> float:
     """A number in ``[0, 1)`` that is a pure function of ``seed``: the top 53 bits of one more splitmix64 round.
 
     The protocol's coin for a step (MultiMix or the other batches) comes from this rather than from a generator, so it
-    costs no generator and, in a training step, about 30 us less than seeding Python's ``random.Random``.
+    costs no generator and, in a training step, about 0.04 ms less than seeding Python's ``random.Random``
+    (``benchmarks/results/step_profile_before_after/``).
 
     Example:
         >>> u = seed_uniform(step_seed(0, 0, 7))

@@ -7,6 +7,7 @@ runs of several Trainers (about a minute each on 2 CPU cores), hence ``slow``.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +116,24 @@ def test_kernels_script_compares_every_product_with_equal_values(tmp_path: Path)
     assert len(rows) == 11 and all(float(row[-1]) < 1e-5 for row in rows)
     assert rows[-1][:3] == ["input", "mixup,", "128"]  # the mixing of a batch, once
     assert (tmp_path / "kernels.md").read_text().startswith("command: python benchmarks/kernels.py")
+
+
+@pytest.mark.slow
+def test_step_profile_times_each_stage_inside_the_step(tmp_path: Path) -> None:
+    stdout = _run("benchmarks/step_profile.py", "--methods", "input-mixup,multimix-1000", "--warmup", "1", "--steps",
+                  "3", "--out", str(tmp_path))
+    lines = stdout.splitlines()
+    rule = lines[next(i for i, line in enumerate(lines) if line.startswith("== inside the training step")) + 2]
+    spans = [(m.start(), m.end()) for m in re.finditer(r"-+", rule)]  # cells by the rule's columns: some are empty
+    rows = {}
+    for line in lines[lines.index(rule) + 1:]:
+        if not line.strip() or line.startswith("wrote"):
+            break
+        label, *cells = (line[a:b].strip() for a, b in spans)
+        rows[label] = [float(c) if c else None for c in cells]
+    assert all(whole > own > 0 for whole, own in zip(rows["the step MultiMix stands in for"],
+                                                     rows["your training_step"]))
+    assert rows["input mixing"][0] > 0 and rows["input mixing"][1] is None  # MultiMix batches mix no inputs
+    assert rows["SFC64 bits"][0] is None and rows["SFC64 bits"][1] > 0
+    assert rows["input-mixup objective"][0] > 0 and all(v is not None for v in rows["callback's part"])
+    assert (tmp_path / "step_profile_smallcnn_cpu.md").read_text().startswith("command: python benchmarks/step_pro")
