@@ -36,6 +36,16 @@ if TYPE_CHECKING:
 KINDS = ("multimix", "pairs", "input_mixup", "own_loss")
 
 
+@dataclasses.dataclass(frozen=True)
+class LabelsRead:
+    """What a step read of its batch's labels: the loss uses ``keep``, the health check after the step all of it."""
+
+    labels: Tensor  #: on the logits' device, int64
+    num_classes: int  #: the head's outputs
+    label_range: Optional[tuple[int, int]]  #: ``(min, max)`` of the labels, read on CPU only (free there)
+    keep: Optional[Tensor]  #: the examples to mix (labels not equal to the ignore index); ``None``: all
+
+
 class TrainingStep:
     """Stands in for ``module.training_step`` (the original is ``original``) during one fit; removed in ``teardown``.
 
@@ -128,13 +138,13 @@ class TrainingStep:
                 raise MultiMixError(f"`training_step` returned {type(output).__name__}; MultiMix needs a loss tensor "
                                     "or a dict with 'loss'.")
             capture = self._adopt(probe) if probe is not None else self.capture
-            loss = self._loss(kind, capture, labels, mixer, user_loss, self.named_labels)
+            loss, read = self._loss(kind, capture, labels, mixer, user_loss, self.named_labels)
         finally:
             if probe is not None:
                 probe.remove()
         self.batch_counts[kind] += 1
-        callback._after_step(module, loss, self._labels_on_device, self._keep, self._label_range, self._num_classes,
-                             index, first=not self.verified)
+        callback._after_step(module, loss, read.labels, read.keep, read.label_range, read.num_classes, index,
+                             first=not self.verified)
         self.verified = True
         return {**output, "loss": loss} if isinstance(output, dict) else loss
 
@@ -148,14 +158,14 @@ class TrainingStep:
         return probe.step_capture(callback.head_path, callback.feature_map_spec)
 
     def _loss(self, kind: str, capture: StepCapture, labels: Tensor, mixer: Optional[InputMixer], user_loss: Tensor,
-              declared_labels: bool) -> Tensor:
+              declared_labels: bool) -> tuple[Tensor, "LabelsRead"]:
+        """The objective of the batch, and what was read of its labels (for the health check after the step)."""
         callback = self.callback
         embeddings, logits = capture.head_tensors()
         if embeddings.shape[0] != labels.shape[0]:
             raise MultiMixError(f"The head {capture.head_path!r} ran on {embeddings.shape[0]} embeddings but the "
                                 f"batch has {labels.shape[0]} labels. Pass `MultiMix(head='dotted.path')`.")
         labels = labels.to(logits.device).long()
-        self._labels_on_device, self._num_classes = labels, logits.shape[-1]
         if not self.verified:
             self._check_labels(user_loss, logits, labels, declared_labels)
         dense_now = callback.dense is not None and kind == callback.mode
@@ -169,26 +179,26 @@ class TrainingStep:
             teacher = callback.distiller.outputs(*capture.model_inputs(), self.module.trainer.global_step,
                                                  with_embeddings)
         # on CPU the labels' range is read once (free there): for `keep` and for the health check
-        self._label_range = tuple(int(v) for v in torch.aminmax(labels)) if labels.device.type == "cpu" else None
-        keep = self._keep = self._left_out(labels)
+        label_range = tuple(int(v) for v in torch.aminmax(labels)) if labels.device.type == "cpu" else None
+        read = LabelsRead(labels, logits.shape[-1], label_range, self._left_out(labels, label_range))
         if mixer is not None:
-            return mixup_objective(logits, labels, *mixer.draw, teacher=teacher, keep=keep,
-                                   label_smoothing=callback.label_smoothing)
-        loss = self._last_layer_loss(kind, capture, embeddings, logits, labels, keep,
+            return mixup_objective(logits, labels, *mixer.draw, teacher=teacher, keep=read.keep,
+                                   label_smoothing=callback.label_smoothing), read
+        loss = self._last_layer_loss(kind, capture, embeddings, logits, labels, read.keep,
                                      features if dense_now else None, mask if dense_now else None, teacher)
         if callback.clean_loss_weight > 0:
             loss = loss + callback.clean_loss_weight * user_loss.float()
-        return loss
+        return loss, read
 
-    def _left_out(self, labels: Tensor) -> Optional[Tensor]:
+    def _left_out(self, labels: Tensor, label_range: Optional[tuple[int, int]]) -> Optional[Tensor]:
         """``keep``, the examples whose label is not the ignore index, or ``None`` when none is left out: known for
         sure only on CPU, where reading the labels' range is free (the ignore index lies outside it) and saves a
         pass over the weights; under ``sync_batch`` every process gathers ``keep`` (the same collectives)."""
         ignore = self.callback.ignore_index
         if ignore is None:
             return None
-        if self._label_range is not None and not self.gathering:
-            low, high = self._label_range
+        if label_range is not None and not self.gathering:
+            low, high = label_range
             if not low <= ignore <= high:
                 return None
         return labels != ignore
