@@ -173,18 +173,24 @@ def batches(shape: tuple[int, int, int], batch_size: int, count: int, seed: int 
 # ---------------------------------------------------------------------------------------------------- Trainer table
 
 
-def fit(method: Method, args: argparse.Namespace, device: torch.device, memory: bool, turnstile: Any) -> StepTimer:
-    build, shape = MODELS[args.model]
+def fit_method(method: Method, model: str, width: Optional[int], batch_size: int, precision: str,
+               device: torch.device, steps: int, callbacks: Sequence[L.Callback]) -> None:
+    """One ``Trainer.fit`` of ``steps`` steps of ``method`` (its ``MultiMix`` first, then ``callbacks``)."""
+    build, shape = MODELS[model]
     torch.manual_seed(0)
-    net = build(args.width)
-    timer = StepTimer(args.warmup, args.steps, device, memory, turnstile, method.name)
-    callbacks = ([MultiMix(seed=0, **method.callback)] if method.callback else []) + [timer]
-    steps = args.warmup + args.steps + (1 if memory else 0)
-    trainer = L.Trainer(accelerator=device.type, devices=1, max_steps=steps, precision=args.precision, logger=False,
+    net = build(width)
+    callbacks = ([MultiMix(seed=0, **method.callback)] if method.callback else []) + list(callbacks)
+    trainer = L.Trainer(accelerator=device.type, devices=1, max_steps=steps, precision=precision, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks)
-    trainer.fit(BenchModule(net, method.transform),
-                DataLoader(batches(shape, args.batch_size, steps), batch_size=args.batch_size))
+    data = DataLoader(batches(shape, batch_size, steps), batch_size=batch_size)
+    trainer.fit(BenchModule(net, method.transform), data)
+
+
+def fit(method: Method, args: argparse.Namespace, device: torch.device, memory: bool, turnstile: Any) -> StepTimer:
+    timer = StepTimer(args.warmup, args.steps, device, memory, turnstile, method.name)
+    fit_method(method, args.model, args.width, args.batch_size, args.precision, device,
+               args.warmup + args.steps + (1 if memory else 0), [timer])
     return timer
 
 

@@ -41,7 +41,6 @@ if __package__ in (None, ""):
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
 
 import lightning_multimix.callback as callback_module
 import lightning_multimix.capture as capture_module
@@ -50,8 +49,7 @@ import lightning_multimix.sampling as sampling_module
 import lightning_multimix.step as step_module
 from benchmarks._harness import RESULTS_DIR, format_table, machine_info, median, print_machine, quiet, write_report
 from benchmarks._timing import reexec_with_stable_malloc
-from benchmarks.overhead import METHODS, MODELS, BenchModule, batches
-from lightning_multimix import MultiMix
+from benchmarks.overhead import METHODS, MODELS, BenchModule, fit_method
 
 #: (row label, owner, attribute): what is timed, outermost first; indentation shows what is part of what
 STAGES: tuple[tuple[str, Any, str], ...] = (
@@ -113,15 +111,9 @@ def timed(function: Callable, label: str, sink: Callable[[], Optional[StageTimes
 
 def profile(method_name: str, args: argparse.Namespace, active: list) -> dict[str, float]:
     method = next(m for m in METHODS if m.name == method_name)
-    build, shape = MODELS[args.model]
-    torch.manual_seed(0)
     times = StageTimes(args.warmup)
     active[0] = times
-    steps = args.warmup + args.steps
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, callbacks=[MultiMix(seed=0, **method.callback), times])
-    trainer.fit(BenchModule(build(None), method.transform), DataLoader(batches(shape, 128, steps), batch_size=128))
+    fit_method(method, args.model, None, 128, "32-true", torch.device("cpu"), args.warmup + args.steps, [times])
     active[0] = None
     found = {label: median(values) for label, values in times.kept.items()}
     whole, own = times.kept.get(STAGES[0][0]), times.kept.get(STAGES[1][0])

@@ -24,9 +24,9 @@ _MASK64 = (1 << 64) - 1
 #: this thread's NumPy bit generator (:func:`_sfc64_words`), re-seeded at every draw
 _THREAD = threading.local()
 #: from this many draws on, ``source="auto"`` on CPU takes NumPy's bits and logarithm. In a loop they are faster from
-#: about 2**13 draws, but inside a training step NumPy's code runs cold (about 0.3 ms more after a network's step,
-#: torch's much less): ``benchmarks/sampling.py``'s ``after a step`` column, torch's way faster up to ``128 x 500``
-#: (64,000 draws), NumPy's from ``128 x 1000``
+#: about 2**13 draws, but inside a training step NumPy's code runs cold (``benchmarks/sampling.py``'s ``after a step``
+#: column: 0.37 ms more than in a loop at ``128 x 100``, torch's way 0.18 ms more), and torch's way is faster up to
+#: ``128 x 500`` (64,000 draws), NumPy's from ``128 x 1000``
 NUMPY_MIN_DRAWS = 2**16
 #: ``f - (1 - 2**-24) = (2k + 1) 2**-24`` exactly for ``f = 1 + k 2**-23``: the midpoints of the ``2**-23`` grid
 _TO_MIDPOINT = np.float32(1 - 2**-24)
@@ -110,10 +110,10 @@ def exponential_from_bits(bits: np.ndarray) -> np.ndarray:
 
     The 23 low bits ``k`` of a word give ``U = (2k + 1) 2**-24``, uniform on the midpoints of the ``2**-23`` grid of
     ``(0, 1)`` (made exactly: a mantissa ``f = 1 + k 2**-23`` minus ``1 - 2**-24``), and the draw is ``-log(U)``,
-    computed as ``log2(U) * -log(2)`` with NumPy's vectorised ``log2`` (``benchmarks/sampling.py``: the ``128 x 10000``
-    Dirichlet draw 1.3-1.5x faster than with ``torch.log`` of the same bits): within 3 units in the last place of
-    ``-log(U)`` over the whole grid, decreasing in ``k``, every draw finite and in ``[2**-24, 24 log 2]`` (all checked
-    in ``tests/test_sampling.py``).
+    computed as ``log2(U) * -log(2)`` with NumPy's vectorised ``log2`` (``benchmarks/sampling.py``: the Dirichlet
+    draw 1.7-1.9x faster than with ``torch.log`` of the same bits in a loop, 1.4-1.5x right after a network's step,
+    at ``128 x 1000`` and ``128 x 10000``): within 3 units in the last place of ``-log(U)`` over the whole grid,
+    decreasing in ``k``, every draw finite and in ``[2**-24, 24 log 2]`` (all checked in ``tests/test_sampling.py``).
 
     Example:
         >>> exponential_from_bits(np.array([0x7FFFFF, 0], dtype=np.uint32))  # U = 1 - 2**-24, U = 2**-24
@@ -206,7 +206,7 @@ def dirichlet_weights(
     rows = tuple_size if subset else num_examples
     if alpha == 1.0 and dtype == torch.float32 and _numpy_way(rows * n_tuples, _device(device, generator)):
         # the bits standard_exponential would take, as -E / log 2: the factor cancels in the normalisation below, so
-        # its pass over the draws is left out (0.1 ms inside a step at n = 10,000)
+        # its pass over the draws is left out
         words = _sfc64_words(rows * n_tuples, generator)
         gammas = torch.from_numpy(_log2_uniform_from_bits(words)).view(rows, n_tuples)
     else:
