@@ -17,35 +17,22 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_multimix.feature_maps import TimmPositionHead
 from lightning_multimix.health import HealthFlag
-from lightning_multimix.heads import (
-    classifier_block,
-    declared_feature_map,
-    declared_head,
-    is_affine,
-    resolve_feature_map,
-)
+from lightning_multimix.heads import HeadPlan, declared_feature_map, declared_head, head_plan
 from lightning_multimix.loss_log import LossLog
 from lightning_multimix.options import Dense, SelfDistillation, validate_multimix
-from lightning_multimix.sampling import dirichlet_weights, pair_weights
-from lightning_multimix.step import KINDS, TrainingStep, check_supported
+from lightning_multimix.sampling import RandomStream, dirichlet_weights, pair_weights
+from lightning_multimix.step import KINDS, StepOptions, StepReport, TrainingStep, check_supported
 from lightning_multimix.teacher import Distiller
 
 
 class MultiMix(Callback):
     r"""Train with MultiMix: interpolations of the whole batch at the last layer, in place of your loss.
 
-    The callback captures the input of the classifier head (the penultimate embeddings) during your own
-    ``training_step``, interpolates them and the one-hot targets with the same Dirichlet weights, and makes the
-    MultiMix loss the value the optimizer backpropagates. Your module, its ``forward`` and its ``training_step`` stay
-    unchanged; validation, test and predict are untouched.
-
-    The defaults follow the paper's protocol: every training batch is mixed, with probability ``probability`` (0.5)
-    by MultiMix at the last layer, otherwise by input mixup: the callback mixes the batch's inputs with one
-    ``lambda ~ Beta(mixup_alpha, mixup_alpha)`` and a random partner permutation before your ``training_step`` runs,
-    and trains on the soft cross-entropy of the head's logits against the same mix of the one-hot targets. MultiMix
-    on every batch (``probability=1``) stalls: its whole-batch targets are close to the batch's class histogram.
+    During your own ``training_step`` the callback captures the classifier head's input and output, interpolates
+    them and the one-hot targets with the same Dirichlet weights, and returns the MultiMix loss for the optimizer.
+    As in the paper, every batch is mixed: with probability ``probability`` by MultiMix at the last layer, otherwise
+    by input mixup (the callback mixes the inputs before your step runs). Validation, test and predict are untouched.
 
     Example:
         >>> import lightning as L
@@ -86,8 +73,8 @@ class MultiMix(Callback):
             interpolate the global batch; default: each process mixes its own batch, as in the paper.
         seed: base seed of the callback's own generator; ``None``: drawn from torch's global RNG at ``setup`` (so
             ``seed_everything`` makes it reproducible). Each process and each batch get their own stream.
-        check_every_n_steps: on an accelerator, how often the device-side health flag (non-finite loss, labels out of
-            range) is read; reading it synchronises with the device. On CPU it is read at every step (it is free).
+        check_every_n_steps: how often the device-side health flag (non-finite loss, labels out of range) is read,
+            after the first batch; reading it synchronises the host with the device.
     """
 
     def __init__(
@@ -122,13 +109,10 @@ class MultiMix(Callback):
         self.dense, self.distill = dense, distill
         self.sync_batch, self.seed, self.check_every_n_steps = sync_batch, seed, check_every_n_steps
         # state that lives across fits and in checkpoints
-        self._base_seed, self._batches_seen = None, 0
+        self._stream: Optional[RandomStream] = None
         self._distiller = Distiller(distill) if distill is not None else None
         # state of one fit, built in setup/on_fit_start, removed in teardown
-        self._head_path: Optional[str] = None
-        self._feature_spec: Optional[tuple[str, str]] = None
-        self._in_logit_space = False
-        self._position_head: Any = None  # dense mode, when the head at every position is not the head module
+        self._plan: Optional[HeadPlan] = None
         self._step: Optional[TrainingStep] = None
         self._wrapped: Optional[pl.LightningModule] = None
         self._own_step: Any = None
@@ -156,12 +140,13 @@ class MultiMix(Callback):
     def head_path(self) -> Optional[str]:
         """The dotted path of the classifier head (``None`` until it is known: at ``setup`` when declared, else after
         the first training batch)."""
-        return self._head_path
+        return self._plan.head_path if self._plan is not None else None
 
     @property
     def feature_map_spec(self) -> Optional[tuple[str, str]]:
-        """Dense mode: where the feature map is read, ``(dotted path, "output" | "input" | "vit")``."""
-        return self._feature_spec
+        """Dense mode: where the feature map is read, ``(dotted path, "output" | "input" | "vit" | "timm" |
+        "tokens")``."""
+        return self._plan.feature_spec if self._plan is not None else None
 
     # ------------------------------------------------------------------ life cycle
 
@@ -170,15 +155,16 @@ class MultiMix(Callback):
         if stage != "fit":
             return
         check_supported(trainer, pl_module)
-        self._head_path = self._feature_spec = self._position_head = None
+        self._plan = None
         if self.dense is not None:
             declared_feature_map(pl_module, self.dense.feature_map)  # a wrong path fails now, before any training
         declared = declared_head(pl_module, self.head)
         if declared is not None:
-            self._adopt_head(declared, "declared", module=pl_module)
-        if self._base_seed is None:
+            self._plan = head_plan(pl_module, declared, "declared", self.dense, self.logit_space)
+            rank_zero_info(self._plan.describe())
+        if self._stream is None:
             seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-            self._base_seed = int(trainer.strategy.broadcast(seed, src=0))
+            self._stream = RandomStream(int(trainer.strategy.broadcast(seed, src=0)))
         if self.probability == 1.0:
             rank_zero_warn("MultiMix(probability=1.0) mixes every batch with MultiMix, without the paper's protocol "
                            "(input mixup on about half the batches): with whole-batch tuples it stalls far below "
@@ -186,38 +172,24 @@ class MultiMix(Callback):
         if self.sync_batch and trainer.world_size == 1:
             rank_zero_warn("MultiMix(sync_batch=True) with a single process: there is no other batch to gather.")
 
-    def _adopt_head(self, path: str, how: str, module: Optional[pl.LightningModule] = None) -> None:
-        """Settle the head (and, in dense mode, its classifier block and feature map)."""
-        module = module if module is not None else self._wrapped
-        if how != "declared" and self.dense is not None:
-            path = classifier_block(module, path)
-        self._head_path = path
-        head = module.get_submodule(path)
-        self._in_logit_space = self.logit_space == "always" or (self.logit_space == "auto" and is_affine(head))
-        if self.dense is not None:
-            self._feature_spec = resolve_feature_map(module, path, self.dense.feature_map)
-            if self._feature_spec[1] == "timm":  # the head at every position: the timm model's own forward_head
-                owner = module.get_submodule(self._feature_spec[0])
-                self._position_head = TimmPositionHead(owner, tokens=hasattr(owner, "num_prefix_tokens"))
-                self._in_logit_space = self.logit_space == "always"
-        if self._distiller is not None and self._distiller.teacher is not None:
-            self._distiller.watch(path)
-        space = "logit space (exact for an affine head)" if self._in_logit_space else "embedding space"
-        where = f", feature map from {self._feature_spec[0]!r}" if self._feature_spec else ""
-        found = "" if how == "declared" else f" ({how})"
-        rank_zero_info(f"MultiMix: head {path!r}{found}{where}; interpolating in {space}.")
-
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._uninstall(pl_module)  # what a previous, interrupted fit may have left
         if self._distiller is not None:  # before any hook is installed: the teacher's copy carries none
             self._distiller.attach(pl_module, pl_module.device)
-            if self._head_path is not None:
-                self._distiller.watch(self._head_path)
+            if self._plan is not None:
+                self._distiller.watch(self._plan.head_path)
         self._health = HealthFlag(pl_module.device, self.check_every_n_steps)
         self._own_step = pl_module.__dict__.get("training_step")
         self._wrapped = pl_module
-        self._step = TrainingStep(self, pl_module, pl_module.training_step)
+        options = StepOptions(
+            mode=self.mode, probability=self.probability, other_batches=self.other_batches,
+            mixup_alpha=self.mixup_alpha, label_smoothing=self.label_smoothing,
+            clean_loss_weight=self.clean_loss_weight, ignore_index=self.ignore_index, logit_space=self.logit_space,
+            sync_batch=self.sync_batch, dense=self.dense, distill=self.distill, sample_weights=self.sample_weights,
+        )
+        self._step = TrainingStep(pl_module, pl_module.training_step, options, self._stream, self._record_step,
+                                  self._plan, self._distiller)
         pl_module.training_step = self._step
 
     def _uninstall(self, pl_module: Optional[pl.LightningModule] = None) -> None:
@@ -242,6 +214,11 @@ class MultiMix(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._distiller is not None:  # the step counter is restored by now; a new fit may start it again at 0
             self._distiller.start(trainer.global_step)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._loss_log.batch_started()
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -280,55 +257,53 @@ class MultiMix(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        state = {"base_seed": self._base_seed, "batches_seen": self._batches_seen}
+        stream = self._stream
+        state = {"base_seed": stream.base_seed if stream else None, "batches_seen": stream.batches_seen if stream else 0}
         return {**state, **(self._distiller.state_dict() if self._distiller is not None else {})}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._base_seed, self._batches_seen = state_dict["base_seed"], state_dict["batches_seen"]
+        base_seed = state_dict["base_seed"]
+        self._stream = RandomStream(base_seed, state_dict["batches_seen"]) if base_seed is not None else None
         if self._distiller is not None:
             self._distiller.load_state_dict(state_dict)
 
-    # ------------------------------------------------------------------ the weights, the stream, logging and health
+    # ------------------------------------------------------------------ the weights, logging and health
 
-    def sample_weights(self, num_examples: int, mode: Literal["multimix", "pairs"],
-                       generator: torch.Generator) -> Tensor:
+    def sample_weights(self, num_examples: int, mode: Literal["multimix", "pairs"], generator: torch.Generator,
+                       keep: Optional[Tensor] = None) -> Tensor:
         """The ``(num_examples, n)`` weight matrix of one batch mixed at the last layer; each column on the simplex.
 
-        ``mode`` is ``"multimix"`` (``n_tuples`` Dirichlet columns) or ``"pairs"`` (Manifold Mixup's pairs, ``n = b``).
-        Override it to customise the weights; draw only from ``generator`` (on the training device, re-seeded from
-        ``(seed, rank, batch)`` at every batch) so that runs stay reproducible and resume exactly.
+        ``mode`` is ``"multimix"`` (``n_tuples`` Dirichlet columns) or ``"pairs"`` (Manifold Mixup's pairs, ``n = b``);
+        ``keep`` (``(b,)`` booleans, or ``None``) marks the examples that may be mixed (the others have an ignore-index
+        label and must get weight 0). Override it to customise the weights; draw only from ``generator`` (on the
+        training device, re-seeded from ``(seed, rank, batch)`` at every batch) so that runs resume exactly.
         """
         if mode == "pairs":
             alpha = self.alpha if self.mode == "pairs" else self.mixup_alpha
-            return pair_weights(num_examples, alpha, generator=generator, device=generator.device)
-        return dirichlet_weights(num_examples, self.n_tuples, self.alpha, tuple_size=self.tuple_size,
-                                 generator=generator, device=generator.device)
+            return pair_weights(num_examples, alpha, keep=keep, generator=generator)
+        return dirichlet_weights(num_examples, self.n_tuples, self.alpha, tuple_size=self.tuple_size, keep=keep,
+                                 generator=generator)
 
-    def _next_batch(self) -> int:
-        """The index of the batch starting now (the random stream is a pure function of it: resume is exact)."""
-        self._batches_seen += 1
-        self._loss_log.batch_started()
-        return self._batches_seen - 1
-
-    def _after_step(self, pl_module: pl.LightningModule, loss: Tensor, labels: Tensor, keep: Optional[Tensor],
-                    label_range: Optional[tuple[int, int]], num_classes: int, index: int, first: bool) -> None:
-        """Update the health flag (read it when due) and the running loss; log it when due. ``keep``: the examples
-        whose label is not the ignore index (``None``: all); ``label_range``: the labels' ``(min, max)`` when the step
-        read it (on CPU)."""
-        self._health.update(loss, labels, num_classes, index, keep=keep, label_range=label_range)
-        trainer = pl_module.trainer
-        if first or self._health.read_due(index, loss.device):
+    def _record_step(self, report: StepReport) -> None:
+        """After a mixed batch: learn the head the step found, update the health flag (read it when due) and the
+        running loss, and log it when due."""
+        if self._plan is None:
+            self._plan = report.plan
+            rank_zero_info(report.plan.describe())
+        self._health.update(report.loss, report.labels, report.num_classes, report.index, keep=report.keep)
+        trainer, module = self._wrapped.trainer, self._wrapped
+        if report.first or self._health.read_due(report.index):
             self._read_health(trainer.global_step)
-        self._loss_log.add(loss)  # logged as the mean since the last log (`lightning_multimix.loss_log`)
-        if self._loss_log.due(trainer, first):
-            pl_module.log("multimix/loss", self._loss_log.take_window(), on_step=True, on_epoch=False, prog_bar=True,
-                          batch_size=labels.shape[0])
+        self._loss_log.add(report.loss)  # logged as the mean since the last log (`lightning_multimix.loss_log`)
+        if self._loss_log.due(trainer, report.first):
+            size = report.labels.shape[0]
+            module.log("multimix/loss", self._loss_log.take_window(), on_step=True, on_epoch=False, prog_bar=True,
+                       batch_size=size)
             if self._distiller is not None:
                 # a 0-dim tensor filled on the device: a Python float would be copied to it, a synchronisation
-                beta = torch.full((), self._distiller.beta(trainer.global_step), device=loss.device)
-                pl_module.log("multimix/distill_weight", beta, on_step=True, on_epoch=False,
-                              batch_size=labels.shape[0])
+                beta = torch.full((), self._distiller.beta(trainer.global_step), device=report.loss.device)
+                module.log("multimix/distill_weight", beta, on_step=True, on_epoch=False, batch_size=size)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -339,8 +314,7 @@ class MultiMix(Callback):
         self._loss_log.log_epoch(trainer, pl_module)
 
     def _read_health(self, global_step: int) -> None:
-        ignored = self._health.raise_if_unhealthy(global_step, self._head_path) if self._health is not None else 0
+        ignored = self._health.raise_if_unhealthy(global_step, self.head_path) if self._health is not None else 0
         if ignored:
             rank_zero_info(f"MultiMix: {ignored} training example(s) so far with label {self.ignore_index} "
                            "(`ignore_index`) were left out of the mixing, as your loss ignores them.")
-

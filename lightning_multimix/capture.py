@@ -17,7 +17,7 @@ from typing import Any, Optional
 from torch import Tensor, nn
 
 from lightning_multimix.errors import MultiMixError
-from lightning_multimix.feature_maps import capture_for, read_feature_map
+from lightning_multimix.feature_maps import MethodCapture, read_feature_map
 
 HOW_HEAD = ("Pass `MultiMix(head='dotted.path')` naming the classifier head, or add `MultiMixMixin` and override "
             "`multimix_head()`.")
@@ -193,6 +193,12 @@ class StepCapture:
             "Self-distillation runs the teacher on the inputs of your model, but the training step called no module "
             f"on the way to the head {self.head_path!r}."
         )
+
+
+def capture_for(model: nn.Module, spec: tuple[str, str]) -> Any:
+    """The capture that records the feature map of ``spec`` (``(path, kind)``) in ``model``."""
+    owner = model.get_submodule(spec[0])
+    return MethodCapture(owner, "forward_features") if spec[1] == "timm" else Capture(owner)
 
 
 def ancestors(path: str) -> list[str]:

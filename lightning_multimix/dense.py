@@ -22,20 +22,9 @@ An example whose ``cam`` attention is zero at every position falls back to unifo
 with a non-zero MultiMix weight has zero attention falls back to the plain MultiMix weights. Nothing divides by zero.
 Attention is a weighting, not a path for gradients: it is computed without gradient (our choice).
 
-Peak extra memory, in elements (``n`` tuples, ``m`` examples, ``r`` positions, ``d`` channels, ``c`` classes), all
-float32:
-
-- logit path (affine head): about ``2*m*n*r`` (per-position weights, and the contiguous copy ``torch.einsum`` makes
-  for its batched matrix product) ``+ m*r*c`` (logits per position) ``+ 4*n*r*c`` (mixed logits, mixed targets,
-  log-probabilities kept for backward, and their product);
-- embedding path: the same ``+ 2*n*r*d`` (the mixed feature map and its contiguous ``(n*r, d)`` copy for the
-  head) plus what the head keeps for backward on ``n*r`` rows.
-
-No ``m*n*r*d`` (or ``m*n*r*c``) tensor is ever formed: each ``torch.einsum`` here contracts over the ``m`` examples
-with ``r`` as a batch dimension, one batched matrix product ``(r, n, m) @ (r, m, f)``.
-
-The interpolations run in float32 with autocast turned off, so that under mixed precision the weights keep summing to
-one (autocast would round them, and the matrix products, to 16 bits); the head itself runs in the training precision.
+No ``m*n*r*d`` (or ``m*n*r*c``) tensor is ever formed: each product contracts over the ``m`` examples with ``r`` as a
+batch dimension. The interpolations run in float32 with autocast turned off, so that under mixed precision the weights
+keep summing to one; the head itself runs in the training precision.
 """
 
 from __future__ import annotations
@@ -45,7 +34,6 @@ from typing import Callable, Literal, Optional
 import torch
 from torch import Tensor
 
-from lightning_multimix.dense_targets import mix_by_class
 from lightning_multimix.interpolation import full_precision
 from lightning_multimix.losses import soft_cross_entropy
 
@@ -153,10 +141,7 @@ def position_linear(features: Tensor, weight: Tensor, bias: Optional[Tensor] = N
 
     Computed class-major, one ``(c x d) @ (d x r)`` product per example (a batched product), and returned as the
     ``(m, r, c)`` view of the ``(m, c, r)`` result: a CNN's feature map, which lies in memory as ``(m, d, r)`` and
-    reaches here as a transposed view, is read where it lies, with no transposing copy forward or backward
-    (``benchmarks/kernels.py``: forward and backward together 0.85-0.87x the time of ``F.linear`` on a contiguous
-    copy in a loop, equal to float32 rounding; inside a training step, where the copy's memory traffic costs more,
-    dense mode's extra time fell by about 2 ms, ``benchmarks/results/overhead_dense_before_after/``).
+    reaches here as a transposed view, is read where it lies, with no transposing copy forward or backward.
 
     Example:
         >>> features, head = torch.randn(2, 5, 3), torch.nn.Linear(3, 4)
@@ -207,24 +192,15 @@ def factorised_dense_logit_loss(
     r"""Dense MultiMix loss in logit space without the ``(m, n, r)`` per-position weights.
 
     Equal in value and gradient (to float32 rounding) to ``dense_multimix_logit_loss(position_logits, targets,
-    dense_weights(weights, attention))``. With ``D = Lambda^T A`` (the normaliser of :func:`dense_weights`, ``n x
-    r``), ``sum_i w_ikj v_ij = (sum_i lambda_ik a_ij v_ij) / D_kj``: matrix products ``(r*c x m) @ (m x n)`` of the
-    attention-weighted logits and targets, then a division. Where no example of a tuple has attention at a position
-    (``D_kj = 0``), :func:`dense_weights` falls back to the plain weights ``lambda``; here an attention of exactly zero
-    becomes ``1e-20``, which gives exactly those weights there (``lambda_ik eps / sum_i lambda_ik eps``) and changes
-    no other weight in float32 as long as the positive attentions at a position are above about ``1e-13`` (``eps``
-    is then below their last bit), so no second product is needed for the fallback. Extra memory ``O(r*c*n)``
-    instead of ``O(m*n*r)``.
-
-    One-hot targets given as ``(m,)`` integer labels cost ``r*m*n`` products instead of ``r*c*m*n`` on CPU: the
-    target numerator ``sum_i lambda_ik a_ij [y_i = c]`` is one ``(r x m_c) @ (m_c x n)`` product per class over the
-    ``m_c`` examples of that class (:func:`~lightning_multimix.dense_targets.mix_by_class`).
+    dense_weights(weights, attention))``. With ``D = Lambda^T A`` (the normaliser of :func:`dense_weights`),
+    ``sum_i w_ikj v_ij = (sum_i lambda_ik a_ij v_ij) / D_kj``: products ``(r*c x m) @ (m x n)`` of the
+    attention-weighted logits and targets, then a division. An attention of exactly zero becomes
+    :data:`ATTENTION_FLOOR`, which gives the plain weights ``lambda`` where no example of a tuple has attention (the
+    fallback of :func:`dense_weights`) and changes no other weight in float32.
 
     Args:
         position_logits: ``(m, r, c)`` the head's logits at every position of the ``m`` real examples.
-        targets: ``(m, c)`` per-example targets (each position inherits its example's), or ``(m,)`` integer labels:
-            one-hot targets (a label outside ``[0, c)`` gives an all-zero target, as
-            :func:`~lightning_multimix.interpolation.one_hot`).
+        targets: ``(m, c)`` per-example targets (each position inherits its example's).
         weights: ``(m, n)`` MultiMix weights.
         attention: ``(m, r)`` non-negative attention (no gradient flows through it).
         mask: ``(m, r)`` booleans, false at padding: a padded position is never mixed, and an interpolated position
@@ -253,11 +229,7 @@ def factorised_dense_logit_loss(
             if mask is not None:
                 valid = denominator > 0
                 denominator = denominator.clamp_min(torch.finfo(dtype).tiny)
-            if targets.is_floating_point():
-                mixed_targets = mix(a * targets.to(dtype).unsqueeze(1))
-            else:
-                mixed_targets = mix_by_class(a[..., 0], targets, position_logits.shape[-1], weights)
-            mixed_targets = mixed_targets.div_(denominator)
+            mixed_targets = mix(a * targets.to(dtype).unsqueeze(1)).div_(denominator)
         mixed_logits = mix(a * logits) / denominator
     if mask is None:
         return soft_cross_entropy(mixed_logits, mixed_targets, label_smoothing, dim=1)

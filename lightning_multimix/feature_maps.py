@@ -18,6 +18,7 @@ input; a timm model's map is what its ``forward_head`` reads by construction.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Optional
 
 from torch import Tensor, nn
@@ -45,8 +46,6 @@ class _CapturingMethod:
         return output
 
     def __deepcopy__(self, memo: dict) -> Any:
-        import copy
-
         return copy.deepcopy(self.original, memo)
 
     def __reduce__(self) -> tuple:
@@ -125,14 +124,6 @@ class TimmPositionHead:
         if self.tokens:
             return self.model.forward_head(rows.unsqueeze(1).expand(-1, self.prefix + 1, -1))
         return self.model.forward_head(rows[:, :, None, None])
-
-
-def capture_for(model: nn.Module, spec: tuple[str, str]) -> Any:
-    """The capture that records the feature map of ``spec`` in ``model``."""
-    from lightning_multimix.capture import Capture
-
-    owner = model.get_submodule(spec[0])
-    return MethodCapture(owner, "forward_features") if spec[1] == "timm" else Capture(owner)
 
 
 def read_feature_map(capture: Any, spec: tuple[str, str], embeddings: Tensor, verify: bool,

@@ -8,11 +8,13 @@ finds the feature map feeding it. The callback checks both on the first batch.
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_multimix.errors import MultiMixError
+from lightning_multimix.feature_maps import TimmPositionHead
 
 POOLING_TYPES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AvgPool1d)
 
@@ -232,3 +234,42 @@ def resolve_feature_map(model: nn.Module, head_path: str, feature_map: Optional[
             "`MultiMixMixin.multimix_feature_map()`."
         )
     return pooling, "input"
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    """What a fit resolved about the head: where it is, where dense mode reads the feature map, whether the logits
+    are interpolated (logit space) and, for a timm model in dense mode, the head to run at every position."""
+
+    head_path: str
+    how: str  #: ``"declared"``, or how the first batch found it
+    feature_spec: Optional[tuple[str, str]] = None
+    logit_space: bool = False
+    position_head: Optional[Callable[[Tensor], Tensor]] = None
+
+    def describe(self) -> str:
+        space = "logit space (exact for an affine head)" if self.logit_space else "embedding space"
+        where = f", feature map from {self.feature_spec[0]!r}" if self.feature_spec else ""
+        found = "" if self.how == "declared" else f" ({self.how})"
+        return f"MultiMix: head {self.head_path!r}{found}{where}; interpolating in {space}."
+
+
+def head_plan(model: nn.Module, path: str, how: str, dense: Any, logit_space: str) -> HeadPlan:
+    """The :class:`HeadPlan` for the head at ``path`` (``how``: ``"declared"`` or how it was found); in dense mode
+    (``dense``: the :class:`~lightning_multimix.Dense` options) a found head becomes its classifier block.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 4))
+        >>> head_plan(net, "2", "declared", None, "auto")
+        HeadPlan(head_path='2', how='declared', feature_spec=None, logit_space=True, position_head=None)
+    """
+    if how != "declared" and dense is not None:
+        path = classifier_block(model, path)
+    in_logit_space = logit_space == "always" or (logit_space == "auto" and is_affine(model.get_submodule(path)))
+    if dense is None:
+        return HeadPlan(path, how, None, in_logit_space)
+    spec = resolve_feature_map(model, path, dense.feature_map)
+    if spec[1] != "timm":
+        return HeadPlan(path, how, spec, in_logit_space)
+    owner = model.get_submodule(spec[0])  # the head at every position: the timm model's own forward_head
+    return HeadPlan(path, how, spec, logit_space == "always", TimmPositionHead(owner, hasattr(owner, "num_prefix_tokens")))

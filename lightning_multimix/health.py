@@ -1,13 +1,11 @@
-"""The health flag: a non-finite loss or labels out of range, recorded on the device, read when it is cheap.
+"""The health flag: a non-finite loss or labels out of range, recorded on the device, read when it is due.
 
 Reading a device tensor synchronises the host with the device, so the flag is updated on the device at every batch
-(no synchronisation) and read at the first batch, at every batch on CPU (free), else every ``check_every_n_steps``
-batches and at the end of training.
+(no synchronisation) and read at the first batch, every ``check_every_n_steps`` batches and at the end of training.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -32,32 +30,15 @@ class HealthFlag:
     def __init__(self, device: torch.device, check_every_n_steps: int) -> None:
         # (first bad batch, code: 1 non-finite loss, 2 labels out of range; examples left out by an ignore index)
         self.state = torch.tensor([-1, 0, 0], device=device)
-        # on CPU reading is free: the same three numbers kept on the host, in fewer (and cheaper) operations
-        self.host: Optional[list[int]] = [-1, 0, 0] if device.type == "cpu" else None
         self.check_every_n_steps = check_every_n_steps
         self.num_classes: Optional[int] = None
         self.reported_ignored = False
 
-    def update(self, loss: Tensor, labels: Tensor, num_classes: int, batch: int, keep: Optional[Tensor] = None,
-               label_range: Optional[tuple[int, int]] = None) -> None:
+    def update(self, loss: Tensor, labels: Tensor, num_classes: int, batch: int, keep: Optional[Tensor] = None) -> None:
         """Record, on the device and without synchronising, ``batch`` if it is the first bad one, and count the
-        examples left out (``keep`` false: their label is the ignore index, never out of range). On CPU,
-        ``label_range`` (the labels' ``(min, max)``, already read by the caller) saves reading it again when no
-        example is left out."""
+        examples left out (``keep`` false: their label is the ignore index, never out of range)."""
         self.num_classes = num_classes
-        if self.host is not None:
-            kept = labels if keep is None else labels[keep]
-            if self.host[0] < 0:
-                code = 0 if math.isfinite(float(loss.detach())) else 1
-                if kept.numel():
-                    known = keep is None and label_range is not None
-                    low, high = label_range if known else map(int, torch.aminmax(kept))
-                    code += 2 if low < 0 or high >= num_classes else 0
-                if code:
-                    self.host[:2] = [batch, code]
-            self.host[2] += labels.numel() - kept.numel()
-            return
-        labels = labels if keep is None else torch.where(keep, labels, torch.zeros_like(labels))
+        labels = labels if keep is None else labels.where(keep, 0)
         code = (~torch.isfinite(loss.detach())).long() + 2 * labels_out_of_range(labels, num_classes).long()
         first = (self.state[0] < 0) & (code > 0)
         index = torch.full((), batch, device=self.state.device)
@@ -65,14 +46,14 @@ class HealthFlag:
         ignored = self.state[2:] + (0 if keep is None else (~keep).sum().to(index.device))
         self.state = torch.cat((bad, ignored))
 
-    def read_due(self, batch: int, device: torch.device) -> bool:
-        """Whether to read the flag after ``batch``: always on CPU, every ``check_every_n_steps`` batches elsewhere."""
-        return device.type == "cpu" or batch % self.check_every_n_steps == 0
+    def read_due(self, batch: int) -> bool:
+        """Whether to read the flag after ``batch``: the first batch, then every ``check_every_n_steps``."""
+        return batch % self.check_every_n_steps == 0
 
     def raise_if_unhealthy(self, global_step: int, head_path: Optional[str]) -> int:
         """Read the flag (a host-device synchronisation) and raise :class:`MultiMixError` if a batch was bad; else
         return the number of examples left out so far the first time it is not zero (to be said once), else 0."""
-        bad_batch, code, ignored = self.host if self.host is not None else self.state.tolist()
+        bad_batch, code, ignored = self.state.tolist()
         if bad_batch < 0:
             if ignored and not self.reported_ignored:
                 self.reported_ignored = True

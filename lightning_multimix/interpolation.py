@@ -29,7 +29,7 @@ def full_precision(tensor: Tensor) -> contextlib.AbstractContextManager:
     except (RuntimeError, TypeError):  # torch < 2.4 takes no device type; a device type autocast does not know
         enabled = True
     if not enabled:
-        return contextlib.nullcontext()  # nothing to turn off: a twentieth of the cost of entering autocast
+        return contextlib.nullcontext()  # nothing to turn off
     try:
         return torch.autocast(device, enabled=False)
     except RuntimeError:
@@ -48,18 +48,6 @@ def one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32
                 [1., 0., 0.]])
     """
     return (labels.unsqueeze(-1) == torch.arange(num_classes, device=labels.device)).to(dtype)
-
-
-def class_buckets(labels: Tensor, num_classes: int) -> Tensor:
-    """``labels`` with every label outside ``[0, num_classes)`` (an ignore index, a bad label) replaced by
-    ``num_classes``: a bucket of its own, which the per-class sums drop (as :func:`one_hot` gives such a label no
-    class).
-
-    Example:
-        >>> class_buckets(torch.tensor([2, -100, 0, 5]), 3)
-        tensor([2, 3, 0, 3])
-    """
-    return torch.where((labels >= 0) & (labels < num_classes), labels, num_classes)
 
 
 def labels_out_of_range(labels: Tensor, num_classes: int) -> Tensor:
@@ -105,8 +93,7 @@ def interpolate_columns(values: Tensor, weights: Tensor) -> Tensor:
     r"""``interpolate(values, weights).T`` for ``(m, f)`` values, computed class-major as ``values.T @ weights``.
 
     Returns ``(f, n)``: column ``k`` is the ``k``-th interpolated row. For few features (``f`` = the number of classes)
-    and many tuples, CPU BLAS computes the wide product ``(f x m) @ (m x n)`` several times faster than the skinny
-    ``(n x m) @ (m x f)``, forward and backward (``benchmarks/kernels.py``); the values are the same.
+    and many tuples, the wide product ``(f x m) @ (m x n)`` is the fast one for BLAS, forward and backward.
 
     Example:
         >>> values = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
@@ -119,37 +106,9 @@ def interpolate_columns(values: Tensor, weights: Tensor) -> Tensor:
             f"`values` {tuple(values.shape)} must be (m, f) with m = {weights.shape[0]}, the rows of `weights`."
         )
     with full_precision(values):
-        # a contiguous (f, m) operand: its gradient is then the fast (f x n) @ (n x m) product, not the skinny
-        # (m x n) @ (n x f) that autograd picks for a transposed one (benchmarks/kernels.py)
+        # a contiguous (f, m) operand: its gradient is then the wide (f x n) @ (n x m) product, not the skinny
+        # (m x n) @ (n x f) that autograd picks for a transposed one
         return values.to(weights.dtype).T.contiguous() @ weights
-
-
-def interpolate_labels_columns(labels: Tensor, num_classes: int, weights: Tensor) -> Tensor:
-    r"""``interpolate_columns(one_hot(labels, num_classes), weights)``, the ``(c, n)`` interpolated one-hot targets.
-
-    Row ``c`` of the result is the sum of the rows of ``weights`` whose label is ``c``; a label outside ``[0, c)``
-    adds nothing (its one-hot row is zero). On CPU it is computed that way, ``m*n`` additions by ``index_add_``
-    instead of the ``c*m*n`` multiply-adds of the product (``benchmarks/kernels.py``: about 3x faster for ``m = 128``,
-    ``n = 10000``, ``c = 10``); elsewhere by the product, which is cheap there and, unlike ``index_add_`` on CUDA,
-    deterministic.
-
-    Example:
-        >>> weights = torch.tensor([[0.25, 1.0], [0.75, 0.0], [0.0, 0.0]])
-        >>> interpolate_labels_columns(torch.tensor([1, 0, 7]), 2, weights)
-        tensor([[0.7500, 0.0000],
-                [0.2500, 1.0000]])
-    """
-    if labels.ndim != 1 or labels.shape[0] != weights.shape[0]:
-        raise ValueError(f"`labels` {tuple(labels.shape)} must hold one label per row of `weights` "
-                         f"{tuple(weights.shape)}.")
-    if weights.device.type != "cpu":
-        return interpolate_columns(one_hot(labels, num_classes, weights.dtype), weights)
-    try:  # labels in range, as they should be: no buckets (five operations fewer; 0.1 ms less inside a step here,
-        # benchmarks/results/step_profile_before_after/)
-        return weights.new_zeros(num_classes, weights.shape[1]).index_add_(0, labels, weights)
-    except (RuntimeError, IndexError):  # a label outside [0, c) (CPU checks the indices): it gets a bucket of its own
-        summed = weights.new_zeros(num_classes + 1, weights.shape[1])  # index_add_ runs in the weights' dtype
-        return summed.index_add_(0, class_buckets(labels, num_classes), weights)[:num_classes]
 
 
 def mix_with_partner(values: Tensor, lam: Tensor, partner: Tensor) -> Tensor:
@@ -169,6 +128,5 @@ def mix_with_partner(values: Tensor, lam: Tensor, partner: Tensor) -> Tensor:
     if partner.shape != values.shape[:1]:
         raise ValueError(f"`partner` {tuple(partner.shape)} must hold one index per row of `values` "
                          f"{tuple(values.shape)}.")
-    # lerp(start, end, w) = start + w (end - start): two passes over the batch instead of four; index_select: a
-    # third of the time of advanced indexing `values[partner]` on a batch of images (benchmarks/kernels.py)
+    # lerp(start, end, w) = start + w (end - start): two passes over the batch instead of four
     return torch.lerp(values.index_select(0, partner), values, lam.to(values.dtype))

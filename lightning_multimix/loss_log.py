@@ -1,14 +1,14 @@
 """Logging the loss MultiMix optimises: ``multimix/loss`` (progress bar and loggers) and ``multimix/loss_epoch``.
 
-``self.log`` costs about a millisecond a call, more than MultiMix's own arithmetic at ``n = 1000``
-(``benchmarks/overhead.py``): the loss is summed at every batch (a Python float on CPU, on the device elsewhere, so
-nothing synchronises) and logged as the mean since the last log when Lightning sends step values to the loggers, at
-the first batch and at an epoch's last batch; the epoch's mean is reduced over processes once, at the epoch's end.
+A ``self.log`` call costs more host time than MultiMix's own arithmetic, so the loss is summed on the device at every
+batch (nothing synchronises) and logged as the mean since the last log when Lightning sends step values to the
+loggers, at the first batch and at an epoch's last batch; the epoch's mean is reduced over processes once, at the
+epoch's end.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import lightning.pytorch as pl
 import torch
@@ -22,7 +22,7 @@ class LossLog:
         >>> log = LossLog()
         >>> log.add(torch.tensor(2.0)); log.add(torch.tensor(4.0))
         >>> log.take_window(), log.epoch_total()
-        (3.0, [6.0, 2])
+        (tensor(3.), [6.0, 2])
     """
 
     def __init__(self) -> None:
@@ -30,8 +30,8 @@ class LossLog:
 
     def start_epoch(self) -> None:
         self.epoch_batches = 0  # every training batch of the epoch, mixed or not
-        self._window: Optional[Union[float, Tensor]] = None
-        self._epoch: Optional[Union[float, Tensor]] = None
+        self._window: Optional[Tensor] = None
+        self._epoch: Optional[Tensor] = None
         self._window_count = self._epoch_count = 0
 
     def batch_started(self) -> None:
@@ -39,8 +39,7 @@ class LossLog:
         self.epoch_batches += 1
 
     def add(self, loss: Tensor) -> None:
-        detached = loss.detach()
-        value = float(detached) if detached.device.type == "cpu" else detached  # a float: cheaper than a tensor add
+        value = loss.detach()
         self._window = value if self._window is None else self._window + value
         self._epoch = value if self._epoch is None else self._epoch + value
         self._window_count, self._epoch_count = self._window_count + 1, self._epoch_count + 1
@@ -49,7 +48,7 @@ class LossLog:
         """Whether to log now: the first batch, an epoch's last, or when Lightning logs this step."""
         return first or self.epoch_batches == trainer.num_training_batches or lightning_logs_now(trainer)
 
-    def take_window(self) -> Union[float, Tensor]:
+    def take_window(self) -> Tensor:
         """The mean since the last call; starts a new window."""
         mean = self._window / self._window_count
         self._window, self._window_count = None, 0

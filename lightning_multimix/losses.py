@@ -9,8 +9,7 @@ from torch import Tensor
 def soft_cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0, dim: int = -1) -> Tensor:
     r"""Mean over rows of ``-sum_c t_c log softmax(logits)_c``, computed in float32 whatever the input dtype.
 
-    It is ``F.cross_entropy`` with probability targets, laid out the way that function wants: it is equal to the
-    written-out formula (to the last bit in ``benchmarks/cross_entropy.py``) and as fast or faster. The class
+    It is ``F.cross_entropy`` with probability targets, laid out the way that function wants. The class
     dimension may be any: ``dim=0`` is the class-major ``(c, N)`` layout of the logit-space interpolation, ``dim=1``
     the ``(r, c, n)`` layout of the dense one.
 

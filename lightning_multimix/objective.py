@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_multimix.dense import (
+    ATTENTION_KINDS,
     attention_from_scores,
     class_scores,
     dense_multimix_loss,
@@ -42,18 +43,11 @@ from lightning_multimix.dense import (
     per_position,
     position_linear,
 )
-from lightning_multimix.interpolation import (
-    interpolate,
-    interpolate_columns,
-    interpolate_labels_columns,
-    mix_with_partner,
-    one_hot,
-)
+from lightning_multimix.interpolation import interpolate, interpolate_columns, mix_with_partner, one_hot
 from lightning_multimix.losses import soft_cross_entropy
-from lightning_multimix.options import ATTENTION_KINDS, DISTILL_TARGETS
 
 Head = Callable[[Tensor], Tensor]
-_NO_INDEX = torch.iinfo(torch.int64).min  # an ignore index no label takes
+DISTILL_TARGETS = ("probs", "logits")
 
 
 @dataclass(frozen=True)
@@ -113,14 +107,14 @@ def multimix_objective(
     position_mask: Optional[Tensor] = None,
     affine_head: Optional[bool] = None,
     teacher: Optional[TeacherOutputs] = None,
-    keep: Optional[Tensor] = None,
     label_smoothing: float = 0.0,
 ) -> Tensor:
     r"""The MultiMix loss of one batch: ``mean_k CE(g(Z lambda_k), Y lambda_k)`` over the ``n`` columns of ``weights``.
 
     Args:
-        weights: ``(m, n)`` interpolation weights, columns on the simplex (:mod:`lightning_multimix.sampling`).
-        labels: ``(m,)`` integer class labels.
+        weights: ``(m, n)`` interpolation weights, columns on the simplex (:mod:`lightning_multimix.sampling`); to
+            leave examples out (an ignore index), draw them with ``keep`` so that their rows are zero.
+        labels: ``(m,)`` integer class labels (a label outside ``[0, c)`` has an all-zero target).
         logits: ``(m, c)`` the head's outputs: logit space (exact for an affine head).
         embeddings: ``(m, d)`` the head's inputs, with ``head``: embedding space (any head).
         head: the classifier head, ``(N, d) -> (N, c)`` (embedding space and dense).
@@ -132,9 +126,6 @@ def multimix_objective(
         affine_head: dense: whether the head is affine, so that the per-position logits can be interpolated;
             ``None``: it is when it is an ``nn.Linear``.
         teacher: self-distillation targets (:class:`TeacherOutputs`).
-        keep: ``(m,)`` booleans: the examples to mix; the others (labels equal to an ignore index) get weight 0 in
-            every tuple, whose weights are renormalised over the kept examples (a tuple of left-out examples only
-            becomes the mean of the kept ones). ``None``: all.
         label_smoothing: smoothing of the interpolated targets.
 
     Returns:
@@ -150,8 +141,6 @@ def multimix_objective(
         True
     """
     _check_weights_and_labels(weights, labels)
-    if keep is not None:
-        weights = keep_rows(weights, keep)
     if feature_map is not None:
         if logits is not None or embeddings is not None or head is None:
             raise ValueError("multimix_objective: dense mode takes `feature_map` and `head`, not `logits` or "
@@ -166,12 +155,9 @@ def multimix_objective(
                          "space), not both.")
     if logits is not None:
         _check_rows("logits", logits, labels)
-        # class-major (c, n): CPU BLAS computes (c x m) @ (m x n) several times faster than (n x m) @ (m x c)
+        # class-major (c, n): the wide product (c x m) @ (m x n), fast for BLAS
         mixed_logits = interpolate_columns(logits, weights)
-        if teacher is None or teacher.targets == "logits":  # one-hot targets: summed by class, no product
-            mixed_targets = interpolate_labels_columns(labels, logits.shape[-1], weights)
-        else:
-            mixed_targets = interpolate_columns(_targets(labels, logits.shape[-1], teacher), weights)
+        mixed_targets = interpolate_columns(_targets(labels, logits.shape[-1], teacher), weights)
         class_dim = 0
     else:
         _check_rows("embeddings", embeddings, labels)
@@ -214,20 +200,6 @@ def mixup_objective(
     if logits.ndim != 2:
         raise ValueError(f"mixup_objective: `logits` must be (b, c), got {tuple(logits.shape)}.")
     _check_rows("logits", logits, labels)
-    if teacher is None and keep is None and logits.device.type == "cpu":
-        # the soft cross-entropy is linear in the targets: lam CE(y) + (1 - lam) CE(y[partner]) is the loss of the
-        # mixed one-hot targets, in five operations instead of eleven (0.26 -> 0.12 ms inside a training step here:
-        # benchmarks/results/step_profile_before_after/). CPU only: a label outside [0, c) (the ignore index
-        # included: no index is ignored) raises IndexError there, and the one-hot way below gives it no class; on a
-        # GPU it would be a device-side assert.
-        try:
-            logits, labels = logits.float(), labels.long()
-            own = F.cross_entropy(logits, labels, ignore_index=_NO_INDEX, label_smoothing=label_smoothing)
-            partners = F.cross_entropy(logits, labels.index_select(0, partner), ignore_index=_NO_INDEX,
-                                       label_smoothing=label_smoothing)
-            return torch.lerp(partners, own, lam.to(own.dtype))
-        except IndexError:
-            pass
     targets = mix_with_partner(one_hot(labels, logits.shape[-1]), lam.float(), partner)
     if teacher is not None:
         targets = (1.0 - teacher.weight) * targets + teacher.weight * teacher.probs()
@@ -239,23 +211,6 @@ def mixup_objective(
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-
-
-def keep_rows(weights: Tensor, keep: Tensor) -> Tensor:
-    """``weights`` with the rows of left-out examples zeroed and every column renormalised over the kept ones; a
-    column with no kept example becomes uniform over the kept ones. No host synchronisation.
-
-    Example:
-        >>> keep_rows(torch.tensor([[0.5, 0.0], [0.25, 0.0], [0.25, 1.0]]), torch.tensor([True, True, False]))
-        tensor([[0.6667, 0.5000],
-                [0.3333, 0.5000],
-                [0.0000, 0.0000]])
-    """
-    mask = keep.to(weights.dtype).unsqueeze(1)
-    kept = weights * mask
-    total = kept.sum(0, keepdim=True)
-    uniform = mask / mask.sum().clamp_min(1.0)
-    return torch.where(total > 0, kept / total.clamp_min(torch.finfo(weights.dtype).tiny), uniform)
 
 
 def _targets(labels: Tensor, num_classes: int, teacher: Optional[TeacherOutputs]) -> Tensor:
@@ -299,9 +254,9 @@ def _dense_objective(weights: Tensor, labels: Tensor, features: Tensor, head: He
         num_classes = head.out_features if linear else logits_here.shape[-1]
         weights_per_position = attention_from_scores(scores, attention, mask)
     targets = _targets(labels, num_classes, teacher)
-    if position_logits is not None:  # one-hot targets go as labels: summed by class, cheaper
-        return factorised_dense_logit_loss(position_logits, labels if teacher is None else targets, weights,
-                                           weights_per_position, label_smoothing, mask)
+    if position_logits is not None:
+        return factorised_dense_logit_loss(position_logits, targets, weights, weights_per_position, label_smoothing,
+                                           mask)
     if mask is None:
         return dense_multimix_loss(features, targets, dense_weights(weights, weights_per_position), head,
                                    label_smoothing)

@@ -19,8 +19,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
-ATTENTION_KINDS = ("cam", "softmax", "uniform")
-DISTILL_TARGETS = ("probs", "logits")
+from lightning_multimix.dense import ATTENTION_KINDS
+from lightning_multimix.objective import DISTILL_TARGETS
+
 MODES = ("multimix", "pairs")
 OTHER_BATCHES = ("input_mixup", "pairs", "own_loss")
 LOGIT_SPACES = ("auto", "always", "never")

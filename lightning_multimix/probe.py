@@ -23,9 +23,8 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from lightning_multimix.capture import HOW_HEAD, Capture, StepCapture, ancestors
+from lightning_multimix.capture import HOW_HEAD, Capture, StepCapture, ancestors, capture_for
 from lightning_multimix.errors import MultiMixError
-from lightning_multimix.feature_maps import capture_for
 from lightning_multimix.heads import classifier_block, feature_map_candidates
 
 

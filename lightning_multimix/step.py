@@ -1,17 +1,17 @@
 """One training step under MultiMix: what stands in for the module's ``training_step`` while the callback is installed.
 
-:class:`TrainingStep` decides how the batch is mixed (MultiMix at the last layer with probability ``probability``,
-else ``other_batches``), mixes the inputs for input mixup, runs the user's ``training_step`` with the captures armed,
-finds the head on the first batch when nothing named it (:mod:`lightning_multimix.probe`), checks what it captured, and
-returns the objective (:mod:`lightning_multimix.objective`) in place of the user's loss. The callback
-(:class:`~lightning_multimix.MultiMix`) owns the options, the random stream, the health flag and the logging.
+:class:`TrainingStep` decides how the batch is mixed, mixes the inputs for input mixup, runs the user's
+``training_step`` with the captures armed, finds the head on the first batch when nothing named it, and returns the
+objective in place of the user's loss. Its contract with the callback is explicit: it reads :class:`StepOptions`, the
+:class:`~lightning_multimix.sampling.RandomStream` and, when the head is known before the fit, a :class:`HeadPlan`;
+it hands each mixed batch's :class:`StepReport` to ``report``. It never touches the callback itself.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,28 +22,51 @@ from torch import Tensor
 from lightning_multimix.batch import InputMixer, check_labels, default_labels, default_mix_inputs
 from lightning_multimix.capture import StepCapture
 from lightning_multimix.errors import MultiMixError
-from lightning_multimix.heads import declared_feature_map
+from lightning_multimix.heads import HeadPlan, declared_feature_map, head_plan
 from lightning_multimix.mixin import MultiMixMixin
 from lightning_multimix.objective import TeacherOutputs, mixup_objective, multimix_objective
+from lightning_multimix.options import Dense, SelfDistillation
 from lightning_multimix.probe import HeadProbe
-from lightning_multimix.sampling import seed_uniform, step_seed
+from lightning_multimix.sampling import RandomStream
+from lightning_multimix.teacher import Distiller
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
-
-    from lightning_multimix.callback import MultiMix
 
 KINDS = ("multimix", "pairs", "input_mixup", "own_loss")
 
 
 @dataclasses.dataclass(frozen=True)
-class LabelsRead:
-    """What a step read of its batch's labels: the loss uses ``keep``, the health check after the step all of it."""
+class StepOptions:
+    """What the step reads of the callback's options (see :class:`~lightning_multimix.MultiMix`)."""
 
+    mode: str
+    probability: float
+    other_batches: str
+    mixup_alpha: float
+    label_smoothing: float
+    clean_loss_weight: float
+    ignore_index: Optional[int]
+    logit_space: str
+    sync_batch: bool
+    dense: Optional[Dense]
+    distill: Optional[SelfDistillation]
+    #: ``(num_examples, kind, generator, keep) -> (m, n)`` weights of a batch mixed at the last layer
+    sample_weights: Callable[..., Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepReport:
+    """What one mixed batch gave: the loss and what the step read, for the health check and the log."""
+
+    index: int  #: the batch's index in the random stream
+    kind: str  #: how it was mixed (:data:`KINDS`)
+    loss: Tensor
     labels: Tensor  #: on the logits' device, int64
     num_classes: int  #: the head's outputs
-    label_range: Optional[tuple[int, int]]  #: ``(min, max)`` of the labels, read on CPU only (free there)
-    keep: Optional[Tensor]  #: the examples to mix (labels not equal to the ignore index); ``None``: all
+    keep: Optional[Tensor]  #: the examples mixed (labels not equal to the ignore index); ``None``: all
+    plan: HeadPlan  #: the head the step trained
+    first: bool  #: the first mixed batch of the fit
 
 
 class TrainingStep:
@@ -53,23 +76,27 @@ class TrainingStep:
     the generator, what the first batch verified, and :attr:`batch_counts`.
     """
 
-    def __init__(self, callback: "MultiMix", module: "pl.LightningModule", original: Any) -> None:
-        self.callback, self.module, self.original = callback, module, original
+    def __init__(self, module: "pl.LightningModule", original: Any, options: StepOptions, stream: RandomStream,
+                 report: Callable[[StepReport], None], plan: Optional[HeadPlan] = None,
+                 distiller: Optional[Distiller] = None) -> None:
+        self.module, self.original, self.options, self.stream = module, original, options, stream
+        self.report, self.plan, self.distiller = report, plan, distiller
         self.__wrapped__ = original  # what Lightning's `is_overridden` and `inspect` look through
         self.generator = torch.Generator(device=module.device)
-        self.capture: Optional[StepCapture] = None
-        if callback.head_path is not None:
-            self.capture = StepCapture.of(module, callback.head_path, callback.feature_map_spec,
-                                          inputs=callback.distill is not None)
+        self.capture = self._capture() if plan is not None else None
         self.batch_counts: dict[str, int] = dict.fromkeys(KINDS, 0)
         self.verified = self.features_verified = self.warned_small_batch = False
         self.inputs_mixable: Optional[bool] = None
         # facts of the fit, settled once: whether the batches are gathered across processes (every process then
         # makes the same collective calls), and whether the user names the labels (then they are not second-guessed)
-        self.gathering = callback.sync_batch and module.trainer.world_size > 1
+        self.gathering = options.sync_batch and module.trainer.world_size > 1
         self.named_labels = getattr(type(module), "multimix_labels", MultiMixMixin.multimix_labels) is not \
             MultiMixMixin.multimix_labels
         self.read_labels = getattr(module, "multimix_labels", default_labels)
+
+    def _capture(self) -> StepCapture:
+        return StepCapture.of(self.module, self.plan.head_path, self.plan.feature_spec,
+                              inputs=self.options.distill is not None)
 
     def remove(self) -> None:
         if self.capture is not None:
@@ -86,19 +113,19 @@ class TrainingStep:
     # ------------------------------------------------------------------ the step
 
     def kind(self, batch_index: int, rank: int) -> str:
-        """How batch ``batch_index`` is mixed: the callback's ``mode`` with chance ``probability``, else
-        ``other_batches``; with ``sync_batch`` every process takes rank 0's decision (they all join the gather)."""
-        callback = self.callback
-        seed = step_seed(callback._base_seed, 0 if callback.sync_batch else rank, batch_index)
-        if callback.probability < 1.0 and not seed_uniform(seed) < callback.probability:
-            return callback.other_batches
-        return callback.mode
+        """How batch ``batch_index`` is mixed: ``mode`` with chance ``probability``, else ``other_batches``; with
+        ``sync_batch`` every process takes rank 0's decision (they all join the gather)."""
+        options = self.options
+        coin = self.stream.coin(batch_index, 0 if options.sync_batch else rank)
+        if options.probability < 1.0 and not coin < options.probability:
+            return options.other_batches
+        return options.mode
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        callback, module = self.callback, self.module
-        trainer = module.trainer
-        index = callback._next_batch()
-        kind = self.kind(index, trainer.global_rank)
+        module, options = self.module, self.options
+        rank = module.trainer.global_rank
+        index = self.stream.next_batch()
+        kind = self.kind(index, rank)
         batch = args[0] if args else kwargs["batch"]
         labels = check_labels(self.read_labels(batch))
         if kind != "own_loss" and self.gathering:
@@ -113,8 +140,8 @@ class TrainingStep:
             self.batch_counts[kind] += 1
             return self.original(*args, **kwargs)
 
-        self.generator.manual_seed(step_seed(callback._base_seed, trainer.global_rank, index))
-        mixer = InputMixer(callback.mixup_alpha, self.generator) if kind == "input_mixup" else None
+        self.stream.seed(self.generator, index, rank)
+        mixer = InputMixer(options.mixup_alpha, self.generator) if kind == "input_mixup" else None
         if mixer is not None:
             mixed = self._mix_batch(batch, mixer)
             if mixed is None:
@@ -125,7 +152,7 @@ class TrainingStep:
                 kwargs = {**kwargs, "batch": mixed}
         probe = None
         if self.capture is None:
-            dense = callback.dense
+            dense = options.dense
             named_map = declared_feature_map(module, dense.feature_map) if dense is not None else None
             probe = HeadProbe(module, dense=dense is not None, feature_maps=(named_map,) if named_map else ())
         try:
@@ -138,70 +165,56 @@ class TrainingStep:
                 raise MultiMixError(f"`training_step` returned {type(output).__name__}; MultiMix needs a loss tensor "
                                     "or a dict with 'loss'.")
             capture = self._adopt(probe) if probe is not None else self.capture
-            loss, read = self._loss(kind, capture, labels, mixer, user_loss, self.named_labels)
+            loss, labels, keep, num_classes = self._loss(kind, capture, labels, mixer, user_loss)
         finally:
             if probe is not None:
                 probe.remove()
         self.batch_counts[kind] += 1
-        callback._after_step(module, loss, read.labels, read.keep, read.label_range, read.num_classes, index,
-                             first=not self.verified)
+        self.report(StepReport(index, kind, loss, labels, num_classes, keep, self.plan, first=not self.verified))
         self.verified = True
         return {**output, "loss": loss} if isinstance(output, dict) else loss
 
     def _adopt(self, probe: HeadProbe) -> StepCapture:
-        """First batch, no declared head: choose it from what ran, set the callback up for it, and capture it from
-        the next batch on; this batch's tensors come from the probe."""
-        self.callback._adopt_head(probe.choose(), probe.how)
-        callback = self.callback
-        self.capture = StepCapture.of(self.module, callback.head_path, callback.feature_map_spec,
-                                      inputs=callback.distill is not None)
-        return probe.step_capture(callback.head_path, callback.feature_map_spec)
+        """First batch, no declared head: choose it from what ran and capture it from the next batch on; this batch's
+        tensors come from the probe."""
+        options = self.options
+        self.plan = head_plan(self.module, probe.choose(), probe.how, options.dense, options.logit_space)
+        if self.distiller is not None:
+            self.distiller.watch(self.plan.head_path)
+        self.capture = self._capture()
+        return probe.step_capture(self.plan.head_path, self.plan.feature_spec)
 
-    def _loss(self, kind: str, capture: StepCapture, labels: Tensor, mixer: Optional[InputMixer], user_loss: Tensor,
-              declared_labels: bool) -> tuple[Tensor, "LabelsRead"]:
-        """The objective of the batch, and what was read of its labels (for the health check after the step)."""
-        callback = self.callback
+    def _loss(self, kind: str, capture: StepCapture, labels: Tensor, mixer: Optional[InputMixer],
+              user_loss: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor], int]:
+        """The objective of the batch, and what was read of its labels: ``(loss, labels, keep, num_classes)``."""
+        options, plan = self.options, self.plan
         embeddings, logits = capture.head_tensors()
         if embeddings.shape[0] != labels.shape[0]:
             raise MultiMixError(f"The head {capture.head_path!r} ran on {embeddings.shape[0]} embeddings but the "
                                 f"batch has {labels.shape[0]} labels. Pass `MultiMix(head='dotted.path')`.")
         labels = labels.to(logits.device).long()
         if not self.verified:
-            self._check_labels(user_loss, logits, labels, declared_labels)
-        dense_now = callback.dense is not None and kind == callback.mode
+            self._check_labels(user_loss, logits, labels)
+        dense_now = options.dense is not None and kind == options.mode
         features = mask = None
-        if callback.dense is not None and (dense_now or not self.features_verified):
+        if options.dense is not None and (dense_now or not self.features_verified):
             features, mask = capture.feature_map(embeddings, verify=not self.features_verified)
             self.features_verified = True  # checked on the first batch, whichever way it is mixed
         teacher = None
-        if callback.distiller is not None:
-            with_embeddings = not callback._in_logit_space and callback.distill.targets == "logits" and mixer is None
-            teacher = callback.distiller.outputs(*capture.model_inputs(), self.module.trainer.global_step,
-                                                 with_embeddings)
-        # on CPU the labels' range is read once (free there): for `keep` and for the health check
-        label_range = tuple(int(v) for v in torch.aminmax(labels)) if labels.device.type == "cpu" else None
-        read = LabelsRead(labels, logits.shape[-1], label_range, self._left_out(labels, label_range))
+        if self.distiller is not None:
+            with_embeddings = not plan.logit_space and options.distill.targets == "logits" and mixer is None
+            teacher = self.distiller.outputs(*capture.model_inputs(), self.module.trainer.global_step,
+                                             with_embeddings)
+        keep = labels != options.ignore_index if options.ignore_index is not None else None
         if mixer is not None:
-            return mixup_objective(logits, labels, *mixer.draw, teacher=teacher, keep=read.keep,
-                                   label_smoothing=callback.label_smoothing), read
-        loss = self._last_layer_loss(kind, capture, embeddings, logits, labels, read.keep,
+            loss = mixup_objective(logits, labels, *mixer.draw, teacher=teacher, keep=keep,
+                                   label_smoothing=options.label_smoothing)
+            return loss, labels, keep, logits.shape[-1]
+        loss = self._last_layer_loss(kind, capture, embeddings, logits, labels, keep,
                                      features if dense_now else None, mask if dense_now else None, teacher)
-        if callback.clean_loss_weight > 0:
-            loss = loss + callback.clean_loss_weight * user_loss.float()
-        return loss, read
-
-    def _left_out(self, labels: Tensor, label_range: Optional[tuple[int, int]]) -> Optional[Tensor]:
-        """``keep``, the examples whose label is not the ignore index, or ``None`` when none is left out: known for
-        sure only on CPU, where reading the labels' range is free (the ignore index lies outside it) and saves a
-        pass over the weights; under ``sync_batch`` every process gathers ``keep`` (the same collectives)."""
-        ignore = self.callback.ignore_index
-        if ignore is None:
-            return None
-        if label_range is not None and not self.gathering:
-            low, high = label_range
-            if not low <= ignore <= high:
-                return None
-        return labels != ignore
+        if options.clean_loss_weight > 0:
+            loss = loss + options.clean_loss_weight * user_loss.float()
+        return loss, labels, keep, logits.shape[-1]
 
     def _mix_batch(self, batch: Any, mixer: InputMixer) -> Optional[Any]:
         """The batch with its inputs mixed, or ``None`` (said once) when they cannot be interpolated."""
@@ -214,7 +227,7 @@ class TrainingStep:
                 rank_zero_info(
                     f"MultiMix: the inputs of {type(self.module).__name__}'s batches cannot be interpolated (no "
                     "floating-point tensor in `batch[0]` or under a usual dict key): the batches not mixed by "
-                    f"{self.callback.mode!r} are mixed by last-layer pairs instead of input mixup. Override "
+                    f"{self.options.mode!r} are mixed by last-layer pairs instead of input mixup. Override "
                     "`MultiMixMixin.multimix_mix_inputs` to say where the inputs are."
                 )
             self.inputs_mixable = False
@@ -225,7 +238,7 @@ class TrainingStep:
     def _last_layer_loss(self, kind: str, capture: StepCapture, embeddings: Tensor, logits: Tensor, labels: Tensor,
                          keep: Optional[Tensor], features: Optional[Tensor], mask: Optional[Tensor],
                          teacher: Optional[TeacherOutputs]) -> Tensor:
-        callback, module = self.callback, self.module
+        options, plan, module = self.options, self.plan, self.module
         if self.gathering:
 
             def gather(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -233,37 +246,37 @@ class TrainingStep:
                     return None
                 gathered = module.all_gather(t, sync_grads=True)
                 if gathered.requires_grad:  # the backward of torch.distributed.nn's all_gather misreads a strided
-                    # gradient (gloo: wrong gradients in tests/test_ddp.py), such as the class-major product's
+                    # gradient (gloo: wrong gradients), such as the class-major product's
                     gathered.register_hook(lambda grad: grad.contiguous())
                 return gathered.flatten(0, 1)
 
             # what the objective reads, and only that: the same collectives on every process
-            logit_path = features is None and callback._in_logit_space
+            logit_path = features is None and plan.logit_space
             embeddings = None if logit_path or features is not None else gather(embeddings)
             logits = gather(logits) if logit_path else None
             labels, keep, features, mask = map(gather, (labels, keep, features, mask))
             if teacher is not None:
                 teacher = dataclasses.replace(teacher, logits=gather(teacher.logits),
                                               embeddings=gather(teacher.embeddings))
-        weights = callback.sample_weights(labels.shape[0], kind, self.generator)
+        weights = options.sample_weights(labels.shape[0], kind, self.generator, keep)
         head = capture.head.module
-        common = {"teacher": teacher, "keep": keep, "label_smoothing": callback.label_smoothing}
+        common = {"teacher": teacher, "label_smoothing": options.label_smoothing}
         if features is not None:
-            return multimix_objective(weights, labels, feature_map=features, head=callback._position_head or head,
-                                      attention=callback.dense.attention, position_mask=mask,
-                                      affine_head=callback._in_logit_space, **common)
-        if callback._in_logit_space:
+            return multimix_objective(weights, labels, feature_map=features, head=plan.position_head or head,
+                                      attention=options.dense.attention, position_mask=mask,
+                                      affine_head=plan.logit_space, **common)
+        if plan.logit_space:
             return multimix_objective(weights, labels, logits=logits, **common)
         return multimix_objective(weights, labels, embeddings=embeddings, head=head, **common)
 
-    def _check_labels(self, user_loss: Tensor, logits: Tensor, labels: Tensor, declared: bool) -> None:
+    def _check_labels(self, user_loss: Tensor, logits: Tensor, labels: Tensor) -> None:
         """First batch: the user's loss should be the cross-entropy of the head's logits with the labels taken from
         the batch; when it is not, say where the labels came from and how to name them."""
-        valid = labels != (self.callback.ignore_index if self.callback.ignore_index is not None else -(2**62))
-        if declared or not bool(((labels >= 0) & (labels < logits.shape[-1]) | ~valid).all()):
+        ignore = self.options.ignore_index
+        valid = labels != ignore if ignore is not None else torch.ones_like(labels, dtype=torch.bool)
+        if self.named_labels or not bool(((labels >= 0) & (labels < logits.shape[-1]) | ~valid).all()):
             return  # named by the user; out-of-range labels are the health check's to report
-        ignore = self.callback.ignore_index if self.callback.ignore_index is not None else -100
-        expected = F.cross_entropy(logits.detach().float(), labels, ignore_index=ignore)
+        expected = F.cross_entropy(logits.detach().float(), labels, ignore_index=ignore if ignore is not None else -100)
         found = user_loss.detach().float()
         if bool(torch.isfinite(found)) and bool(torch.isfinite(expected)) and \
                 abs(float(found) - float(expected)) > 1e-3 * max(1.0, abs(float(expected))):

@@ -124,13 +124,13 @@ class RecordingMultiMix(MultiMix):
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         self.batches.append([t.detach().cpu().clone() for t in batch])
 
-    def sample_weights(self, num_examples: int, mode: str, generator: torch.Generator) -> Tensor:
+    def sample_weights(self, num_examples: int, mode: str, generator: torch.Generator, keep=None) -> Tensor:
         device = generator.device
         if self.fixed is not None:
             weights = self.fixed[self.rank].to(device)
             assert weights.shape[0] == num_examples, (weights.shape, num_examples)
         else:
-            weights = super().sample_weights(num_examples, mode, generator)
+            weights = super().sample_weights(num_examples, mode, generator, keep)
         self.weights.append(weights.detach().cpu().clone())
         return weights
 
@@ -157,8 +157,8 @@ class RecordingMultiMix(MultiMix):
         return {
             "rank": trainer.global_rank,
             "world_size": trainer.world_size,
-            "base_seed": self._base_seed,
-            "batches_seen": self._batches_seen,
+            "base_seed": self.state_dict()["base_seed"],
+            "batches_seen": self.state_dict()["batches_seen"],
             "global_step": trainer.global_step,
             "weights": self.weights,
             "losses": self.losses,

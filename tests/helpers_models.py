@@ -108,9 +108,9 @@ class Recording(MultiMix):
         self.grads: dict[str, Tensor] = {}
         self._recorded = 0
 
-    def sample_weights(self, num_examples: int, mode: str, generator: torch.Generator) -> Tensor:
+    def sample_weights(self, num_examples: int, mode: str, generator: torch.Generator, keep=None) -> Tensor:
         if self.fixed_weights is None:
-            weights = super().sample_weights(num_examples, mode, generator)
+            weights = super().sample_weights(num_examples, mode, generator, keep)
         else:
             weights = self.fixed_weights(num_examples).to(generator.device)
         self.drawn.append(weights.detach().clone())

@@ -66,7 +66,7 @@ class FixedWeights(MultiMix):
         self.fixed = weights
         self.losses: list = []
 
-    def sample_weights(self, num_examples, mode, generator):
+    def sample_weights(self, num_examples, mode, generator, keep=None):
         return self.fixed.to(generator.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -178,8 +178,8 @@ def test_pairs_mode_trains_with_pair_weights():
     seen = []
 
     class Spy(MultiMix):
-        def sample_weights(self, num_examples, mode, generator):
-            w = super().sample_weights(num_examples, mode, generator)
+        def sample_weights(self, num_examples, mode, generator, keep=None):
+            w = super().sample_weights(num_examples, mode, generator, keep)
             seen.append(w)
             return w
 

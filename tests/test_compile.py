@@ -82,7 +82,7 @@ def test_compiled_model_trains_like_the_eager_one(mode, where):
     # 3 steps of MultiMix losses, each depending on the weights (and the teacher) the previous steps produced
     torch.testing.assert_close(torch.stack(callback.losses), torch.stack(expected), rtol=1e-5, atol=1e-6)
     if where == "network":
-        assert callback._head_path == "model._orig_mod.1"
+        assert callback.head_path == "model._orig_mod.1"
 
 
 def test_teacher_of_a_compiled_lightning_module_runs_its_own_weights():

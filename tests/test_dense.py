@@ -558,33 +558,3 @@ def test_factorised_dense_loss_equals_the_per_position_weights_path():
     (g_ref,) = torch.autograd.grad(reference, logits)
     (g_fast,) = torch.autograd.grad(fast, logits)
     torch.testing.assert_close(g_fast, g_ref)
-
-
-def test_factorised_dense_loss_with_labels_equals_one_hot_targets():
-    """One-hot targets given as labels (the per-class products of `mix_by_class`) give the loss and gradients of the
-    same targets written out, with a class with no example, a class with one, and an ignored label (-100, weight 0)."""
-    from lightning_multimix.dense import factorised_dense_logit_loss
-    from lightning_multimix.dense_targets import mix_by_class, spread_by_class
-
-    g = torch.Generator().manual_seed(3)
-    m, n, r, c = 7, 11, 5, 4
-    labels = torch.tensor([2, 0, 2, -100, 0, 1, 2])  # class 3 has no example, class 1 one
-    logits = torch.randn(m, r, c, generator=g, requires_grad=True)
-    weights = torch.rand(m, n, generator=g)
-    weights[3] = 0.0
-    weights = weights / weights.sum(0)
-    attention = torch.rand(m, r, generator=g)
-    one_hot_targets = torch.zeros(m, c)
-    for i, label in enumerate(labels.tolist()):
-        if label >= 0:
-            one_hot_targets[i, label] = 1.0
-    numerator = torch.zeros(r, c, n)  # sum_i a_ij lambda_ik [y_i = c], written out
-    for i, label in enumerate(labels.tolist()):
-        if label >= 0:
-            numerator[:, label, :] += attention[i][:, None] * weights[i][None, :]
-    torch.testing.assert_close(mix_by_class(attention, labels, c, weights), numerator)
-    torch.testing.assert_close(spread_by_class(attention, labels, c, weights), numerator)  # the branch off CPU
-    reference = factorised_dense_logit_loss(logits, one_hot_targets, weights, attention, label_smoothing=0.1)
-    by_class = factorised_dense_logit_loss(logits, labels, weights, attention, label_smoothing=0.1)
-    torch.testing.assert_close(by_class, reference)
-    torch.testing.assert_close(torch.autograd.grad(by_class, logits)[0], torch.autograd.grad(reference, logits)[0])

@@ -72,7 +72,7 @@ def test_sequence_classifier_dict_batches_and_model_output_logits():
     weights = torch.distributions.Dirichlet(torch.ones(4)).sample((6,)).T
 
     class Fixed(MultiMix):
-        def sample_weights(self, num_examples, mode, generator):
+        def sample_weights(self, num_examples, mode, generator, keep=None):
             return weights
 
     callback = Fixed(n_tuples=6, probability=1.0)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lightning_multimix.interpolation import interpolate, interpolate_labels_columns, labels_out_of_range, one_hot
+from lightning_multimix.interpolation import interpolate, interpolate_columns, labels_out_of_range, one_hot
 from lightning_multimix.losses import soft_cross_entropy
 
 
@@ -24,7 +24,7 @@ def test_interpolate_keeps_trailing_shape_and_rejects_mismatch():
 
 def test_interpolated_labels_are_the_sums_of_weights_by_class():
     """Row c of the interpolated one-hot targets sums the weights of the examples labelled c (a written-out loop);
-    labels outside [0, c), such as an ignore index, add nothing, as their all-zero one-hot rows."""
+    labels outside [0, c), such as an ignore index, add nothing: their one-hot rows are zero."""
     g = torch.Generator().manual_seed(0)
     weights = torch.rand(7, 40, generator=g)
     for labels in (torch.tensor([2, 0, 2, -100, 1, 5, 2]), torch.tensor([2, 0, 2, 1, 1, 0, 2]),
@@ -33,10 +33,9 @@ def test_interpolated_labels_are_the_sums_of_weights_by_class():
         for i, label in enumerate(labels.tolist()):
             if 0 <= label < 3:
                 expected[label] += weights[i]
-        torch.testing.assert_close(interpolate_labels_columns(labels, 3, weights), expected, rtol=0, atol=1e-6)
-        torch.testing.assert_close(interpolate_labels_columns(labels, 3, weights), one_hot(labels, 3).T @ weights)
-    with pytest.raises(ValueError, match="one label per row"):
-        interpolate_labels_columns(labels[:3], 3, weights)
+        torch.testing.assert_close(interpolate_columns(one_hot(labels, 3), weights), expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="must be"):
+        interpolate_columns(one_hot(labels[:3], 3), weights)
 
 
 def test_one_hot_and_range_flag():

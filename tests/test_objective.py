@@ -8,6 +8,7 @@ from torch import nn
 
 from lightning_multimix import TeacherOutputs, mixup_objective, multimix_objective
 from lightning_multimix.dense import attention_from_scores, class_scores, dense_weights
+from lightning_multimix.sampling import dirichlet_weights
 
 
 def eye(labels, c=3):
@@ -159,13 +160,15 @@ def test_labels_must_be_integers_one_per_row():
 
 @pytest.mark.parametrize("attention", ["cam", "softmax", "uniform"])
 def test_dense_with_an_ignored_label_equals_dense_on_the_kept_examples(attention):
-    """An example labelled -100 has no weight: the dense loss is the dense loss of the other examples alone."""
+    """An example labelled -100 drawn with weight 0 (`keep`): the dense loss is the dense loss of the other examples
+    alone."""
     torch.manual_seed(0)
     head = nn.Linear(6, 3)
     features, labels = torch.randn(4, 5, 6), torch.tensor([0, -100, 2, 1])
-    weights = torch.distributions.Dirichlet(torch.ones(4)).sample((7,)).T
     keep = labels != -100
-    loss = multimix_objective(weights, labels, feature_map=features, head=head, attention=attention, keep=keep)
+    weights = dirichlet_weights(4, 7, keep=keep, generator=torch.Generator().manual_seed(0))
+    assert (weights[1] == 0).all()
+    loss = multimix_objective(weights, labels, feature_map=features, head=head, attention=attention)
     kept = weights[keep] / weights[keep].sum(0, keepdim=True)
     expected = multimix_objective(kept, labels[keep], feature_map=features[keep], head=head, attention=attention)
     torch.testing.assert_close(loss, expected)

@@ -311,9 +311,9 @@ def test_integer_inputs_fall_back_to_last_layer_pairs_said_once(caplog):
     class Spy(MultiMix):
         modes: list = []
 
-        def sample_weights(self, num_examples, mode, generator):
+        def sample_weights(self, num_examples, mode, generator, keep=None):
             self.modes.append(mode)
-            return super().sample_weights(num_examples, mode, generator)
+            return super().sample_weights(num_examples, mode, generator, keep)
 
     g = torch.Generator().manual_seed(0)
     ids, y = torch.randint(0, 20, (16, 5), generator=g), torch.randint(0, 3, (16,), generator=g)
@@ -345,8 +345,8 @@ def test_other_batches_pairs_uses_pair_weights():
     seen = []
 
     class Spy(MultiMix):
-        def sample_weights(self, num_examples, mode, generator):
-            weights = super().sample_weights(num_examples, mode, generator)
+        def sample_weights(self, num_examples, mode, generator, keep=None):
+            weights = super().sample_weights(num_examples, mode, generator, keep)
             seen.append((mode, weights))
             return weights
 

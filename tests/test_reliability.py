@@ -44,8 +44,12 @@ class FixedWeights(MultiMix):
         super().__init__(n_tuples=weights.shape[1], probability=1.0, **kwargs)
         self.fixed = weights
 
-    def sample_weights(self, num_examples, mode, generator):
-        return self.fixed.to(generator.device)
+    def sample_weights(self, num_examples, mode, generator, keep=None):
+        weights = self.fixed.to(generator.device)
+        if keep is None:
+            return weights
+        kept = weights * keep.unsqueeze(1)  # the contract: left-out examples get weight 0
+        return kept / kept.sum(0, keepdim=True)
 
 
 def hand_loss(logits: Tensor, labels: Tensor, weights: Tensor) -> Tensor:

@@ -56,8 +56,8 @@ def test_two_plus_two_steps_equal_four_bit_for_bit(tmp_path, mode):
     resumed_trainer, resumed_model, resumed = _fit(config, max_steps=4, ckpt_path=str(checkpoint), global_seed=123)
 
     assert resumed_trainer.global_step == full_trainer.global_step == 4
-    assert resumed._batches_seen == full._batches_seen == 4
-    assert resumed._base_seed == first._base_seed == full._base_seed
+    assert resumed.state_dict()["batches_seen"] == full.state_dict()["batches_seen"] == 4
+    assert resumed.state_dict()["base_seed"] == first.state_dict()["base_seed"] == full.state_dict()["base_seed"]
     # the random stream: the resumed run drew the weights the uninterrupted run drew at batches 2 and 3
     assert len(first.weights) + len(resumed.weights) == len(full.weights)
     for drawn, expected in zip(first.weights + resumed.weights, full.weights):

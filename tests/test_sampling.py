@@ -1,14 +1,12 @@
 """Weight matrices: simplex columns, Dirichlet/Beta moments, generator ownership, pairs structure."""
 
 import math
-import threading
 
-import numpy as np
 import pytest
 import torch
 
 from lightning_multimix import sampling
-from lightning_multimix.sampling import dirichlet_weights, pair_weights, sample_gamma, standard_exponential, step_seed
+from lightning_multimix.sampling import RandomStream, dirichlet_weights, log_gamma, pair_weights, step_seed
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -36,104 +34,81 @@ def test_dirichlet_marginal_moments(alpha):
 
 @pytest.mark.parametrize("alpha", [0.7, 1.0])
 def test_dirichlet_uses_only_its_generator(alpha):
-    global_state, numpy_state = torch.get_rng_state(), np.random.get_state()[1].copy()
+    global_state = torch.get_rng_state()
     first = dirichlet_weights(5, 10, alpha, generator=_gen(3))
     assert torch.equal(torch.get_rng_state(), global_state), "the global RNG was touched"
-    assert np.array_equal(np.random.get_state()[1], numpy_state), "NumPy's global RNG was touched"
     torch.testing.assert_close(first, dirichlet_weights(5, 10, alpha, generator=_gen(3)), rtol=0, atol=0)
     assert not torch.equal(first, dirichlet_weights(5, 10, alpha, generator=_gen(4)))
 
 
-@pytest.mark.parametrize("source", ["numpy", "torch"])
-def test_standard_exponential_is_exponential_on_the_uniform_grid(source):
-    """Both sources give Exponential(1): the empirical CDF within the Kolmogorov-Smirnov bound of 1 - exp(-x), and
-    U = exp(-x) on the source's grid (NumPy: the odd multiples of 2**-24; torch.rand: multiples of 2**-24), every draw
-    finite."""
-    draws = standard_exponential((401, 499), generator=_gen(7), source=source)  # odd count: a half-used last word
-    assert draws.shape == (401, 499) and draws.dtype == torch.float32
-    x = draws.flatten().double().sort().values
-    tiny = torch.finfo(torch.float32).tiny
-    assert x.min() >= 0 and x.max() <= (24 * math.log(2) + 1e-5 if source == "numpy" else -math.log(tiny) + 1e-3)
+def test_dirichlet_one_is_normalised_exponentials_of_one_uniform_draw_each():
+    """alpha = 1: each entry is -log(1 - U) for one torch.rand draw U of the generator, normalised by its column; the
+    generator moves on by exactly those draws."""
+    one, other = _gen(2), _gen(2)
+    uniform = torch.rand(128, 700, generator=one)
+    exponentials = -torch.log1p(-uniform)
+    weights = dirichlet_weights(128, 700, 1.0, generator=other)
+    torch.testing.assert_close(weights, exponentials / exponentials.sum(0), rtol=1e-6, atol=0)
+    assert torch.equal(torch.rand(3, generator=one), torch.rand(3, generator=other))
+    x = exponentials.flatten().double().sort().values  # Exponential(1): Kolmogorov-Smirnov at the 1% level
     empirical = torch.arange(1, x.numel() + 1, dtype=torch.float64) / x.numel()
-    assert (empirical - (1 - torch.exp(-x))).abs().max() < 1.63 / math.sqrt(x.numel())  # KS at the 1% level
-    grid = (torch.exp(-x) * 2**24)[x < 15]  # leaves out a floored 0 of torch.rand
-    assert ((grid - grid.round()).abs() <= 2e-6 * grid).all()  # off the grid by the float32 rounding of the log only
-    assert grid.round().min() >= 1 and grid.round().max() <= 2**24
-    if source == "numpy":  # where float32's log pins U down to the unit (the whole grid: the next test)
-        small = grid[grid < 2**12].round()
-        assert small.numel() > 10 and (small % 2 == 1).all(), "U lies on the midpoints of the 2**-23 grid"
-    assert not torch.equal(draws, standard_exponential((401, 499), generator=_gen(8), source=source))
-    torch.testing.assert_close(draws, standard_exponential((401, 499), generator=_gen(7), source=source), rtol=0,
-                               atol=0)
+    assert x.isfinite().all() and (empirical - (1 - torch.exp(-x))).abs().max() < 1.63 / math.sqrt(x.numel())
 
 
-def test_exponential_from_bits_over_every_mantissa():
-    """All 2**23 values of the 23 bits used: -log((2k + 1) 2**-24) within 3 units in the last place of the float64
-    value, decreasing in k, finite; the word's 9 high bits change nothing; the words are overwritten in place."""
-    k = np.arange(2**23, dtype=np.uint32)
-    expected = -np.log((2 * k.astype(np.float64) + 1) * 2.0**-24)
-    words = k.copy()
-    draws = sampling.exponential_from_bits(words)
-    assert draws.dtype == np.float32 and np.shares_memory(draws, words)
-    ulp = np.spacing(expected.astype(np.float32)).astype(np.float64)
-    assert (np.abs(draws - expected) <= 3 * ulp).all()
-    assert (np.diff(draws) <= 0).all() and np.isfinite(draws).all()
-    assert draws[0] == np.float32(24 * math.log(2)) and draws[-1] == np.float32(2.0**-24)
-    assert np.array_equal(sampling.exponential_from_bits(k | np.uint32(0xFF800000)), draws)
-    with pytest.raises(ValueError, match="uint32 words, got dtype int32"):
-        sampling.exponential_from_bits(np.zeros(3, dtype=np.int32))
+@pytest.mark.parametrize("alpha", [1e-3, 0.05])
+def test_small_alpha_stays_a_dirichlet(alpha):
+    """A small concentration: the columns are nearly one-hot, as torch.distributions.Dirichlet's; no column collapses
+    to the uniform mean (float32 gammas underflow to zero there), and the largest weight's distribution matches."""
+    m, n = 16, 20_000
+    weights = dirichlet_weights(m, n, alpha, generator=_gen(4))
+    torch.testing.assert_close(weights.sum(0), torch.ones(n))
+    assert weights.isfinite().all() and (weights >= 0).all()
+    torch.manual_seed(0)
+    reference = torch.distributions.Dirichlet(torch.full((m,), alpha)).sample((n,)).T
+    for ours, theirs in ((weights.amax(0), reference.amax(0)), (weights[0], reference[0])):
+        assert abs(ours.mean().item() - theirs.mean().item()) < 0.01
+        assert abs(ours.var().item() - theirs.var().item()) < 0.01
+    assert (weights.amax(0) < 1.5 / m).sum() == 0  # no tuple is the batch mean
 
 
-class _Words(np.random.bit_generator.ISeedSequence):
-    """A seed sequence that hands NumPy's SFC64 given words: NumPy's own seeding from them is the reference."""
-
-    def __init__(self, words: np.ndarray) -> None:
-        self.words = words
-
-    def generate_state(self, n_words: int, dtype=np.uint32) -> np.ndarray:
-        assert n_words == 3 and dtype == np.uint64
-        return self.words
+def test_log_gamma_is_the_log_of_gamma_draws():
+    for concentration in (0.3, 1.0, 2.5):
+        samples = log_gamma(concentration, (200_000,), generator=_gen(5)).exp()
+        assert abs(samples.mean().item() - concentration) < 0.02 * concentration
+        assert abs(samples.var().item() - concentration) < 0.05 * concentration
 
 
-def test_sfc64_words_are_numpys_sfc64_seeded_by_three_words_from_the_generator():
-    """The kept bit generator is re-seeded exactly as NumPy seeds a new SFC64 from the generator's next three 64-bit
-    words, whatever it drew before and in whichever thread (each has its own)."""
-    seed_words = torch.randint(-(2**63), 2**63 - 1, (3,), generator=_gen(5), dtype=torch.int64).numpy()
-    expected = np.random.SFC64(_Words(seed_words.view(np.uint64))).random_raw(500).view(np.uint32)[:999]
-    sampling._sfc64_words(4321, _gen(9))  # a draw before: the state it leaves behind must not matter
-    assert np.array_equal(sampling._sfc64_words(999, _gen(5)), expected)
-    in_thread = {}
-    worker = threading.Thread(target=lambda: in_thread.update(words=sampling._sfc64_words(999, _gen(5))))
-    worker.start()
-    worker.join()
-    assert np.array_equal(in_thread["words"], expected)
-    generator = _gen(5)
-    first, second = sampling._sfc64_words(999, generator), sampling._sfc64_words(999, generator)
-    assert np.array_equal(first, expected) and not np.array_equal(second, expected)  # the generator moved on
+def test_keep_gives_left_out_examples_no_weight_and_a_dirichlet_over_the_others():
+    keep = torch.tensor([True, False, True, True, False])
+    weights = dirichlet_weights(5, 200_000, 1.0, keep=keep, generator=_gen(6))
+    assert (weights[~keep] == 0).all()
+    torch.testing.assert_close(weights.sum(0), torch.ones(200_000))
+    # the kept rows are Dirichlet(1, 1, 1): marginals Beta(1, 2), mean 1/3, variance 1/18
+    torch.testing.assert_close(weights[keep].mean(1), torch.full((3,), 1 / 3), atol=3e-3, rtol=0)
+    torch.testing.assert_close(weights[keep].var(1), torch.full((3,), 1 / 18), atol=0, rtol=3e-2)
+    nothing = dirichlet_weights(3, 4, 1.0, keep=torch.zeros(3, dtype=torch.bool), generator=_gen(6))
+    assert torch.equal(nothing, torch.zeros(3, 4))  # no example to mix: all zero, no NaN
 
 
-def test_standard_exponential_auto_source_on_cpu_is_numpy_for_large_draws_and_numpy_needs_cpu():
-    large = (2, sampling.NUMPY_MIN_DRAWS // 2)
-    assert torch.equal(standard_exponential(large, generator=_gen(1)),
-                       standard_exponential(large, generator=_gen(1), source="numpy"))
-    assert torch.equal(standard_exponential((5, 7), generator=_gen(1)),
-                       standard_exponential((5, 7), generator=_gen(1), source="torch"))
-    with pytest.raises(ValueError, match="source='numpy' on meta"):
-        standard_exponential((5, 7), device="meta", source="numpy")
-    with pytest.raises(ValueError, match="source='philox'"):
-        standard_exponential((5, 7), source="philox")
+def test_pair_weights_with_keep_renormalise_over_the_kept_examples():
+    keep = torch.tensor([True, True, False, True])
+    weights = pair_weights(4, 1.0, keep=keep, generator=_gen(3))
+    full = pair_weights(4, 1.0, generator=_gen(3))
+    assert (weights[2] == 0).all()
+    torch.testing.assert_close(weights.sum(0), torch.ones(4))
+    for k in range(4):
+        kept = full[:, k] * keep
+        expected = kept / kept.sum() if kept.sum() > 0 else keep / keep.sum()
+        torch.testing.assert_close(weights[:, k], expected.float())
 
 
-def test_dirichlet_one_is_the_normalised_standard_exponential_draws_of_the_same_generator():
-    """alpha = 1: the columns are standard_exponential's draws (NumPy's way: the factor -1/log 2 it leaves out
-    cancels) or torch.rand's (few draws), normalised; the generator moves on by the same draws."""
-    for shape in ((128, sampling.NUMPY_MIN_DRAWS // 64), (7, 5)):
-        one, other = _gen(2), _gen(2)
-        exponentials = standard_exponential(shape, generator=one)
-        weights = dirichlet_weights(*shape, 1.0, generator=other)
-        torch.testing.assert_close(weights, exponentials / exponentials.sum(0), rtol=1e-6, atol=0)
-        assert (weights > 0).all()
-        assert torch.equal(torch.rand(3, generator=one), torch.rand(3, generator=other))
+def test_random_stream_is_a_pure_function_of_the_batch():
+    stream, resumed = RandomStream(7), RandomStream(7, batches_seen=3)
+    indices = [stream.next_batch() for _ in range(5)]
+    assert indices == [0, 1, 2, 3, 4] and resumed.next_batch() == 3
+    assert stream.coin(3, 0) == resumed.coin(3, 0) != stream.coin(3, 1)
+    a, b = stream.seed(_gen(), 3, 0), resumed.seed(_gen(99), 3, 0)
+    assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
 
 
 def test_tuple_size_gives_m_examples_per_column():
@@ -142,13 +117,6 @@ def test_tuple_size_gives_m_examples_per_column():
     torch.testing.assert_close(weights.sum(0), torch.ones(300))
     # the support is random: every example is used by some tuple
     assert ((weights > 0).sum(1) > 0).all()
-
-
-def test_gamma_fast_path_matches_the_gamma_mean_and_variance():
-    for concentration in (1.0, 2.5):
-        samples = sample_gamma(concentration, (200_000,), generator=_gen(5))
-        assert abs(samples.mean().item() - concentration) < 0.02 * concentration
-        assert abs(samples.var().item() - concentration) < 0.05 * concentration
 
 
 def test_pair_weights_structure():

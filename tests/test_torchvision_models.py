@@ -64,7 +64,7 @@ def test_callback_line_only(build, head):
         enable_model_summary=False, accelerator="cpu",
     )
     trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=4))
-    assert callback._head_path == head
+    assert callback.head_path == head
     assert torch.isfinite(trainer.callback_metrics["multimix/loss"])
     # the first layers of the encoder were updated by the MultiMix loss
     first = next(n for n, p in module.named_parameters() if p.requires_grad)
