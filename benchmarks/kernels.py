@@ -9,12 +9,6 @@ it and the way it could be done instead, interleaved call by call, one intra-op 
 * mixed logits, forward and backward: class-major ``(c x m) @ (m x n)`` with a contiguous ``(c, m)`` operand
   (:func:`lightning_multimix.interpolation.interpolate_columns`) against row-major ``(n x m) @ (m x c)``, and against
   a transposed ``(c, m)`` view, whose gradient autograd computes as the skinny ``(m x n) @ (n x c)``;
-* mixed one-hot targets: summed by class with ``index_add_``
-  (:func:`lightning_multimix.interpolation.interpolate_labels_columns`, on CPU) against the product with the
-  one-hot matrix;
-* dense target numerator ``sum_i a_ij lambda_ik [y_i = c]``: one product per class
-  (:func:`lightning_multimix.dense_targets.mix_by_class`, on CPU) against one product with the attention spread over
-  ``r * c`` rows (:func:`~lightning_multimix.dense_targets.spread_by_class`, its way off CPU);
 * dense head at every position, forward and backward, on the ``(m, r, d)`` view of a CNN's ``(m, d, 7, 7)`` feature
   map (``d = 128``): class-major batched products on the map where it lies
   (:func:`lightning_multimix.dense.position_linear`) against ``F.linear`` on a contiguous copy (the package's way
@@ -50,11 +44,10 @@ from torch import Tensor
 from benchmarks._harness import RESULTS_DIR, format_table, one_cpu_thread, write_report
 from benchmarks._timing import median, time_interleaved
 from lightning_multimix.dense import position_linear
-from lightning_multimix.dense_targets import mix_by_class, spread_by_class
-from lightning_multimix.interpolation import interpolate_columns, interpolate_labels_columns, mix_with_partner, one_hot
+from lightning_multimix.interpolation import interpolate_columns, mix_with_partner
 from lightning_multimix.sampling import dirichlet_weights
 
-M, C, R, D = 128, 10, 49, 128
+M, C, D = 128, 10, 128
 
 
 def _forward_backward(product: Callable[[Tensor], Tensor], logits: Tensor) -> Callable[[], Tensor]:
@@ -69,21 +62,13 @@ def cases(n: int) -> list[tuple[str, str, Callable[[], Tensor], Callable[[], Ten
     """``(product, other way, package's way, other way)``; both ways return the same tensor."""
     g = torch.Generator().manual_seed(0)
     weights = dirichlet_weights(M, n, generator=g)
-    labels = torch.randint(0, C, (M,), generator=g)
     logits = torch.randn(M, C, generator=g, requires_grad=True)
     package_logits = _forward_backward(lambda v: interpolate_columns(v, weights), logits)
     found = [("mixed logits, fwd + bwd", "row-major (n x m) @ (m x c)", package_logits,
               _forward_backward(lambda v: (weights.T @ v).T, logits)),
              ("mixed logits, fwd + bwd", "transposed (c, m) view @ (m x n)", package_logits,
-              _forward_backward(lambda v: v.T @ weights, logits)),
-             ("one-hot targets", "one-hot (c x m) @ (m x n)", lambda: interpolate_labels_columns(labels, C, weights),
-              lambda: one_hot(labels, C).T @ weights)]
+              _forward_backward(lambda v: v.T @ weights, logits))]
     if n <= 1000:
-        attention = torch.rand(M, R, generator=g)
-
-        found.append((f"dense targets, r = {R}", "one (r*c x m) @ (m x n)",
-                      lambda: mix_by_class(attention, labels, C, weights),
-                      lambda: spread_by_class(attention, labels, C, weights)))
         # the head at every position of a CNN's (m, d, 7, 7) map, read as the (m, r, d) view dense mode captures
         feature_map = torch.randn(M, D, 7, 7, generator=g, requires_grad=True)
         head = torch.nn.Linear(D, C)

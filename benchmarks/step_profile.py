@@ -4,15 +4,15 @@ What is measured
 ----------------
 One ``Trainer.fit`` per method of ``benchmarks/overhead.py`` (the same module, model, batches and options), with the
 package's functions wrapped by thread-CPU-time timers: the step MultiMix stands in for, the user's own
-``training_step`` inside it, and each stage of the callback's work (the coin, input mixing, the draw of the weights
-and its parts, the objective and its parts, what follows the step). A stage's time in a step is the sum over its
-calls in that step; the table gives the median over the timed steps, in microseconds. The backward pass is not
-split: the objective's gradient runs inside the network's.
+``training_step`` inside it, and each stage of the callback's work (the coin, input mixing, the draw of the weights,
+the objective and its parts, what follows the step: ``MultiMix._record_step``, the health flag and the loss log). A
+stage's time in a step is the sum over its calls in that step; the table gives the median over the timed steps, in
+microseconds. The backward pass is not split: the objective's gradient runs inside the network's.
 
-Why: the same functions cost 2-10x more inside a step than in a loop (``overhead.py``'s core table), because a
-training step leaves caches, branch predictors and the allocator's free lists full of the network's work: the first
-NumPy call after it, or a new 512 KB buffer, pays for that. This table says where the callback pays, so changes can be
-judged where they matter; ``overhead.py`` says what the step costs in all.
+Why: the same functions can cost several times more inside a step than in a loop (``overhead.py``'s core table),
+because a training step leaves caches, branch predictors and the allocator's free lists full of the network's work:
+the first call after it, or a new 512 KB buffer, pays for that. This table says where the callback pays, so changes
+can be judged where they matter; ``overhead.py`` says what the step costs in all.
 
 How to read the output
 ----------------------
@@ -45,7 +45,6 @@ import torch
 import lightning_multimix.callback as callback_module
 import lightning_multimix.capture as capture_module
 import lightning_multimix.objective as objective_module
-import lightning_multimix.sampling as sampling_module
 import lightning_multimix.step as step_module
 from benchmarks._harness import RESULTS_DIR, format_table, machine_info, median, print_machine, quiet, write_report
 from benchmarks._timing import reexec_with_stable_malloc
@@ -60,17 +59,16 @@ STAGES: tuple[tuple[str, Any, str], ...] = (
     ("  captures armed", capture_module.StepCapture, "__enter__"),
     ("  the loss", step_module.TrainingStep, "_loss"),
     ("    the draw of the weights", callback_module.MultiMix, "sample_weights"),
-    ("      SFC64 bits", sampling_module, "_sfc64_words"),
-    ("      log2 U", sampling_module, "_log2_uniform_from_bits"),
-    ("      -log U", sampling_module, "exponential_from_bits"),  # the way before _log2_uniform_from_bits
+    ("      Dirichlet weights", callback_module, "dirichlet_weights"),
+    ("      pair weights", callback_module, "pair_weights"),
     ("    MultiMix objective", step_module, "multimix_objective"),
-    ("      mixed logits", objective_module, "interpolate_columns"),
-    ("      mixed targets", objective_module, "interpolate_labels_columns"),
+    ("      per-example targets", objective_module, "_targets"),
+    ("      mixed logits and targets", objective_module, "interpolate_columns"),
     ("      dense: head at every position", objective_module, "position_linear"),
     ("      dense: loss", objective_module, "factorised_dense_logit_loss"),
     ("      cross-entropy", objective_module, "soft_cross_entropy"),
     ("    input-mixup objective", step_module, "mixup_objective"),
-    ("  after the step: health, log", callback_module.MultiMix, "_after_step"),
+    ("  after the step: health, log", callback_module.MultiMix, "_record_step"),
 )
 DEFAULT_METHODS = "input-mixup,multimix-1000,multimix-10000,protocol-1000,dense-1000"
 
@@ -142,9 +140,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     info = machine_info("cpu")
     print_machine(info)
     active: list = [None]
+    missing = []
     for label, owner, attribute in STAGES:
-        if hasattr(owner, attribute):  # a stage another version of the package does not have is left out
+        if hasattr(owner, attribute):  # a stage another version of the package does not have is left out (said)
             setattr(owner, attribute, timed(getattr(owner, attribute), label, lambda: active[0]))
+        else:
+            missing.append(f"{getattr(owner, '__name__', owner)}.{attribute}")
+    if missing:
+        print("stages this version of the package does not have, left out: " + ", ".join(missing))
     columns = {name: profile(name, args, active) for name in names}
     labels = [label for label, _, _ in STAGES] + ["callback's part"]
     width = max(map(len, labels))  # left-aligned labels keep their indentation

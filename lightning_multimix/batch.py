@@ -1,8 +1,4 @@
-"""Reading a training batch: its labels, its inputs, and the batch with its inputs mixed (torch only, no Lightning).
-
-The defaults understand ``(inputs, labels)`` tuples and lists and dicts with the usual keys; a LightningModule with
-another batch structure says where things are through :class:`~lightning_multimix.MultiMixMixin`.
-"""
+"""Reading a batch's labels and mixing its inputs: ``(inputs, labels)`` sequences and dicts, else ``MultiMixMixin``."""
 
 from __future__ import annotations
 
@@ -22,13 +18,10 @@ INPUT_KEYS = ("image", "images", "img", "input", "inputs", "x", "pixel_values", 
 
 
 def default_labels(batch: Any) -> Tensor:
-    """Integer labels of a batch: ``batch[1]`` of an ``(inputs, labels)`` tuple or list, or the first of
-    ``LABEL_KEYS`` in a dict; a longer tuple is an error (say which element holds the labels with the mixin).
+    """Labels of a batch: ``batch[1]`` of an ``(inputs, labels)`` pair, or the first of ``LABEL_KEYS`` in a dict;
+    anything else (a longer tuple included) raises :class:`MultiMixError` (name them with the mixin).
 
     Example:
-        >>> import torch
-        >>> default_labels((torch.zeros(2, 3), torch.tensor([1, 0])))
-        tensor([1, 0])
         >>> default_labels({"image": torch.zeros(2, 3), "label": torch.tensor([2, 2])})
         tensor([2, 2])
     """
@@ -59,8 +52,7 @@ _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint
 
 
 def check_labels(labels: Any) -> Tensor:
-    """``labels`` if they are integer class labels of shape ``(b,)``; a :class:`MultiMixError` saying how to fix them
-    otherwise (one-hot or soft targets are not labels).
+    """``labels`` if they are an integer ``(b,)`` tensor, else :class:`MultiMixError` (one-hot or soft targets too).
 
     Example:
         >>> check_labels(torch.tensor([2, 0]))
@@ -81,20 +73,12 @@ def check_labels(labels: Any) -> Tensor:
 
 
 def default_mix_inputs(batch: Any, mix: Callable[[Tensor], Tensor]) -> Optional[Any]:
-    """The batch with its inputs mixed by ``mix``, or ``None`` where the inputs cannot be interpolated.
-
-    The inputs are ``batch[0]`` of a tuple or list, or the first of ``INPUT_KEYS`` in a dict. Integer inputs (token
-    ids) or a batch without such inputs give ``None``: the batch is then mixed at the last layer instead. The batch
-    is copied, never modified in place.
+    """A copy of the batch with its inputs (``batch[0]``, or the first of ``INPUT_KEYS`` in a dict) mixed by ``mix``;
+    ``None`` for integer inputs (token ids) or none found: the batch is then mixed at the last layer.
 
     Example:
-        >>> import torch
-        >>> halve = lambda t: t / 2
-        >>> default_mix_inputs((torch.ones(2, 3), torch.tensor([1, 0])), halve)[0]
-        tensor([[0.5000, 0.5000, 0.5000],
-                [0.5000, 0.5000, 0.5000]])
-        >>> default_mix_inputs({"input_ids": torch.tensor([[3, 4]]), "labels": torch.tensor([1])}, halve) is None
-        True
+        >>> default_mix_inputs((torch.ones(1, 2), torch.tensor([1])), lambda t: t / 2)[0]
+        tensor([[0.5000, 0.5000]])
     """
     if isinstance(batch, Mapping):
         key = next((k for k in INPUT_KEYS if k in batch), None)
@@ -120,9 +104,8 @@ def _floating(value: Any) -> bool:
 
 
 class InputMixer:
-    """``mix(tensor)`` for one batch: the first call draws ``lambda ~ Beta(alpha, alpha)`` and a partner permutation
-    from ``generator``; every call mixes its tensor with that same draw (:func:`~lightning_multimix.interpolation.
-    mix_with_partner`), so several input tensors of a batch are mixed consistently.
+    """``mix(tensor)`` for one batch: each call reuses the first call's :func:`mixup_pairing` draw, so all inputs are
+    mixed alike; a non-floating tensor or another row count raises :class:`MultiMixError`.
 
     Example:
         >>> mixer = InputMixer(1.0, torch.Generator().manual_seed(0))

@@ -1,18 +1,15 @@
-"""The ``MultiMix`` callback: MultiMix for any LightningModule, added with one line to the ``Trainer``.
-
-The callback keeps the life cycle (install on fit start, remove on teardown and on every exit path), its state (the
-random stream and the teacher, in checkpoints), logging and the health check. What one training step does is
-:class:`~lightning_multimix.step.TrainingStep`; what it computes comes from the tensor core
-(:mod:`~lightning_multimix.objective`), and self-distillation from :class:`~lightning_multimix.teacher.Distiller`.
-"""
+"""The ``MultiMix`` callback: the life cycle (install on fit start, remove on every exit path), the state kept in
+checkpoints (the random stream, the teacher), logging and the health check; one training step is
+:class:`~lightning_multimix.step.TrainingStep`."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import BatchSizeFinder, Callback, LearningRateFinder
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
@@ -22,7 +19,9 @@ from lightning_multimix.heads import HeadPlan, declared_feature_map, declared_he
 from lightning_multimix.loss_log import LossLog
 from lightning_multimix.options import Dense, SelfDistillation, validate_multimix
 from lightning_multimix.sampling import RandomStream, dirichlet_weights, pair_weights
-from lightning_multimix.step import KINDS, StepOptions, StepReport, TrainingStep, check_supported
+from lightning_multimix.spawn import register, send_to_main_process
+from lightning_multimix.checks import check_supported
+from lightning_multimix.step import KINDS, StepOptions, StepReport, TrainingStep
 from lightning_multimix.teacher import Distiller
 
 
@@ -119,6 +118,7 @@ class MultiMix(Callback):
         self._loss_log = LossLog()
         self._health: Optional[HealthFlag] = None
         self._counts: dict[str, int] = dict.fromkeys(KINDS, 0)
+        self._token = register(self._receive_from_worker)  # a fit in spawned processes sends its state back to it
 
     @property
     def batch_counts(self) -> dict[str, int]:
@@ -138,14 +138,12 @@ class MultiMix(Callback):
 
     @property
     def head_path(self) -> Optional[str]:
-        """The dotted path of the classifier head (``None`` until it is known: at ``setup`` when declared, else after
-        the first training batch)."""
+        """The dotted path of the classifier head; ``None`` until known (at ``setup`` or the first batch)."""
         return self._plan.head_path if self._plan is not None else None
 
     @property
     def feature_map_spec(self) -> Optional[tuple[str, str]]:
-        """Dense mode: where the feature map is read, ``(dotted path, "output" | "input" | "vit" | "timm" |
-        "tokens")``."""
+        """Dense mode: where the feature map is read, ``(dotted path, kind)`` (see :mod:`.feature_maps`)."""
         return self._plan.feature_spec if self._plan is not None else None
 
     # ------------------------------------------------------------------ life cycle
@@ -155,6 +153,11 @@ class MultiMix(Callback):
         if stage != "fit":
             return
         check_supported(trainer, pl_module)
+        # the learning-rate and batch-size finders try the fit in their on_fit_start: this one's must run first, so
+        # that their trials train on the mixed loss the fit optimises
+        tuners = [i for i, c in enumerate(trainer.callbacks) if isinstance(c, (LearningRateFinder, BatchSizeFinder))]
+        if tuners and trainer.callbacks.index(self) > tuners[0]:
+            trainer.callbacks.insert(tuners[0], trainer.callbacks.pop(trainer.callbacks.index(self)))
         self._plan = None
         if self.dense is not None:
             declared_feature_map(pl_module, self.dense.feature_map)  # a wrong path fails now, before any training
@@ -182,12 +185,8 @@ class MultiMix(Callback):
         self._health = HealthFlag(pl_module.device, self.check_every_n_steps)
         self._own_step = pl_module.__dict__.get("training_step")
         self._wrapped = pl_module
-        options = StepOptions(
-            mode=self.mode, probability=self.probability, other_batches=self.other_batches,
-            mixup_alpha=self.mixup_alpha, label_smoothing=self.label_smoothing,
-            clean_loss_weight=self.clean_loss_weight, ignore_index=self.ignore_index, logit_space=self.logit_space,
-            sync_batch=self.sync_batch, dense=self.dense, distill=self.distill, sample_weights=self.sample_weights,
-        )
+        names = [f.name for f in dataclasses.fields(StepOptions) if f.name != "sample_weights"]
+        options = StepOptions(**{name: getattr(self, name) for name in names}, sample_weights=self.sample_weights)
         self._step = TrainingStep(pl_module, pl_module.training_step, options, self._stream, self._record_step,
                                   self._plan, self._distiller)
         pl_module.training_step = self._step
@@ -232,18 +231,32 @@ class MultiMix(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._uninstall(pl_module)
-        else:
+        if stage != "fit":
             self._swap(pl_module, False)
+            return
+        self._uninstall(pl_module)
+        send_to_main_process(trainer, self._token, {**self.state_dict(), "batch_counts": dict(self.batch_counts)})
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (for spawned processes), the copy sends its state back to this callback under a new token."""
+        return {**self.__dict__, "_token": register(self._receive_from_worker)}
+
+    def _receive_from_worker(self, state: dict[str, Any]) -> None:
+        """The state rank 0 ended a fit in spawned processes with (:mod:`lightning_multimix.spawn`)."""
+        state = dict(state)
+        self._counts = state.pop("batch_counts")
+        self.load_state_dict(state)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._uninstall(pl_module)
 
     def _swap(self, pl_module: pl.LightningModule, swapped: bool) -> None:
-        if self._distiller is not None:
-            self._distiller.swap(pl_module, swapped=swapped)
+        if self._distiller is None:
+            return
+        if swapped and self._distiller.teacher is None and self._distiller.has_state:
+            self._distiller.attach(pl_module, pl_module.device)  # a teacher restored, but not built by a fit yet
+        self._distiller.swap(pl_module, swapped=swapped)
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -257,14 +270,31 @@ class MultiMix(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        stream = self._stream
-        state = {"base_seed": stream.base_seed if stream else None, "batches_seen": stream.batches_seen if stream else 0}
+        stream = self._stream or RandomStream(None)  # type: ignore[arg-type]
+        state = {"base_seed": stream.base_seed, "batches_seen": stream.batches_seen}
         return {**state, **(self._distiller.state_dict() if self._distiller is not None else {})}
 
     @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        if self._distiller is not None:
+            self._distiller.on_save_checkpoint(pl_module, checkpoint, self.state_key)
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        if self._distiller is not None and trainer.state.fn == "fit":
+            self._distiller.on_load_checkpoint(pl_module, checkpoint, self.state_key)
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        base_seed = state_dict["base_seed"]
-        self._stream = RandomStream(base_seed, state_dict["batches_seen"]) if base_seed is not None else None
+        base_seed, seen = state_dict["base_seed"], state_dict["batches_seen"]
+        if base_seed is None:
+            self._stream = None
+        elif self._stream is None:
+            self._stream = RandomStream(base_seed, seen)
+        else:  # in place: a step installed before the restore (a tuner's trial) reads the same stream
+            self._stream.base_seed, self._stream.batches_seen = base_seed, seen
         if self._distiller is not None:
             self._distiller.load_state_dict(state_dict)
 

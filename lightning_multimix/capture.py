@@ -14,6 +14,7 @@ import itertools
 import weakref
 from typing import Any, Optional
 
+import torch
 from torch import Tensor, nn
 
 from lightning_multimix.errors import MultiMixError
@@ -161,6 +162,13 @@ class StepCapture:
                 f"MultiMix expects the head {self.head_path!r} to run exactly once per training step, on the "
                 f"penultimate embeddings; it ran {self.head.calls} times. {HOW_HEAD}"
             )
+        if len(self.head.args) > 1 or self.head.kwargs:
+            raise MultiMixError(
+                f"The head {self.head_path!r} is called with more than the embeddings ({len(self.head.args)} "
+                f"positional arguments, keyword arguments {sorted(self.head.kwargs)}), such as the labels of a margin "
+                "head; MultiMix runs the head on interpolated embeddings alone. Name as head a module that maps "
+                f"embeddings to logits. {HOW_HEAD}"
+            )
         embeddings, logits = self.head.input, self.head.output
         if not all(isinstance(t, Tensor) and t.ndim == 2 for t in (embeddings, logits)):
             shape_in = tuple(embeddings.shape) if isinstance(embeddings, Tensor) else type(embeddings).__name__
@@ -190,9 +198,58 @@ class StepCapture:
             if capture.calls > 0:
                 return path, capture.args, capture.kwargs
         raise MultiMixError(
-            "Self-distillation runs the teacher on the inputs of your model, but the training step called no module "
-            f"on the way to the head {self.head_path!r}."
+            "Self-distillation runs the teacher's own forward on the inputs of your model, but the training step "
+            "called "
+            f"no module on the way to the head {self.head_path!r} (it called the head itself). Call the model through "
+            "`self(...)` in training_step, with a `forward` that runs the whole model to the logits."
         )
+
+
+class CallOrder:
+    """While entered, the order in which modules first run (one global forward pre-hook), by module identity.
+
+    Example:
+        >>> import torch
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+        >>> with CallOrder() as order:
+        ...     _ = net(torch.randn(2, 3))
+        >>> [order.first[id(m)] for m in (net, net[0], net[1])]
+        [0, 1, 2]
+    """
+
+    def __enter__(self) -> "CallOrder":
+        self.first: dict[int, int] = {}
+        self._handle = torch.nn.modules.module.register_module_forward_pre_hook(self._record)
+        return self
+
+    def _record(self, module: nn.Module, args: Any) -> None:
+        self.first.setdefault(id(module), len(self.first))
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.remove()
+
+
+def ran_before(model: nn.Module, entry: str, order: CallOrder) -> Optional[str]:
+    """A module that ran before ``entry`` (the module the teacher re-runs) outside it and outside its ancestors,
+    such as a backbone whose output the step handed to the head's block: then re-running ``entry`` alone is not the
+    model's forward. ``None`` when there is none.
+
+    Example:
+        >>> import torch
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+        >>> with CallOrder() as order:
+        ...     _ = net[1](net[0](torch.randn(2, 3)))
+        >>> ran_before(net, "1", order), ran_before(net, "0", order)
+        ('0', None)
+    """
+    parts = entry.split(".") if entry else []
+    start = order.first.get(id(model.get_submodule(entry)), -1)
+    for depth in range(len(parts)):
+        parent = ".".join(parts[:depth])
+        for name, child in model.get_submodule(parent).named_children():
+            if name != parts[depth] and order.first.get(id(child), start) < start:
+                return f"{parent}.{name}" if parent else name
+    return None
 
 
 def capture_for(model: nn.Module, spec: tuple[str, str]) -> Any:

@@ -1,31 +1,5 @@
-r"""Dense MultiMix: interpolation at every spatial position (or token) of a feature map, weighted by attention.
-
-Layout: a feature map is ``(m, r, d)``: ``m`` examples, ``r = h * w`` positions (or tokens), ``d`` channels.
-
-For the ``k``-th interpolated example and position ``j`` the weight of example ``i`` is
-``w_ikj = lambda_ik * a_ij / sum_i' lambda_i'k * a_i'j``: the MultiMix weight times the example's attention at that
-position, l1-normalised over the examples. Embeddings and targets are interpolated with these weights (each position
-inherits its example's label), the head is applied at every position, and the soft cross-entropy is averaged over all
-``n * r`` terms.
-
-Attention kinds (``scores`` are the class activations of each example's own label, ``s_ij = F_ij . W[y_i]`` for a
-linear head ``W`` (the bias left out, as in CAM); for any other head, the head's logit of ``y_i`` at position ``j``,
-``s_ij = g(F_ij)[y_i]``):
-
-- ``"cam"`` (default): ``a_ij = relu(s_ij) / sum_j' relu(s_ij')``. It is the class activation map: positions that
-  carry evidence for the example's own class dominate, positions that argue against it get no weight, so the
-  interpolated position is made of the examples whose object is really there.
-- ``"softmax"``: ``a_ij = softmax_j(s_ij)``: smoother, never exactly zero.
-- ``"uniform"``: ``a_ij = 1 / r``: plain per-position MultiMix.
-
-An example whose ``cam`` attention is zero at every position falls back to uniform; a position where every example
-with a non-zero MultiMix weight has zero attention falls back to the plain MultiMix weights. Nothing divides by zero.
-Attention is a weighting, not a path for gradients: it is computed without gradient (our choice).
-
-No ``m*n*r*d`` (or ``m*n*r*c``) tensor is ever formed: each product contracts over the ``m`` examples with ``r`` as a
-batch dimension. The interpolations run in float32 with autocast turned off, so that under mixed precision the weights
-keep summing to one; the head itself runs in the training precision.
-"""
+r"""Dense MultiMix: at position ``j`` of mixed example ``k``, example ``i`` weighs ``lambda_ik a_ij / sum_i' lambda_i'k
+a_i'j`` (``a``: attention) and lends its target; interpolations run in float32, the head in the training precision."""
 
 from __future__ import annotations
 
@@ -38,16 +12,14 @@ from lightning_multimix.interpolation import full_precision
 from lightning_multimix.losses import soft_cross_entropy
 
 AttentionKind = Literal["cam", "softmax", "uniform"]
-#: what an attention of exactly zero becomes (:func:`floored_attention`, see :func:`factorised_dense_logit_loss`): far
-#: below the last bit of usual non-zero attentions in float32, far above the smallest normal float even multiplied by
-#: a weight and a logit
+#: what an attention of exactly zero becomes: below float32's resolution of real attentions, far above underflow
 ATTENTION_FLOOR = 1e-20
 ATTENTION_KINDS = ("cam", "softmax", "uniform")
 
 
 def attention_from_scores(scores: Tensor, kind: AttentionKind = "cam", mask: Optional[Tensor] = None) -> Tensor:
-    """Per-example attention over positions, ``(m, r)`` rows on the simplex, from class activations ``(m, r)``;
-    positions where ``mask`` (``(m, r)`` booleans, e.g. a token attention mask) is false get none.
+    """Attention ``(m, r)``, rows on the simplex, from scores ``s`` ``(m, r)``, no gradient: ``"cam"``: ``relu(s)``
+    normalised (uniform if none is positive); ``"softmax"``; ``"uniform"``. False ``mask`` positions get none.
 
     Example:
         >>> attention_from_scores(torch.tensor([[2.0, -1.0, 0.0, 2.0], [-1.0, -1.0, -1.0, -1.0]]))
@@ -72,8 +44,7 @@ def class_scores(features: Tensor, class_weights: Tensor, labels: Tensor) -> Ten
     """Class activation of each example's own label at each position: ``s_ij = F_ij . W[y_i]``, shape ``(m, r)``.
 
     Example:
-        >>> features = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # 1 example, 2 positions, 2 channels
-        >>> class_scores(features, torch.tensor([[3.0, -1.0]]), torch.tensor([0]))
+        >>> class_scores(torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]), torch.tensor([[3.0, -1.0]]), torch.tensor([0]))
         tensor([[ 3., -1.]])
     """
     with full_precision(features):
@@ -81,13 +52,10 @@ def class_scores(features: Tensor, class_weights: Tensor, labels: Tensor) -> Ten
 
 
 def dense_weights(weights: Tensor, attention: Tensor) -> Tensor:
-    """Per-position interpolation weights ``(m, n, r)`` from MultiMix weights ``(m, n)`` and attention ``(m, r)``.
-
-    For every tuple ``k`` and position ``j`` the column ``[:, k, j]`` lies on the simplex.
+    """Per-position weights ``(m, n, r)`` from weights ``(m, n)`` and attention ``(m, r)``; plain where none attends.
 
     Example:
-        >>> w = dense_weights(torch.tensor([[0.5], [0.5]]), torch.tensor([[0.75, 0.25], [0.25, 0.75]]))
-        >>> w[:, 0, :]
+        >>> dense_weights(torch.tensor([[0.5], [0.5]]), torch.tensor([[0.75, 0.25], [0.25, 0.75]]))[:, 0]
         tensor([[0.7500, 0.2500],
                 [0.2500, 0.7500]])
     """
@@ -101,8 +69,7 @@ def dense_interpolate(values: Tensor, weights: Tensor) -> Tensor:
     """Interpolate per-position values ``(m, r, f)`` with per-position weights ``(m, n, r)`` into ``(n, r, f)``.
 
     Example:
-        >>> values = torch.tensor([[[1.0], [1.0]], [[3.0], [3.0]]])
-        >>> dense_interpolate(values, torch.tensor([[[0.5, 1.0]], [[0.5, 0.0]]]))
+        >>> dense_interpolate(torch.tensor([[[1.], [1.]], [[3.], [3.]]]), torch.tensor([[[0.5, 1.]], [[0.5, 0.]]]))
         tensor([[[2.],
                  [1.]]])
     """
@@ -123,8 +90,7 @@ def dense_interpolate_targets(targets: Tensor, weights: Tensor) -> Tensor:
 
 
 def per_position(head: Callable[[Tensor], Tensor], values: Tensor) -> Tensor:
-    """The head on every position: ``(..., r, d)`` to ``(..., r, c)``, through the head's own ``(N, d) -> (N, c)``
-    contract (a head with batch norm, or anything else that wants 2-d input, works).
+    """The head on every position, ``(..., r, d) -> (..., r, c)``, fed ``(N, d)`` rows (so a batch-norm head works).
 
     Example:
         >>> head = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
@@ -136,12 +102,7 @@ def per_position(head: Callable[[Tensor], Tensor], values: Tensor) -> Tensor:
 
 
 def position_linear(features: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``F.linear(features, weight, bias)``: a linear head's logits at every position of an ``(m, r, d)`` feature map,
-    ``(m, r, c)``.
-
-    Computed class-major, one ``(c x d) @ (d x r)`` product per example (a batched product), and returned as the
-    ``(m, r, c)`` view of the ``(m, c, r)`` result: a CNN's feature map, which lies in memory as ``(m, d, r)`` and
-    reaches here as a transposed view, is read where it lies, with no transposing copy forward or backward.
+    """``F.linear(features, weight, bias)``, ``(m, r, d) -> (m, r, c)``, never copying a CNN map (``(m, d, r)``).
 
     Example:
         >>> features, head = torch.randn(2, 5, 3), torch.nn.Linear(3, 4)
@@ -157,10 +118,7 @@ def position_linear(features: Tensor, weight: Tensor, bias: Optional[Tensor] = N
 def dense_multimix_logit_loss(
     position_logits: Tensor, targets: Tensor, weights: Tensor, label_smoothing: float = 0.0
 ) -> Tensor:
-    """Dense MultiMix loss from the head's logits at every position of the ``m`` real examples, ``(m, r, c)``.
-
-    Exact for an affine head (the weights sum to one at every ``(k, j)``): equal in value and gradient to
-    :func:`dense_multimix_loss`, without the ``(n, r, d)`` mixed feature map.
+    """Dense MultiMix loss from per-position logits ``(m, r, c)``; for an affine head, :func:`dense_multimix_loss`.
 
     Example:
         >>> logits, targets = torch.zeros(2, 4, 3), torch.eye(3)[:2]
@@ -173,9 +131,7 @@ def dense_multimix_logit_loss(
 
 
 def floored_attention(attention: Tensor, dtype: torch.dtype) -> Tensor:
-    """``attention`` in ``dtype`` with every exact zero replaced by :data:`ATTENTION_FLOOR`: where no example of a
-    tuple has attention at a position, the normalised weights become the plain ``lambda`` there, and no other weight
-    changes (the positive attentions are left as they are).
+    """``attention`` in ``dtype``, exact zeros set to :data:`ATTENTION_FLOOR` (plain weights where none attends).
 
     Example:
         >>> floored_attention(torch.tensor([0.0, 0.5]), torch.float32)
@@ -189,22 +145,9 @@ def factorised_dense_logit_loss(
     position_logits: Tensor, targets: Tensor, weights: Tensor, attention: Tensor, label_smoothing: float = 0.0,
     mask: Optional[Tensor] = None,
 ) -> Tensor:
-    r"""Dense MultiMix loss in logit space without the ``(m, n, r)`` per-position weights.
-
-    Equal in value and gradient (to float32 rounding) to ``dense_multimix_logit_loss(position_logits, targets,
-    dense_weights(weights, attention))``. With ``D = Lambda^T A`` (the normaliser of :func:`dense_weights`),
-    ``sum_i w_ikj v_ij = (sum_i lambda_ik a_ij v_ij) / D_kj``: products ``(r*c x m) @ (m x n)`` of the
-    attention-weighted logits and targets, then a division. An attention of exactly zero becomes
-    :data:`ATTENTION_FLOOR`, which gives the plain weights ``lambda`` where no example of a tuple has attention (the
-    fallback of :func:`dense_weights`) and changes no other weight in float32.
-
-    Args:
-        position_logits: ``(m, r, c)`` the head's logits at every position of the ``m`` real examples.
-        targets: ``(m, c)`` per-example targets (each position inherits its example's).
-        weights: ``(m, n)`` MultiMix weights.
-        attention: ``(m, r)`` non-negative attention (no gradient flows through it).
-        mask: ``(m, r)`` booleans, false at padding: a padded position is never mixed, and an interpolated position
-            made of padding only leaves the loss (the mean runs over the others).
+    r"""``dense_multimix_logit_loss(position_logits, targets, dense_weights(weights, attention))`` without forming the
+    ``(m, n, r)`` weights; ``attention`` ``(m, r)`` gets no gradient. ``mask`` ``(m, r)``, false at padding: padding
+    is never mixed, and interpolated positions of padding only leave the loss.
 
     Example:
         >>> logits, targets = torch.randn(3, 4, 2), torch.eye(2)[[0, 1, 1]]
@@ -244,16 +187,13 @@ def dense_multimix_loss(
     label_smoothing: float = 0.0,
     valid: Optional[Tensor] = None,
 ) -> Tensor:
-    """Dense MultiMix loss in embedding space: the head on the ``(n, r, d)`` mixed feature map, as ``n * r`` rows of
-    ``d`` (see :func:`per_position`). Valid for any head.
+    """Dense MultiMix loss for any head, run on the ``(n, r, d)`` mixed map; ``valid`` ``(n, r)``: positions to average.
 
     Example:
-        >>> head = torch.nn.Linear(3, 2)
-        >>> features, targets = torch.randn(2, 4, 3), torch.eye(2)
+        >>> head, features, targets = torch.nn.Linear(3, 2), torch.randn(2, 4, 3), torch.eye(2)
         >>> w = dense_weights(torch.full((2, 5), 0.5), torch.rand(2, 4))
-        >>> a = dense_multimix_loss(features, targets, w, head)
-        >>> b = dense_multimix_logit_loss(head(features), targets, w)
-        >>> torch.allclose(a, b, atol=1e-6)
+        >>> torch.allclose(dense_multimix_loss(features, targets, w, head),
+        ...                dense_multimix_logit_loss(head(features), targets, w), atol=1e-6)
         True
     """
     mixed = dense_interpolate(features, weights).to(features.dtype)
@@ -265,8 +205,7 @@ def dense_multimix_loss(
 
 
 def masked_dense_weights(weights: Tensor, attention: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`dense_weights` for a feature map with padding: ``(m, n, r)`` weights that give padding none, and the
-    ``(n, r)`` booleans of the interpolated positions made of something else than padding (the others are dropped).
+    """:func:`dense_weights` giving padding (``mask`` false) none, and the ``(n, r)`` mixed positions not all padding.
 
     Example:
         >>> w, valid = masked_dense_weights(torch.tensor([[0.5], [0.5]]), torch.full((2, 2), 0.5),
@@ -282,12 +221,10 @@ def masked_dense_weights(weights: Tensor, attention: Tensor, mask: Tensor) -> tu
 
 def masked_soft_cross_entropy(logits: Tensor, targets: Tensor, valid: Tensor, label_smoothing: float = 0.0,
                               dim: int = -1) -> Tensor:
-    """:func:`~lightning_multimix.losses.soft_cross_entropy` averaged over the entries where ``valid`` (the shape
-    of ``logits`` without the class dimension) is true only.
+    """``soft_cross_entropy`` averaged over the entries where ``valid`` (``logits``' shape without ``dim``) is true.
 
     Example:
-        >>> logits, targets = torch.zeros(2, 3), torch.eye(3)[:2]
-        >>> masked_soft_cross_entropy(logits, targets, torch.tensor([True, False]))  # log 3, over one row
+        >>> masked_soft_cross_entropy(torch.zeros(2, 3), torch.eye(3)[:2], torch.tensor([True, False]))  # log 3
         tensor(1.0986)
     """
     dim = dim % logits.ndim

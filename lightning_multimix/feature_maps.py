@@ -1,20 +1,4 @@
-"""Dense mode's feature map: where it is read, how it becomes ``(b, r, d)``, and the head at every position.
-
-A feature-map spec is ``(dotted path, kind)``:
-
-- ``"input"``: the input of an average pooling, ``(b, d, h, w)`` or ``(b, d, l)`` (torchvision CNNs, the demo's);
-- ``"output"``: the output of a declared module, ``(b, d, h, w)`` or ``(b, r, d)`` tokens, or a model-output object's
-  ``last_hidden_state`` (with the ``attention_mask`` the module received);
-- ``"vit"``: a torchvision ``VisionTransformer``'s encoder output; the head reads the class token, the patch tokens
-  are mixed;
-- ``"timm"``: what a timm model's ``forward_features`` returns (a CNN map, or ViT tokens after its
-  ``num_prefix_tokens``); the head at every position is the model's own ``forward_head`` (:class:`TimmPositionHead`);
-- ``"tokens"``: a Hugging Face encoder's ``last_hidden_state``, padding given by the ``attention_mask`` it received; the
-  head must read the mean of the (unpadded) token states, or the first token.
-
-Checked on the first batch: the map's mean over positions (masked), or the token the head reads, must be the head's
-input; a timm model's map is what its ``forward_head`` reads by construction.
-"""
+"""Dense mode's feature map: read as ``(b, r, d)``, checked against the head's input; a timm head per position."""
 
 from __future__ import annotations
 
@@ -30,8 +14,7 @@ HOW_MAP = ("Pass `Dense(feature_map='dotted.path')` naming the module whose outp
 
 
 class _CapturingMethod:
-    """Stands in for ``owner.<name>`` while a :class:`MethodCapture` lives; a deep copy of the owner gets its own
-    method back, a pickle the method by name."""
+    """Stands in for ``owner.<name>`` while a :class:`MethodCapture` lives; copies and pickles get the method."""
 
     def __init__(self, capture: "MethodCapture", original: Any) -> None:
         self.capture, self.original = capture, original
@@ -53,25 +36,14 @@ class _CapturingMethod:
 
 
 class MethodCapture:
-    """Record the output of ``owner.<name>()`` (timm's ``forward_features``) while armed, like a
-    :class:`~lightning_multimix.capture.Capture` records a module's; :meth:`remove` gives the method back.
+    """Records the output of ``owner.<name>()`` (timm's ``forward_features``) while armed; :meth:`remove` undoes it.
 
     Example:
-        >>> import torch
-        >>> class Net(nn.Module):
-        ...     def forward_features(self, x):
-        ...         return 2 * x
-        ...     def forward(self, x):
-        ...         return self.forward_features(x).sum()
-        >>> net = Net()
-        >>> capture = MethodCapture(net, "forward_features")
-        >>> with capture:
-        ...     _ = net(torch.ones(2))
+        >>> net = nn.Identity()
+        >>> with MethodCapture(net, "forward") as capture:
+        ...     _ = net(Tensor([2.0]))
         >>> capture.output
-        tensor([2., 2.])
-        >>> capture.remove()
-        >>> "forward_features" in net.__dict__
-        False
+        tensor([2.])
     """
 
     def __init__(self, owner: nn.Module, name: str) -> None:
@@ -99,20 +71,14 @@ class MethodCapture:
 
 
 class TimmPositionHead:
-    """A timm model's own head, ``forward_head``, applied to every position: ``(N, d)`` rows, each given to it as a
-    one-position map (a ``1 x 1`` CNN map, or a token sequence whose tokens are all that row, so that class-token and
-    average pooling both read the row).
+    """A timm model's ``forward_head`` on each ``(N, d)`` row, given as a one-position CNN map or all-equal tokens.
 
     Example:
         >>> import torch
-        >>> class Tiny(nn.Module):
-        ...     num_prefix_tokens = 0
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.fc = nn.Linear(4, 3)
-        ...     def forward_head(self, x):
-        ...         return self.fc(x.mean((2, 3)))
-        >>> TimmPositionHead(Tiny(), tokens=False)(torch.randn(5, 4)).shape
+        >>> class Tiny(nn.Linear):
+        ...     def forward_head(self, x):  # a timm CNN head: average pooling, then the classifier
+        ...         return self(x.mean((2, 3)))
+        >>> TimmPositionHead(Tiny(4, 3), tokens=False)(torch.randn(5, 4)).shape
         torch.Size([5, 3])
     """
 
@@ -128,10 +94,9 @@ class TimmPositionHead:
 
 def read_feature_map(capture: Any, spec: tuple[str, str], embeddings: Tensor, verify: bool,
                      first_token: bool = False) -> tuple[Tensor, Optional[Tensor], bool]:
-    """``(features (b, r, d), mask (b, r) or None, first_token)`` from what ``capture`` recorded. With ``verify``
-    (the first batch), the map is checked against the head's input ``embeddings`` and ``first_token`` says whether
-    a ``"tokens"`` head reads the first token (then the others are mixed) rather than the mean; pass that back on the
-    next batches."""
+    """``(features (b, r, d), mask (b, r) or None, first_token)`` from ``capture`` for a spec kind (``"input"``,
+    ``"output"``, ``"vit"``, ``"timm"``, ``"tokens"``). With ``verify`` (first batch) the map's mean, class or first
+    token must equal ``embeddings``, else :class:`MultiMixError`; pass ``first_token`` back on later batches."""
     path, kind = spec
     raw = capture.input if kind == "input" else capture.output
     mask = None

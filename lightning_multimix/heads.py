@@ -1,16 +1,11 @@
-"""Finding the classifier head and the feature map inside a model (torch only, no Lightning).
-
-The head is the module whose input is the penultimate embedding. It is what the user names (``head=``, the mixin)
-or what the model says (a timm model's ``get_classifier()``); otherwise the first training step finds it from what
-runs (:mod:`lightning_multimix.probe`). Dense mode takes the classifier block that reads the pooled embedding and
-finds the feature map feeding it. The callback checks both on the first batch.
-"""
+"""Locating the classifier head (whose input is the penultimate embedding) and dense mode's feature map in a model."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import torch
 from torch import Tensor, nn
 
 from lightning_multimix.errors import MultiMixError
@@ -20,11 +15,10 @@ POOLING_TYPES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.Av
 
 
 def resolve_module(root: nn.Module, path: str) -> nn.Module:
-    """The submodule of ``root`` at dotted ``path`` (``"heads.head"``), with a helpful error if it does not exist.
+    """The submodule of ``root`` at dotted ``path``; ``ValueError`` listing the ``nn.Linear`` modules if none.
 
     Example:
-        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 4))
-        >>> resolve_module(net, "2")
+        >>> resolve_module(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 4)), "2")
         Linear(in_features=3, out_features=4, bias=True)
     """
     try:
@@ -53,8 +47,7 @@ def find_head(model: nn.Module) -> Optional[str]:
 
 
 def is_affine(module: nn.Module) -> bool:
-    """Whether ``module`` is known to be affine, so that interpolating its outputs equals applying it to interpolated
-    inputs (weights summing to one).
+    """Whether ``module`` is known to be affine (so interpolating its outputs equals running it on interpolations).
 
     Example:
         >>> is_affine(nn.Linear(2, 3)), is_affine(nn.Sequential(nn.Linear(2, 3), nn.ReLU()))
@@ -64,17 +57,14 @@ def is_affine(module: nn.Module) -> bool:
 
 
 def classifier_block(model: nn.Module, head_path: str) -> str:
-    """The module that takes the pooled embedding, for dense mode: the ``nn.Sequential`` that ends with the head when
-    it holds more layers than the head and no pooling (EfficientNet's ``Dropout + Linear``, MobileNet's MLP, a ViT's
-    ``pre_logits + head``), else the head itself.
+    """Dense mode's module taking the pooled embedding: the ``nn.Sequential`` ending with the head if it has more
+    layers, no pooling and no buffers (batch norm), e.g. EfficientNet's ``Dropout + Linear``; else the head.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         >>> net.classifier = nn.Sequential(nn.Dropout(), nn.Linear(4, 2))
         >>> classifier_block(net, "classifier.1")
         'classifier'
-        >>> classifier_block(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)), "2")
-        '2'
     """
     if "." not in head_path:
         return head_path
@@ -85,6 +75,7 @@ def classifier_block(model: nn.Module, head_path: str) -> str:
         and len(parent) > 1
         and parent[-1] is model.get_submodule(head_path)
         and not any(isinstance(m, POOLING_TYPES) for m in parent.modules())
+        and next(parent.buffers(), None) is None  # batch norm: its statistics belong to the real batch
     ):
         return parent_path
     return head_path
@@ -94,8 +85,7 @@ def find_pooling(model: nn.Module, head_path: str) -> Optional[str]:
     """Dotted path of the average-pooling module that feeds the head: the last one registered before the head.
 
     Example:
-        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
-        >>> find_pooling(net, "3")
+        >>> find_pooling(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)), "3")
         '1'
     """
     found = None
@@ -108,8 +98,7 @@ def find_pooling(model: nn.Module, head_path: str) -> Optional[str]:
 
 
 def is_torchvision_vit(model: nn.Module) -> bool:
-    """Whether ``model`` is (or wraps as an attribute) torchvision's ``VisionTransformer`` (checked by name, so
-    torchvision need not be installed)."""
+    """Whether ``model`` is torchvision's ``VisionTransformer`` (checked by name: torchvision is optional)."""
     return type(model).__name__ == "VisionTransformer" and hasattr(model, "encoder") and hasattr(model, "heads")
 
 
@@ -128,9 +117,7 @@ def path_of(root: nn.Module, module: nn.Module, where: str) -> str:
 
 
 def declared_head(model: nn.Module, head: Optional[str] = None) -> Optional[str]:
-    """The dotted path of the classifier head as the user or the model declares it: ``head`` if given, else the
-    model's ``multimix_head()`` (the mixin), else the ``get_classifier()`` of a timm model inside it; ``None`` when
-    nothing declares it (the first training step finds it, :mod:`lightning_multimix.probe`).
+    """The declared head's path: ``head`` (checked), else the mixin's, else a timm ``get_classifier()``; else ``None``.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 4))
@@ -152,8 +139,7 @@ def declared_head(model: nn.Module, head: Optional[str] = None) -> Optional[str]
 
 
 def declared_feature_map(model: nn.Module, feature_map: Optional[str] = None) -> Optional[str]:
-    """The dotted path of the feature map as the user declares it (``feature_map``, else the mixin's
-    ``multimix_feature_map()``), checked to exist; ``None`` when it is to be found.
+    """The feature map's declared dotted path (``feature_map``, else the mixin's), checked to exist; else ``None``.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
@@ -173,8 +159,7 @@ def is_timm_model(module: nn.Module) -> bool:
 
 
 def hugging_face_encoder(module: nn.Module) -> Optional[str]:
-    """For a Hugging Face ``PreTrainedModel``: the attribute name of its encoder (its ``base_model_prefix``), or
-    ``""`` when it is itself the encoder; ``None`` for any other module."""
+    """A Hugging Face model's encoder attribute (``base_model_prefix``), ``""`` if it is the encoder, else ``None``."""
     prefix = getattr(module, "base_model_prefix", None)
     if not isinstance(prefix, str) or not hasattr(module, "config"):
         return None
@@ -182,9 +167,7 @@ def hugging_face_encoder(module: nn.Module) -> Optional[str]:
 
 
 def feature_map_candidates(model: nn.Module) -> list[tuple[str, str]]:
-    """Every place dense mode could read a feature map from, as ``(path, kind)`` specs
-    (:mod:`lightning_multimix.feature_maps`): timm models, Hugging Face encoders, torchvision ViTs and average
-    poolings."""
+    """Every ``(path, kind)`` a feature map could be read from: timm, Hugging Face, torchvision ViT, average pooling."""
     found = []
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
@@ -203,11 +186,8 @@ def feature_map_candidates(model: nn.Module) -> list[tuple[str, str]]:
 
 
 def resolve_feature_map(model: nn.Module, head_path: str, feature_map: Optional[str] = None) -> tuple[str, str]:
-    """Where dense mode reads the feature map, ``(dotted path, kind)`` (:mod:`lightning_multimix.feature_maps`): the
-    output of ``feature_map`` or of the mixin's ``multimix_feature_map()``; else, for a head inside a timm model, its
-    ``forward_features``; inside a Hugging Face classifier, its encoder's token states; inside a torchvision
-    ``VisionTransformer``, its encoder (tokens after the class token); else the input of the average pooling that
-    feeds the head.
+    """``(path, kind)`` of dense mode's feature map: declared; else from the timm, Hugging Face or torchvision ViT
+    model holding the head; else the input of the average pooling feeding it (:class:`MultiMixError` if none).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
@@ -238,8 +218,7 @@ def resolve_feature_map(model: nn.Module, head_path: str, feature_map: Optional[
 
 @dataclass(frozen=True)
 class HeadPlan:
-    """What a fit resolved about the head: where it is, where dense mode reads the feature map, whether the logits
-    are interpolated (logit space) and, for a timm model in dense mode, the head to run at every position."""
+    """What a fit resolved: the head, dense mode's feature map, logit space or not, and a timm per-position head."""
 
     head_path: str
     how: str  #: ``"declared"``, or how the first batch found it
@@ -255,12 +234,10 @@ class HeadPlan:
 
 
 def head_plan(model: nn.Module, path: str, how: str, dense: Any, logit_space: str) -> HeadPlan:
-    """The :class:`HeadPlan` for the head at ``path`` (``how``: ``"declared"`` or how it was found); in dense mode
-    (``dense``: the :class:`~lightning_multimix.Dense` options) a found head becomes its classifier block.
+    """The :class:`HeadPlan` of the head at ``path``; with ``dense`` options, a found head becomes its classifier block.
 
     Example:
-        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 4))
-        >>> head_plan(net, "2", "declared", None, "auto")
+        >>> head_plan(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 4)), "2", "declared", None, "auto")
         HeadPlan(head_path='2', how='declared', feature_spec=None, logit_space=True, position_head=None)
     """
     if how != "declared" and dense is not None:
@@ -272,4 +249,23 @@ def head_plan(model: nn.Module, path: str, how: str, dense: Any, logit_space: st
     if spec[1] != "timm":
         return HeadPlan(path, how, spec, in_logit_space)
     owner = model.get_submodule(spec[0])  # the head at every position: the timm model's own forward_head
-    return HeadPlan(path, how, spec, logit_space == "always", TimmPositionHead(owner, hasattr(owner, "num_prefix_tokens")))
+    position_head = TimmPositionHead(owner, hasattr(owner, "num_prefix_tokens"))
+    return HeadPlan(path, how, spec, logit_space == "always", position_head)
+
+
+class BufferSafeHead:
+    """Runs ``head`` on copies of its buffers, so interpolations leave batch-norm running statistics untouched.
+
+    Example:
+        >>> head = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+        >>> _ = BufferSafeHead(head)(torch.randn(8, 3))
+        >>> head[1].running_mean
+        tensor([0., 0., 0., 0.])
+    """
+
+    def __init__(self, head: nn.Module) -> None:
+        self.head = head
+
+    def __call__(self, x: Tensor) -> Tensor:
+        buffers = {name: b.clone() for name, b in self.head.named_buffers()}
+        return torch.func.functional_call(self.head, buffers, (x,))

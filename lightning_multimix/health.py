@@ -1,7 +1,5 @@
-"""The health flag: a non-finite loss or labels out of range, recorded on the device, read when it is due.
-
-Reading a device tensor synchronises the host with the device, so the flag is updated on the device at every batch
-(no synchronisation) and read at the first batch, every ``check_every_n_steps`` batches and at the end of training.
+"""The health flag: a non-finite loss or labels out of range, recorded on the device at every batch (no
+synchronisation) and read at the first batch, every ``check_every_n_steps`` batches and at the end of training.
 """
 
 from __future__ import annotations
@@ -28,7 +26,8 @@ class HealthFlag:
     """
 
     def __init__(self, device: torch.device, check_every_n_steps: int) -> None:
-        # (first bad batch, code: 1 non-finite loss, 2 labels out of range; examples left out by an ignore index)
+        # (first bad batch, code: 1 non-finite loss, 2 labels out of range, 4 some of them negative; examples left
+        # out by an ignore index)
         self.state = torch.tensor([-1, 0, 0], device=device)
         self.check_every_n_steps = check_every_n_steps
         self.num_classes: Optional[int] = None
@@ -39,7 +38,8 @@ class HealthFlag:
         examples left out (``keep`` false: their label is the ignore index, never out of range)."""
         self.num_classes = num_classes
         labels = labels if keep is None else labels.where(keep, 0)
-        code = (~torch.isfinite(loss.detach())).long() + 2 * labels_out_of_range(labels, num_classes).long()
+        code = (~torch.isfinite(loss.detach())).long() + 2 * labels_out_of_range(labels, num_classes).long() + \
+            4 * (labels < 0).any().long()
         first = (self.state[0] < 0) & (code > 0)
         index = torch.full((), batch, device=self.state.device)
         bad = torch.where(first, torch.stack((index, code.to(index.device))), self.state[:2])
@@ -60,10 +60,12 @@ class HealthFlag:
                 return ignored
             return 0
         if code & 2:
+            negative = (" If a negative label marks examples your loss ignores, pass that label as "
+                        "`MultiMix(ignore_index=...)` (the default is -100, PyTorch's).") if code & 4 else ""
             raise MultiMixError(
                 f"MultiMix: labels outside [0, {self.num_classes}) at training batch {bad_batch}: the head "
                 f"{head_path!r} has {self.num_classes} outputs. Check the dataset's labels, or, if that is not your "
-                "classifier, pass `MultiMix(head='dotted.path')`."
+                f"classifier, pass `MultiMix(head='dotted.path')`.{negative}"
             )
         raise MultiMixError(
             f"MultiMix: the loss became non-finite (NaN or inf) at training batch {bad_batch} (noticed at global "

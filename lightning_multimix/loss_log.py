@@ -1,9 +1,7 @@
 """Logging the loss MultiMix optimises: ``multimix/loss`` (progress bar and loggers) and ``multimix/loss_epoch``.
 
-A ``self.log`` call costs more host time than MultiMix's own arithmetic, so the loss is summed on the device at every
-batch (nothing synchronises) and logged as the mean since the last log when Lightning sends step values to the
-loggers, at the first batch and at an epoch's last batch; the epoch's mean is reduced over processes once, at the
-epoch's end.
+The loss is summed on the device (no synchronisation) and logged, since ``self.log`` is costly, only as the mean since
+the last log when Lightning logs a step, at the first batch and at an epoch's last; the epoch's mean at its end.
 """
 
 from __future__ import annotations

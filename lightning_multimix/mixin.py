@@ -1,4 +1,4 @@
-"""The optional second line of adoption: a mixin through which a LightningModule tells MultiMix where things are."""
+"""An optional mixin through which a LightningModule tells MultiMix where things are."""
 
 from __future__ import annotations
 
@@ -10,31 +10,22 @@ from lightning_multimix.batch import default_labels, default_mix_inputs
 
 
 class MultiMixMixin:
-    """Lets a LightningModule name its classifier head, its feature map and its labels for :class:`MultiMix`.
+    """Lets a LightningModule name its head, feature map, labels and inputs; override only what detection gets wrong.
 
-    Override only what auto-detection gets wrong::
-
-        class Net(MultiMixMixin, L.LightningModule):
-            def multimix_head(self):
-                return self.classifier  # the module whose input is the penultimate embedding
-
-            def multimix_labels(self, batch):
-                return batch["class_id"]
-
-    ``multimix_head`` returns a module called once per forward on ``(b, d)`` embeddings giving ``(b, c)`` logits.
-    ``multimix_mix_inputs`` (batches mixed in input space) returns the batch with ``mix`` applied to every tensor that
-    should be interpolated (e.g. ``{**batch, "img": mix(batch["img"])}``), or ``None`` when nothing can be.
-    ``multimix_feature_map`` (dense mode) returns a module whose output is the un-pooled feature map, ``(b, d, h, w)``
-    or ``(b, r, d)`` tokens, whose mean over positions is the head's input.
-    The callback's ``head=`` argument, when given, takes precedence over ``multimix_head``.
+    Example:
+        >>> class Net(MultiMixMixin, nn.Module):
+        ...     def multimix_labels(self, batch):
+        ...         return batch["class_id"]
+        >>> Net().multimix_labels({"class_id": 3})
+        3
     """
 
     def multimix_head(self) -> Optional[nn.Module]:
-        """The classifier head; ``None`` (the default) lets the callback auto-detect it."""
+        """The head, ``(b, d)`` embeddings to ``(b, c)`` logits; ``None``: detect it (``MultiMix(head=...)`` wins)."""
         return None
 
     def multimix_feature_map(self) -> Optional[nn.Module]:
-        """The module whose output is the feature map for dense MultiMix; ``None`` lets the callback auto-detect it."""
+        """Dense mode: the module outputting the un-pooled map whose mean is the head's input; ``None``: detect it."""
         return None
 
     def multimix_labels(self, batch: Any) -> Tensor:
@@ -42,10 +33,6 @@ class MultiMixMixin:
         return default_labels(batch)
 
     def multimix_mix_inputs(self, batch: Any, mix: Callable[[Tensor], Tensor]) -> Optional[Any]:
-        """A training batch with its inputs replaced by ``mix(inputs)``, for the batches that :class:`MultiMix` mixes
-        in input space; ``None``: the inputs cannot be interpolated (those batches are mixed at the last layer).
-
-        ``mix`` applies the same ``lambda`` and partner permutation to every tensor it is given (``(b, ...)``
-        floating-point tensors). The default mixes ``batch[0]`` or the first of ``INPUT_KEYS`` in a dict.
-        """
+        """The batch with ``mix`` applied to each floating ``(b, ...)`` input (``{**batch, "img": mix(batch["img"])}``),
+        one draw per batch; ``None``: mix this batch at the last layer instead."""
         return default_mix_inputs(batch, mix)

@@ -1,27 +1,4 @@
-r"""The MultiMix objective from captured tensors (torch only, no Lightning).
-
-:func:`multimix_objective` is what the :class:`~lightning_multimix.MultiMix` callback optimises on a batch mixed at
-the last layer, and :func:`mixup_objective` what it optimises on a batch mixed in input space; a LightningModule
-with manual optimization (or any training loop) calls the same functions::
-
-    from lightning_multimix.objective import multimix_objective
-    from lightning_multimix.sampling import dirichlet_weights
-
-    weights = dirichlet_weights(len(labels), 1000, alpha=1.0, generator=generator, device=labels.device)
-    loss = multimix_objective(weights, labels, logits=logits)  # logits of an affine head: exact, cheapest
-
-Which path runs is said by what is given:
-
-- ``logits`` ``(m, c)``: logit space. For an affine head ``g`` and columns of ``weights`` summing to one,
-  ``g(Z Lambda) = g(Z) Lambda``: interpolating the ``m`` logit vectors gives the loss and gradients of the head on the
-  interpolated embeddings, at ``n*m*c`` instead of ``n*m*d + n*d*c``.
-- ``embeddings`` ``(m, d)`` and ``head``: embedding space, for any head: the head runs on the ``n`` interpolated
-  embeddings.
-- ``feature_map`` ``(m, r, d)`` and ``head``: Dense MultiMix (:mod:`lightning_multimix.dense`), in logit space when
-  the head is affine (``affine_head``, by default: it is an ``nn.Linear``).
-
-``teacher`` (:class:`TeacherOutputs`) adds self-distillation: the teacher's predictions enter the targets.
-"""
+r"""The losses MultiMix optimises, for any training loop: :func:`multimix_objective` and :func:`mixup_objective`."""
 
 from __future__ import annotations
 
@@ -52,22 +29,16 @@ DISTILL_TARGETS = ("probs", "logits")
 
 @dataclass(frozen=True)
 class TeacherOutputs:
-    r"""What a teacher predicted for the batch, and how it enters the targets.
+    r"""A teacher's predictions on the batch and how they enter the targets; raises ``ValueError`` on bad values.
 
     Args:
-        logits: ``(m, c)`` the teacher's logits on the batch.
-        weight: ``beta``, the weight of the teacher's predictions in the targets.
-        temperature: ``T`` of ``softmax(logits / T)``.
-        targets: ``"probs"``: per-example targets ``(1 - beta) Y + beta softmax(logits / T)``, then interpolated;
-            ``"logits"``: ``(1 - beta) Y Lambda + beta softmax(g_T(Z_T Lambda) / T)``, the teacher's prediction on
-            its own interpolated embeddings: with ``embeddings`` and ``head`` the teacher's head runs on them,
-            without, the teacher's logits are interpolated (exact for an affine head).
-        embeddings: ``(m, d)`` the teacher's embeddings (``targets="logits"`` with a non-affine head).
-        head: the teacher's head (with ``embeddings``).
+        logits: ``(m, c)`` the teacher's logits.
+        weight, temperature: ``beta`` in ``[0, 1]`` and ``T > 0``.
+        targets: ``"probs"``: targets ``(1 - beta) Y + beta softmax(logits / T)``, then interpolated; ``"logits"``:
+            the teacher's ``head`` on its interpolated ``embeddings`` (both or neither), else its interpolated logits.
 
     Example:
-        >>> t = TeacherOutputs(logits=torch.zeros(2, 3), weight=0.5)
-        >>> t.probs()
+        >>> TeacherOutputs(logits=torch.zeros(2, 3), weight=0.5).probs()
         tensor([[0.3333, 0.3333, 0.3333],
                 [0.3333, 0.3333, 0.3333]])
     """
@@ -109,35 +80,24 @@ def multimix_objective(
     teacher: Optional[TeacherOutputs] = None,
     label_smoothing: float = 0.0,
 ) -> Tensor:
-    r"""The MultiMix loss of one batch: ``mean_k CE(g(Z lambda_k), Y lambda_k)`` over the ``n`` columns of ``weights``.
+    r"""The float32 MultiMix loss, ``mean_k CE(g(Z lambda_k), Y lambda_k)`` over the columns of ``weights``.
+
+    Pass ``logits`` ``(m, c)`` (logit space: exact for an affine head, cheapest), or ``head`` ``(N, d) -> (N, c)``
+    with ``embeddings`` ``(m, d)`` or a dense ``feature_map`` ``(m, r, d)``; anything else raises ``ValueError``.
 
     Args:
-        weights: ``(m, n)`` interpolation weights, columns on the simplex (:mod:`lightning_multimix.sampling`); to
-            leave examples out (an ignore index), draw them with ``keep`` so that their rows are zero.
-        labels: ``(m,)`` integer class labels (a label outside ``[0, c)`` has an all-zero target).
-        logits: ``(m, c)`` the head's outputs: logit space (exact for an affine head).
-        embeddings: ``(m, d)`` the head's inputs, with ``head``: embedding space (any head).
-        head: the classifier head, ``(N, d) -> (N, c)`` (embedding space and dense).
-        feature_map: ``(m, r, d)`` the un-pooled features, with ``head``: Dense MultiMix.
-        attention: dense: ``"cam"``, ``"softmax"`` or ``"uniform"`` (:func:`~lightning_multimix.dense.
-            attention_from_scores`).
-        position_mask: dense: ``(m, r)`` booleans, false at padding (a token attention mask): padding is never mixed
-            and interpolated positions of padding only leave the loss.
-        affine_head: dense: whether the head is affine, so that the per-position logits can be interpolated;
-            ``None``: it is when it is an ``nn.Linear``.
+        weights: ``(m, n)``, columns on the simplex; left-out examples (ignore index) have zero rows (``keep``).
+        labels: ``(m,)`` integer labels; one outside ``[0, c)`` has an all-zero target.
+        attention: dense: ``"cam"``, ``"softmax"`` or ``"uniform"`` of own-label scores (``F_ij . W[y_i]`` or logit).
+        position_mask: dense: ``(m, r)``, false at padding: never mixed; mixed positions of padding only leave the loss.
+        affine_head: dense: interpolate per-position logits; ``None``: when the head is an ``nn.Linear``.
         teacher: self-distillation targets (:class:`TeacherOutputs`).
-        label_smoothing: smoothing of the interpolated targets.
-
-    Returns:
-        The scalar loss, float32.
 
     Example:
-        >>> head = torch.nn.Linear(4, 3)
-        >>> z, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+        >>> head, z, y = torch.nn.Linear(4, 3), torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
         >>> w = torch.distributions.Dirichlet(torch.ones(5)).sample((100,)).T  # (m, n) = (5, 100)
-        >>> logit_space = multimix_objective(w, y, logits=head(z))
-        >>> embedding_space = multimix_objective(w, y, embeddings=z, head=head)
-        >>> bool(torch.isclose(logit_space, embedding_space, atol=1e-5))
+        >>> bool(torch.isclose(multimix_objective(w, y, logits=head(z)),
+        ...                    multimix_objective(w, y, embeddings=z, head=head), atol=1e-5))
         True
     """
     _check_weights_and_labels(weights, labels)
@@ -187,10 +147,8 @@ def mixup_objective(
     keep: Optional[Tensor] = None,
     label_smoothing: float = 0.0,
 ) -> Tensor:
-    r"""The input-mixup loss of one batch: the logits of the mixed inputs ``lam x + (1 - lam) x[partner]`` against
-    ``lam Y + (1 - lam) Y[partner]``; with ``teacher`` (its logits on the same mixed inputs),
-    ``(1 - beta)`` of that plus ``beta softmax(teacher_logits / T)``. With ``keep`` (``(b,)`` booleans), a mixed
-    example whose own or partner's label is left out does not count (the mean runs over the others).
+    r"""Input-mixup loss: ``(b, c)`` logits of ``lam x + (1 - lam) x[partner]`` against ``lam Y + (1 - lam) Y[partner]``
+    (``teacher``: its logits on the same inputs); with ``keep`` ``(b,)``, pairs with a left-out label do not count.
 
     Example:
         >>> logits, labels = torch.zeros(2, 2), torch.tensor([0, 1])
@@ -208,9 +166,6 @@ def mixup_objective(
     counts = (keep & keep[partner]).float()
     per_example = F.cross_entropy(logits.float(), targets, reduction="none", label_smoothing=label_smoothing)
     return (per_example * counts).sum() / counts.sum().clamp_min(1.0)  # nothing kept: 0, as multimix_objective
-
-
-# ---------------------------------------------------------------------------------------------------- helpers
 
 
 def _targets(labels: Tensor, num_classes: int, teacher: Optional[TeacherOutputs]) -> Tensor:

@@ -1,17 +1,4 @@
-"""Typed option groups of :class:`~lightning_multimix.MultiMix` for its two optional modes, validated on creation.
-
-A mode is on when its options object is given and off when it is ``None``, so options of a mode that is off cannot be
-passed at all. Both are dataclasses, which LightningCLI (jsonargparse) parses from YAML or from flags::
-
-    trainer:
-      callbacks:
-        - class_path: lightning_multimix.MultiMix
-          init_args:
-            dense: {attention: softmax}
-            distill: {weight: 0.5, ema_decay: 0.999}
-
-or ``--trainer.callbacks.dense.attention=softmax`` on the command line.
-"""
+"""Options of MultiMix's optional modes (off when ``None``) and the check of all its arguments (``ValueError``)."""
 
 from __future__ import annotations
 
@@ -46,19 +33,12 @@ def check_float(owner: str, name: str, value: Any, low: float, high: float, expe
 
 @dataclass(frozen=True)
 class Dense:
-    r"""Dense MultiMix: interpolate the un-pooled feature map at every position (or token), weighted by attention.
-
-    For tuple ``k`` and position ``j`` the weight of example ``i`` is ``lambda_ik a_ij / sum_i' lambda_i'k a_i'j``;
-    the head runs at every position and the soft cross-entropy is averaged over the ``n * r`` terms
-    (:mod:`lightning_multimix.dense`).
+    r"""Dense MultiMix (:mod:`lightning_multimix.dense`): the feature map interpolated at every position (or token).
 
     Args:
-        attention: ``"cam"`` (the class activation map of the example's own class), ``"softmax"`` (of the same
-            scores over positions) or ``"uniform"`` (plain per-position MultiMix).
-        feature_map: dotted path of the module whose output is the feature map, ``(b, d, h, w)`` or ``(b, r, d)``;
-            ``None``: ``MultiMixMixin.multimix_feature_map()``, else the input of the average pooling that feeds
-            the head, or the patch tokens of a torchvision ``VisionTransformer``. Checked on the first batch: its
-            mean over positions (the class token for a ViT) must equal the head's input.
+        attention: ``"cam"`` (own-label class activation map), ``"softmax"`` (of the same scores) or ``"uniform"``.
+        feature_map: dotted path of the module outputting the map, ``(b, d, h, w)`` or ``(b, r, d)``; ``None``:
+            detected. Its mean over positions (a ViT's class token) must equal the head's input on the first batch.
 
     Example:
         >>> from lightning_multimix import MultiMix
@@ -77,20 +57,14 @@ class Dense:
 
 @dataclass(frozen=True)
 class SelfDistillation:
-    r"""Self-distillation: an EMA teacher (a copy of your module) whose predictions enter the interpolated targets.
-
-    Targets with ``targets="probs"``: ``((1 - beta) Y + beta softmax(teacher_logits / T)) Lambda``; with
-    ``"logits"``: ``(1 - beta) Y Lambda + beta softmax(g_T(Z_T Lambda) / T)``, the teacher's prediction on its own
-    interpolated embeddings (not with ``Dense``). ``beta = weight * min(1, global_step / warmup_steps)``. On a batch
-    mixed in input space the teacher runs on the same mixed inputs as the student and its prediction of each mixed
-    input takes the weight ``beta``.
+    r"""Self-distillation: an EMA teacher's predictions on the student's (mixed) inputs enter the targets at ``beta``.
 
     Args:
-        weight: ``beta``'s final value; ``0`` trains exactly as without distillation (but runs the teacher).
-        targets: ``"probs"`` or ``"logits"`` (above).
-        temperature: ``T``.
-        warmup_steps: optimizer steps over which ``beta`` ramps up linearly from 0.
-        ema_decay: the teacher's EMA decay, one multi-tensor lerp per optimizer step.
+        weight, temperature: ``beta``'s final value (``0``: as without distillation, but the teacher runs) and ``T``.
+        targets: ``"probs"``: ``((1 - beta) Y + beta softmax(teacher_logits / T)) Lambda``; ``"logits"``: the
+            teacher's prediction on its interpolated embeddings, ``softmax(g_T(Z_T Lambda) / T)`` (not with ``Dense``).
+        warmup_steps: optimizer steps of ``beta``'s linear ramp-up: ``weight * min(1, global_step / warmup_steps)``.
+        ema_decay: the teacher's EMA decay, applied at every optimizer step.
         ema_warmup: warm the decay up as ``min(ema_decay, (1 + t) / (10 + t))`` after update ``t``.
         validate_with_teacher: run validation and test on the teacher's weights (swapped in, then back).
 
@@ -137,8 +111,7 @@ def validate_multimix(n_tuples: Optional[int], alpha: float, mode: str, tuple_si
                       head: Optional[str], logit_space: str, dense: Optional[Dense],
                       distill: Optional[SelfDistillation], sync_batch: bool, seed: Optional[int],
                       check_every_n_steps: int) -> None:
-    """Every argument of :class:`~lightning_multimix.MultiMix`, checked at construction: a bad value raises
-    ``ValueError`` naming it and what is expected, and so does an option that does not apply."""
+    """Raise ``ValueError`` on a bad or inapplicable argument of :class:`~lightning_multimix.MultiMix`."""
     owner = "MultiMix"
     check(mode in MODES, owner, "mode", mode, f"one of {MODES}")
     if n_tuples is not None:

@@ -1,19 +1,4 @@
-"""Finding the classifier head from what runs (torch only, no Lightning).
-
-When nothing names the head (no ``head=``, no ``MultiMixMixin.multimix_head()``, no timm ``get_classifier()``), the
-first training step runs with a :class:`HeadProbe` armed: it records every ``nn.Linear`` of the model (and, for dense
-mode and self-distillation, every module the choice could need), then :meth:`HeadProbe.choose` picks the head from
-what ran:
-
-1. the ``nn.Linear`` whose output the model returns: the output of the outermost module on the way to the
-   ``nn.Linear`` modules that the step called (usually the LightningModule's own ``forward``), or an element of a
-   returned tuple, list or dict, or the ``logits`` of a returned model-output object (Hugging Face);
-2. if no output of an ``nn.Linear`` is returned as it is (``log_softmax(fc(x))``, ``fc(x) / T``), the last
-   ``nn.Linear`` that ran.
-
-Several ``nn.Linear`` outputs returned together (``(logits, aux)``) are ambiguous: the probe stops with an error that
-says how to name the head. Registration order never matters.
-"""
+"""Finding the classifier head from what the first training step runs, when nothing names it (torch only)."""
 
 from __future__ import annotations
 
@@ -29,19 +14,13 @@ from lightning_multimix.heads import classifier_block, feature_map_candidates
 
 
 class HeadProbe:
-    """Captures on every candidate of one model for the first training step; then :meth:`choose` and
-    :meth:`step_capture` turn what they recorded into the step's :class:`~lightning_multimix.capture.StepCapture`.
-
-    Args:
-        model: the LightningModule (or any ``nn.Module``).
-        dense: also record the classifier blocks and every feature-map candidate (pooling inputs, ViT encoders).
-        feature_maps: dotted paths of declared feature maps to record too.
+    """Captures on every head candidate of ``model`` for the first training step, then :meth:`choose` the head;
+    ``dense``: also on classifier blocks, feature-map candidates and the declared ``feature_maps`` paths.
 
     Example:
         >>> import torch
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-        >>> probe = HeadProbe(net)
-        >>> with probe:
+        >>> with HeadProbe(net) as probe:
         ...     _ = net(torch.randn(5, 3))
         >>> probe.choose()
         '2'
@@ -83,7 +62,8 @@ class HeadProbe:
             capture.remove()
 
     def choose(self) -> str:
-        """The dotted path of the ``nn.Linear`` that is the classifier head (see the module's docstring)."""
+        """The ``nn.Linear`` whose output the model returns (alone, in a tuple, list, dict or as ``logits``), else the
+        last that ran; :class:`MultiMixError` if none ran or several are returned (``(logits, aux)``)."""
         ran = {path: c for path, c in self.linears.items() if c.calls > 0}
         if not ran:
             raise MultiMixError(f"MultiMix found no classifier head in {type(self.model).__name__}: no nn.Linear ran "
@@ -102,9 +82,13 @@ class HeadProbe:
         self.how = "the last nn.Linear that ran (no nn.Linear output is returned as it is)"
         return max(ran, key=lambda path: ran[path].order)
 
+    def linear_outputs(self) -> dict[str, Tensor]:
+        """The ``(b, c)`` output of every ``nn.Linear`` that ran, by dotted path (the candidates for the head)."""
+        return {path: c.output for path, c in self.linears.items()
+                if c.calls > 0 and isinstance(c.output, Tensor) and c.output.ndim == 2}
+
     def step_capture(self, head_path: str, feature_spec: Optional[tuple[str, str]]) -> StepCapture:
-        """The step's captures for the chosen head (a classifier block in dense mode) and feature map, made of the
-        probe's own recordings."""
+        """The step's captures of the chosen head (or dense classifier block) and feature map, from the probe's."""
         head = self.linears.get(head_path) or self.blocks[head_path]
         features = None
         if feature_spec is not None:
@@ -117,8 +101,7 @@ class HeadProbe:
 
 
 def _tensors_in(output: Any) -> list[Tensor]:
-    """The tensors a module returned: itself, the elements of a tuple or list, the values of a dict, or the
-    ``logits`` of a model-output object."""
+    """The tensors in a module's output: itself, in a tuple, list or dict, or a model output's ``logits``."""
     if isinstance(output, Tensor):
         return [output]
     if isinstance(output, Mapping):

@@ -1,10 +1,4 @@
-"""Interpolation weights: the ``m x n`` matrices that define MultiMix and its pairs baseline.
-
-Every sampler returns a weight matrix of shape ``(m, n)`` whose columns lie on the probability simplex: column ``k``
-holds the coefficients of the ``m`` examples in the ``k``-th interpolated example. A mode is a way of drawing this
-matrix, nothing else. All randomness comes from an explicit :class:`torch.Generator` on the target device; torch's
-global RNG is never touched.
-"""
+"""Interpolation weights ``(m, n)``, column ``k`` on the simplex, drawn from an explicit :class:`torch.Generator`."""
 
 from __future__ import annotations
 
@@ -32,14 +26,10 @@ def _device(device: Device, generator: Optional[torch.Generator]) -> torch.devic
 
 def log_gamma(concentration: float, shape: tuple[int, ...], *, generator: Optional[torch.Generator] = None,
               device: Device = None, dtype: torch.dtype = torch.float32) -> Tensor:
-    r"""Logarithms of ``Gamma(concentration, 1)`` draws, which stay finite for any concentration.
-
-    Drawn as ``log G' + log(U) / a`` with ``G' ~ Gamma(a + 1, 1)`` and ``U`` uniform (``G' U^(1/a)`` is
-    ``Gamma(a, 1)``): for a small ``a`` the draw itself underflows to zero, its logarithm does not.
+    r"""Logarithms of ``Gamma(concentration, 1)`` draws, finite even where a small concentration's draws underflow.
 
     Example:
-        >>> g = torch.Generator().manual_seed(0)
-        >>> bool(log_gamma(1e-3, (1000,), generator=g).isfinite().all())
+        >>> bool(log_gamma(1e-3, (1000,), generator=torch.Generator().manual_seed(0)).isfinite().all())
         True
     """
     if not concentration > 0:
@@ -62,26 +52,16 @@ def dirichlet_weights(
     device: Device = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    r"""MultiMix weights: ``n_tuples`` columns drawn i.i.d. from ``Dirichlet(alpha * 1_m)``.
-
-    Each column is normalised independent gammas, ``lambda_k = g_k / sum(g_k)``, ``g_ik ~ Gamma(alpha, 1)``.
+    r"""MultiMix weights ``(num_examples, n_tuples)``, columns i.i.d. ``Dirichlet(alpha * 1)`` (``alpha=1``: uniform).
 
     Args:
-        num_examples: ``b``, the number of examples available (rows of the result).
-        n_tuples: ``n``, the number of interpolated examples.
-        alpha: Dirichlet concentration (``alpha=1``: uniform on the simplex).
-        tuple_size: ``m``: each column combines a random subset of ``m`` of the ``b`` examples (its other entries
-            are zero). ``None`` or ``m >= b``: the whole batch.
-        keep: ``(b,)`` booleans: the examples that may be mixed (the others, e.g. labels equal to an ignore index,
-            get weight 0, so each column is a Dirichlet over the kept examples; a column with none is all zero).
-        generator: the source of randomness (must live on ``device``).
-
-    Returns:
-        A ``(num_examples, n_tuples)`` tensor whose columns are non-negative and sum to 1.
+        tuple_size: ``m``: each column mixes a random subset of ``m`` examples (others zero); ``None``: all.
+        keep: ``(b,)`` booleans, the examples that may be mixed (e.g. not the ignore index); the others get weight
+            0, and a column with none kept is all zero.
+        generator: the source of randomness (on ``device``).
 
     Example:
-        >>> g = torch.Generator().manual_seed(0)
-        >>> w = dirichlet_weights(4, 1000, alpha=1.0, generator=g)
+        >>> w = dirichlet_weights(4, 1000, alpha=1.0, generator=torch.Generator().manual_seed(0))
         >>> w.shape, torch.allclose(w.sum(0), torch.ones(1000))
         (torch.Size([4, 1000]), True)
     """
@@ -94,9 +74,9 @@ def dirichlet_weights(
     subset = tuple_size is not None and tuple_size < num_examples
     rows = tuple_size if subset else num_examples
     if alpha == 1.0:
-        # Gamma(1, 1) is Exponential(1), -log(1 - U): one uniform draw (torch's gamma sampler and `exponential_` are
-        # several times slower on CPU); 1 - U >= 2**-24, so every draw is finite
-        weights = torch.rand((rows, n_tuples), generator=generator, device=device, dtype=dtype).neg_().log1p_().neg_()
+        # Gamma(1, 1) is -log U; the sign cancels in the normalisation
+        tiny = torch.finfo(dtype).tiny
+        weights = torch.rand((rows, n_tuples), generator=generator, device=device, dtype=dtype).clamp_min_(tiny).log_()
     else:  # in log space, so that a small alpha does not underflow every gamma of a column to the same zero
         logs = log_gamma(alpha, (rows, n_tuples), generator=generator, device=device, dtype=dtype)
         weights = logs.sub_(logs.amax(0, keepdim=True)).exp_()
@@ -106,7 +86,8 @@ def dirichlet_weights(
         weights = torch.zeros(num_examples, n_tuples, device=device, dtype=dtype).scatter_(0, support, weights)
     if keep is not None:
         weights = weights.mul_(keep.to(device=device, dtype=dtype).unsqueeze(1))
-    return weights.div_(weights.sum(0, keepdim=True).clamp_min_(torch.finfo(dtype).tiny))
+    total = weights.sum(0, keepdim=True)
+    return weights.div_(total.where(total != 0, 1.0))  # a column with no kept example stays zero
 
 
 def mixup_pairing(
@@ -117,15 +98,10 @@ def mixup_pairing(
     device: Device = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor]:
-    r"""The draw of mixup for one batch: ``lambda ~ Beta(alpha, alpha)`` and a random permutation of the examples.
-
-    Example ``i`` is mixed with its partner ``partner[i]`` as ``lambda * x_i + (1 - lambda) * x_partner[i]`` (see
-    :func:`~lightning_multimix.interpolation.mix_with_partner`); :func:`pair_weights` is the same draw written as a
-    weight matrix. ``lambda`` is a 0-dim tensor on the generator's device, so nothing is read back to the host.
+    r"""Mixup's draw for a batch of two or more: a 0-dim ``lambda ~ Beta(alpha, alpha)`` and a partner permutation.
 
     Example:
-        >>> g = torch.Generator().manual_seed(0)
-        >>> lam, partner = mixup_pairing(5, 1.0, generator=g)
+        >>> lam, partner = mixup_pairing(5, 1.0, generator=torch.Generator().manual_seed(0))
         >>> lam.shape, bool(0 <= lam <= 1), sorted(partner.tolist())
         (torch.Size([]), True, [0, 1, 2, 3, 4])
     """
@@ -149,16 +125,11 @@ def pair_weights(
     device: Device = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    r"""Manifold-mixup weights at the last layer, as an ``(m, m)`` MultiMix-style matrix.
-
-    As in Manifold Mixup, one ``lambda ~ Beta(alpha, alpha)`` is drawn for the batch and a random permutation ``pi``
-    gives each example its partner: column ``k`` is ``lambda * e_k + (1 - lambda) * e_{pi(k)}``. With ``keep``,
-    the rows of left-out examples are zero and each column is renormalised over the kept ones (a column with none
-    becomes uniform over the kept examples).
+    r"""Manifold-mixup weights ``(m, m)`` from :func:`mixup_pairing`: column ``k`` is ``lambda e_k + (1 - lambda)
+    e_partner[k]``. With ``keep``, left-out rows are zero and columns renormalised (uniform over the kept if empty).
 
     Example:
-        >>> g = torch.Generator().manual_seed(0)
-        >>> w = pair_weights(5, generator=g)
+        >>> w = pair_weights(5, generator=torch.Generator().manual_seed(0))
         >>> w.shape, bool((w > 0).sum(0).le(2).all()), torch.allclose(w.sum(0), torch.ones(5))
         (torch.Size([5, 5]), True, True)
     """
@@ -177,17 +148,12 @@ def pair_weights(
 
 
 class RandomStream:
-    """The random stream of a fit: a base seed and the number of training batches seen.
-
-    Batch ``i`` of process ``r`` draws from a generator seeded with ``step_seed(base_seed, r, i)``, so the stream is
-    a pure function of the batch: a run resumed from ``batches_seen`` draws what the uninterrupted run drew.
+    """Batch ``i`` of process ``r`` draws from ``step_seed(base_seed, r, i)``: resumed runs draw as uninterrupted ones.
 
     Example:
         >>> stream = RandomStream(base_seed=0)
         >>> stream.next_batch(), stream.next_batch(), stream.batches_seen
         (0, 1, 2)
-        >>> 0.0 <= stream.coin(1, rank=0) < 1.0
-        True
     """
 
     def __init__(self, base_seed: int, batches_seen: int = 0) -> None:
@@ -208,10 +174,7 @@ class RandomStream:
 
 
 def step_seed(base_seed: int, rank: int, step: int) -> int:
-    """A 63-bit seed for one training step of one process, mixed from ``(base_seed, rank, step)`` (splitmix64).
-
-    Re-seeding the generator from this at every step makes the random stream a pure function of the step: a resumed
-    run draws exactly what the uninterrupted run drew, and every process draws its own weights.
+    """A 63-bit seed for one step of one process, mixed from ``(base_seed, rank, step)`` by splitmix64.
 
     Example:
         >>> step_seed(0, 0, 1) != step_seed(0, 1, 0)
@@ -224,20 +187,16 @@ def step_seed(base_seed: int, rank: int, step: int) -> int:
 
 
 def seed_uniform(seed: int) -> float:
-    """A number in ``[0, 1)`` that is a pure function of ``seed``: the top 53 bits of one more splitmix64 round.
-
-    The protocol's coin for a step: decided on the host, with no generator and no device read.
+    """A number in ``[0, 1)``, a pure function of ``seed`` computed on the host (a step's coin).
 
     Example:
-        >>> u = seed_uniform(step_seed(0, 0, 7))
-        >>> 0.0 <= u < 1.0, u == seed_uniform(step_seed(0, 0, 7))
-        (True, True)
+        >>> 0.0 <= seed_uniform(step_seed(0, 0, 7)) < 1.0
+        True
     """
     return (_splitmix64(seed) >> 11) * 2.0**-53
 
 
 def _splitmix64(state: int) -> int:
-    """One step of splitmix64 from ``state``: its output (the golden-ratio increment, then the mixing function)."""
     z = (state + 0x9E3779B97F4A7C15) & _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64

@@ -9,26 +9,26 @@ it hands each mixed batch's :class:`StepReport` to ``report``. It never touches 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_multimix.batch import InputMixer, check_labels, default_labels, default_mix_inputs
-from lightning_multimix.capture import StepCapture
+from lightning_multimix.capture import CallOrder, StepCapture
+from lightning_multimix.checks import check_equal_batch_sizes, check_found_head, check_teacher_entry, check_user_loss
 from lightning_multimix.errors import MultiMixError
-from lightning_multimix.heads import HeadPlan, declared_feature_map, head_plan
-from lightning_multimix.mixin import MultiMixMixin
+from lightning_multimix.heads import BufferSafeHead, HeadPlan, declared_feature_map, head_plan
 from lightning_multimix.objective import TeacherOutputs, mixup_objective, multimix_objective
 from lightning_multimix.options import Dense, SelfDistillation
 from lightning_multimix.probe import HeadProbe
 from lightning_multimix.sampling import RandomStream
 from lightning_multimix.teacher import Distiller
+from lightning_multimix.user_loss import LossFit, explain_loss, plain_cross_entropy
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -86,12 +86,10 @@ class TrainingStep:
         self.capture = self._capture() if plan is not None else None
         self.batch_counts: dict[str, int] = dict.fromkeys(KINDS, 0)
         self.verified = self.features_verified = self.warned_small_batch = False
+        self.loss_fit: Optional[LossFit] = None  #: how the user's loss relates to the cross-entropy (first batch)
         self.inputs_mixable: Optional[bool] = None
-        # facts of the fit, settled once: whether the batches are gathered across processes (every process then
-        # makes the same collective calls), and whether the user names the labels (then they are not second-guessed)
+        # whether the batches are gathered across processes (every process then makes the same collective calls)
         self.gathering = options.sync_batch and module.trainer.world_size > 1
-        self.named_labels = getattr(type(module), "multimix_labels", MultiMixMixin.multimix_labels) is not \
-            MultiMixMixin.multimix_labels
         self.read_labels = getattr(module, "multimix_labels", default_labels)
 
     def _capture(self) -> StepCapture:
@@ -123,13 +121,15 @@ class TrainingStep:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         module, options = self.module, self.options
+        if not module.trainer.training:  # a validation_step that calls training_step: not a training batch
+            return self.original(*args, **kwargs)
         rank = module.trainer.global_rank
         index = self.stream.next_batch()
         kind = self.kind(index, rank)
         batch = args[0] if args else kwargs["batch"]
         labels = check_labels(self.read_labels(batch))
         if kind != "own_loss" and self.gathering:
-            _check_equal_batch_sizes(module, labels.shape[0])  # every process, before any may take another way
+            check_equal_batch_sizes(module, labels.shape[0])  # every process, before any may take another way
         if kind != "own_loss" and labels.shape[0] < 2:
             if not self.warned_small_batch:
                 rank_zero_warn(f"MultiMix: a training batch of {labels.shape[0]} example cannot be mixed; such "
@@ -155,16 +155,25 @@ class TrainingStep:
             dense = options.dense
             named_map = declared_feature_map(module, dense.feature_map) if dense is not None else None
             probe = HeadProbe(module, dense=dense is not None, feature_maps=(named_map,) if named_map else ())
+        order = CallOrder() if self.distiller is not None and not self.verified else contextlib.nullcontext()
         try:
-            with probe if probe is not None else self.capture:
+            with probe if probe is not None else self.capture, order:
                 output = self.original(*args, **kwargs)
+            if isinstance(output, dict) and "loss" not in output:
+                raise MultiMixError(
+                    f"`training_step` returned a dict without a 'loss' key (keys {sorted(map(str, output))}); "
+                    "Lightning "
+                    "optimises `output['loss']` and MultiMix replaces it. Return `{'loss': loss, ...}`."
+                )
             user_loss = output["loss"] if isinstance(output, dict) else output
             if user_loss is None:
                 return output  # the user skipped this batch
             if not isinstance(user_loss, Tensor):
                 raise MultiMixError(f"`training_step` returned {type(output).__name__}; MultiMix needs a loss tensor "
                                     "or a dict with 'loss'.")
-            capture = self._adopt(probe) if probe is not None else self.capture
+            capture = self._adopt(probe, user_loss, labels) if probe is not None else self.capture
+            if isinstance(order, CallOrder):
+                check_teacher_entry(module, capture.model_inputs()[0], order)
             loss, labels, keep, num_classes = self._loss(kind, capture, labels, mixer, user_loss)
         finally:
             if probe is not None:
@@ -174,11 +183,16 @@ class TrainingStep:
         self.verified = True
         return {**output, "loss": loss} if isinstance(output, dict) else loss
 
-    def _adopt(self, probe: HeadProbe) -> StepCapture:
-        """First batch, no declared head: choose it from what ran and capture it from the next batch on; this batch's
-        tensors come from the probe."""
+    def _adopt(self, probe: HeadProbe, user_loss: Tensor, labels: Tensor) -> StepCapture:
+        """First batch, no declared head: choose it from what ran, check that it explains the user's loss, and capture
+        it from the next batch on; this batch's tensors come from the probe."""
         options = self.options
-        self.plan = head_plan(self.module, probe.choose(), probe.how, options.dense, options.logit_space)
+        chosen = probe.choose()
+        outputs = probe.linear_outputs()
+        if chosen in outputs:  # else the head's shape is wrong, and `head_tensors` says so
+            labels = labels.to(outputs[chosen].device).long()
+            self.loss_fit = check_found_head(chosen, probe.how, outputs, user_loss, labels, options.ignore_index)
+        self.plan = head_plan(self.module, chosen, probe.how, options.dense, options.logit_space)
         if self.distiller is not None:
             self.distiller.watch(self.plan.head_path)
         self.capture = self._capture()
@@ -194,7 +208,9 @@ class TrainingStep:
                                 f"batch has {labels.shape[0]} labels. Pass `MultiMix(head='dotted.path')`.")
         labels = labels.to(logits.device).long()
         if not self.verified:
-            self._check_labels(user_loss, logits, labels)
+            fit = self.loss_fit or explain_loss(user_loss, logits, labels, options.ignore_index)
+            self.loss_fit = check_user_loss(fit, plan.head_path, logits, labels, options.ignore_index,
+                                            options.label_smoothing)
         dense_now = options.dense is not None and kind == options.mode
         features = mask = None
         if options.dense is not None and (dense_now or not self.features_verified):
@@ -208,12 +224,15 @@ class TrainingStep:
         keep = labels != options.ignore_index if options.ignore_index is not None else None
         if mixer is not None:
             loss = mixup_objective(logits, labels, *mixer.draw, teacher=teacher, keep=keep,
-                                   label_smoothing=options.label_smoothing)
-            return loss, labels, keep, logits.shape[-1]
-        loss = self._last_layer_loss(kind, capture, embeddings, logits, labels, keep,
-                                     features if dense_now else None, mask if dense_now else None, teacher)
-        if options.clean_loss_weight > 0:
-            loss = loss + options.clean_loss_weight * user_loss.float()
+                                   label_smoothing=self.label_smoothing)
+        else:
+            loss = self._last_layer_loss(kind, capture, embeddings, logits, labels, keep,
+                                         features if dense_now else None, mask if dense_now else None, teacher)
+            if options.clean_loss_weight > 0:
+                loss = loss + options.clean_loss_weight * user_loss.float()
+        if self.loss_fit.rest:  # the user's other terms: their loss less the cross-entropy MultiMix replaces
+            ce = plain_cross_entropy(logits, labels, options.ignore_index, self.loss_fit.label_smoothing)
+            loss = loss + (user_loss.float() - ce)
         return loss, labels, keep, logits.shape[-1]
 
     def _mix_batch(self, batch: Any, mixer: InputMixer) -> Optional[Any]:
@@ -260,7 +279,8 @@ class TrainingStep:
                                               embeddings=gather(teacher.embeddings))
         weights = options.sample_weights(labels.shape[0], kind, self.generator, keep)
         head = capture.head.module
-        common = {"teacher": teacher, "label_smoothing": options.label_smoothing}
+        head = BufferSafeHead(head) if next(head.buffers(), None) is not None else head
+        common = {"teacher": teacher, "label_smoothing": self.label_smoothing}
         if features is not None:
             return multimix_objective(weights, labels, feature_map=features, head=plan.position_head or head,
                                       attention=options.dense.attention, position_mask=mask,
@@ -269,53 +289,8 @@ class TrainingStep:
             return multimix_objective(weights, labels, logits=logits, **common)
         return multimix_objective(weights, labels, embeddings=embeddings, head=head, **common)
 
-    def _check_labels(self, user_loss: Tensor, logits: Tensor, labels: Tensor) -> None:
-        """First batch: the user's loss should be the cross-entropy of the head's logits with the labels taken from
-        the batch; when it is not, say where the labels came from and how to name them."""
-        ignore = self.options.ignore_index
-        valid = labels != ignore if ignore is not None else torch.ones_like(labels, dtype=torch.bool)
-        if self.named_labels or not bool(((labels >= 0) & (labels < logits.shape[-1]) | ~valid).all()):
-            return  # named by the user; out-of-range labels are the health check's to report
-        expected = F.cross_entropy(logits.detach().float(), labels, ignore_index=ignore if ignore is not None else -100)
-        found = user_loss.detach().float()
-        if bool(torch.isfinite(found)) and bool(torch.isfinite(expected)) and \
-                abs(float(found) - float(expected)) > 1e-3 * max(1.0, abs(float(expected))):
-            rank_zero_warn(
-                f"MultiMix: on the first batch your training_step's loss ({float(found):.4f}) is not the cross-entropy "
-                f"of the head's logits with the labels MultiMix took from the batch ({float(expected):.4f}). If your "
-                "loss adds terms (a regulariser, label smoothing, class weights), all is well; if those are not the "
-                "labels (MultiMix reads `batch[1]` or the 'label'/'labels'/'target'/'targets'/'y' key), return the "
-                "right ones from `MultiMixMixin.multimix_labels(batch)`."
-            )
-
-
-def check_supported(trainer: "pl.Trainer", module: "pl.LightningModule") -> None:
-    """Refuse, before any training, what the step cannot do right: manual optimization (MultiMix replaces the loss
-    that ``training_step`` returns) and strategies that shard or replace the parameters (FSDP, DeepSpeed, model
-    parallelism, XLA)."""
-    if not module.automatic_optimization:
-        raise MultiMixError(
-            "MultiMix replaces the loss returned by `training_step`, which needs automatic optimization; "
-            f"{type(module).__name__} sets `automatic_optimization = False`. Compute the loss with "
-            "`lightning_multimix.multimix_objective` in your own step instead."
-        )
-    strategy = trainer.strategy
-    name = type(strategy).__name__
-    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or "XLA" in name or name.startswith(
-            ("FSDP", "DeepSpeed", "ModelParallel")):
-        raise MultiMixError(
-            f"MultiMix supports single-device training and DDP (strategy='ddp', 'ddp_spawn', ...); got "
-            f"{type(strategy).__name__}, whose sharded or replaced parameters it has not been made to work with. "
-            "Use a DDP strategy, or train without MultiMix."
-        )
-
-
-def _check_equal_batch_sizes(module: "pl.LightningModule", size: int) -> None:
-    """``sync_batch`` gathers tensors of equal shapes: stop with a clear error when the processes' batches differ
-    (gloo would abort the process). One small collective and a host read per step."""
-    sizes = module.all_gather(torch.tensor(size, device=module.device)).flatten().tolist()
-    if len(set(sizes)) > 1:
-        raise MultiMixError(
-            f"MultiMix(sync_batch=True) needs batches of equal size on every process; this step's sizes are {sizes}. "
-            "Use `DataLoader(..., drop_last=True)` (and a sampler that gives each process as many examples)."
-        )
+    @property
+    def label_smoothing(self) -> float:
+        """The smoothing of the mixed targets: ``MultiMix(label_smoothing=...)``, else what the user's loss uses."""
+        fit = self.loss_fit
+        return self.options.label_smoothing or (fit.label_smoothing if fit is not None else 0.0)

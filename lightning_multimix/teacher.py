@@ -1,20 +1,4 @@
-r"""Self-distillation: the EMA teacher (an exponential moving average of the student's weights) and
-:class:`Distiller`, which owns everything distillation needs during a fit (the teacher's copy, its targets, its
-updates, its buffers across processes, validation on its weights, its place in checkpoints).
-
-Update after optimizer step ``t`` (``t = 0, 1, ...``), with the warm-up of the decay (``warmup=True``)::
-
-    decay_t = min(decay, (1 + t) / (10 + t))
-    teacher = decay_t * teacher + (1 - decay_t) * student          # parameters, one multi-tensor lerp
-    teacher_buffers = student_buffers                                # batch-norm statistics follow the student
-
-The warm-up lets an early teacher track the fast-moving student (``decay_0 = 0.1``) and reaches ``decay`` after
-``(10 * decay - 1) / (1 - decay)`` steps (about 9,000 for ``decay=0.999``).
-
-The update uses torch's EMA machinery (``torch.optim.swa_utils.get_ema_multi_avg_fn``: one ``torch._foreach_lerp_``
-over all parameters). The step count lives on the host, so an update never synchronises with the device (which
-``AveragedModel.update_parameters`` does, through its ``n_averaged == 0`` test).
-"""
+r"""Self-distillation: :class:`EMATeacher`, an EMA of the student's weights, and :class:`Distiller`, its fit logic."""
 
 from __future__ import annotations
 
@@ -34,7 +18,7 @@ _COMPILED_METHODS = ("forward", "training_step", "validation_step", "test_step",
 
 
 def ema_decay_at(step: int, decay: float, warmup: bool = True) -> float:
-    """The EMA decay used by the update after optimizer step ``step``.
+    """The EMA decay after optimizer step ``step``: ``min(decay, (1 + step) / (10 + step))``, or ``decay`` unwarmed.
 
     Example:
         >>> ema_decay_at(0, 0.999), ema_decay_at(0, 0.999, warmup=False), ema_decay_at(100_000, 0.999)
@@ -46,16 +30,13 @@ def ema_decay_at(step: int, decay: float, warmup: bool = True) -> float:
 
 
 class EMATeacher:
-    """A frozen, eval-mode copy of ``model`` kept as an EMA of its weights.
-
-    It is a plain picklable object (no closures), is in no optimizer and never requires grad. Copy the model before
-    installing any hook on it: the copy carries the model's module hooks.
+    """A frozen, eval-mode, picklable copy of ``model`` kept as an EMA of its weights (``decay`` in ``[0, 1]``).
+    Make it before hooking ``model``: the copy carries the model's hooks.
 
     Example:
         >>> student = torch.nn.Linear(2, 2)
         >>> teacher = EMATeacher(student, decay=0.5, warmup=False)
-        >>> with torch.no_grad():
-        ...     _ = student.weight.add_(1.0)
+        >>> _ = student.weight.data.add_(1.0)
         >>> teacher.update(student)
         >>> torch.allclose(teacher.module.weight, student.weight - 0.5)
         True
@@ -67,7 +48,7 @@ class EMATeacher:
         self.decay = decay
         self.warmup = warmup
         self.num_updates = 0
-        #: float32 copies of half-precision parameters, which the EMA moves (see :meth:`update`)
+        #: float32 masters of half-precision parameters, which the EMA moves
         self.masters: Optional[list[Tensor]] = None
         self.module = copy.deepcopy(model)
         self.module.requires_grad_(False)
@@ -78,7 +59,7 @@ class EMATeacher:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """One EMA step towards ``model``'s parameters; buffers are copied."""
+        """One EMA step towards ``model``'s parameters (no device sync); buffers are copied."""
         teacher_params = [p for p in self.module.parameters()]
         student_params = [p.detach() for p in model.parameters()]
         if len(teacher_params) != len(student_params):
@@ -91,9 +72,7 @@ class EMATeacher:
             teachers, students = map(list, zip(*floating))
             average = get_ema_multi_avg_fn(self.decay_now())
             if self.masters is None and any(t.dtype in (torch.float16, torch.bfloat16) for t in teachers):
-                # in half precision (`precision="bf16-true"`) a step `(1 - decay) * (student - teacher)` is below
-                # the last bit of the teacher for decay near 1, and the teacher would never move: average float32
-                # masters and round them into the teacher
+                # in 16 bits a step (1 - decay) * (student - teacher) is below the teacher's last bit: use masters
                 self.masters = [t.float().clone() for t in teachers]
             if self.masters is not None:
                 average(self.masters, [s.float() for s in students], None)
@@ -132,12 +111,8 @@ def _tensors(module: nn.Module) -> list[Tensor]:
     return [*module.parameters(), *module.buffers()]
 
 
-
 class Distiller:
-    """Self-distillation during a fit, for :class:`~lightning_multimix.MultiMix`: builds the EMA teacher from the
-    module (before any hook is installed on it, so that the copy carries none), runs it without gradient on the
-    inputs the student's step received, updates it once per optimizer step, keeps its buffers identical across
-    processes, swaps its weights in for validation, and saves and restores it with checkpoints.
+    """Self-distillation in a fit: builds, runs, updates, synchronises, swaps in and checkpoints the EMA teacher.
 
     Example:
         >>> student = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
@@ -154,26 +129,24 @@ class Distiller:
     def __init__(self, options: SelfDistillation) -> None:
         self.options = options
         self.teacher: Optional[EMATeacher] = None
-        self._owner: Optional[int] = None
+        self._token: Optional[_TeacherToken] = None  # also on the student: a copy of both keeps its own teacher
         self._pending: Optional[dict[str, Any]] = None
         self._head: Optional[Capture] = None
-        #: the global step of the last EMA update (one per optimizer step)
         self.last_update_step = 0
         self._swapped = False
 
     def attach(self, module: nn.Module, device: torch.device) -> None:
         """Make (or keep, when fitting the same module again) the teacher; call before hooking ``module``."""
-        if self.teacher is None or self._owner != id(module):
+        if self.teacher is None or self._token is None or module.__dict__.get(_TOKEN) is not self._token:
             self.teacher = EMATeacher(module, decay=self.options.ema_decay, warmup=self.options.ema_warmup)
-            self._owner = id(module)
-            # `trainer.fit(torch.compile(module))` set compiled `forward`/`*_step` on the instance, bound to the
-            # student: the copy would run the student's weights. The teacher runs its own methods (eagerly).
+            self._token = _TeacherToken()
+            module.__dict__[_TOKEN] = self._token
+            # compiled methods on the instance are bound to the student: the teacher runs its own, eagerly
             for name in _COMPILED_METHODS if hasattr(module, "_compiler_ctx") else ():
                 self.teacher.module.__dict__.pop(name, None)
         self.teacher.to(device)
         if device.type == "cpu" and any(p.ndim == 4 for p in self.teacher.module.parameters()):
-            # CPU convolutions run more than twice as fast in channels-last memory; same values to float rounding.
-            # Only the teacher's private copy changes layout.
+            # CPU convolutions run faster channels-last; only the teacher's private copy changes layout
             self.teacher.module.to(memory_format=torch.channels_last)
         if self._pending is not None:
             self.teacher.load_state_dict(self._pending)
@@ -194,8 +167,7 @@ class Distiller:
 
     def outputs(self, source: str, args: tuple, kwargs: dict, global_step: int,
                 with_embeddings: bool) -> TeacherOutputs:
-        """The teacher's view of the batch: its submodule ``source`` run without gradient on the arguments the
-        student's received, its head's output (and input, ``with_embeddings``)."""
+        """The teacher's head output (and input, ``with_embeddings``) from ``source`` on the student's arguments."""
         assert self.teacher is not None and self._head is not None, "attach() and watch() first"
         with torch.no_grad(), self._head:
             self.teacher.module.get_submodule(source)(*args, **kwargs)
@@ -219,6 +191,11 @@ class Distiller:
             broadcast_buffers(self.teacher.module)
 
     @property
+    def has_state(self) -> bool:
+        """Whether a teacher's state waits to be loaded into the teacher the next :meth:`attach` builds."""
+        return self._pending is not None
+
+    @property
     def swapped(self) -> bool:
         """Whether the module holds the teacher's weights right now (during validation with the teacher)."""
         return self._swapped
@@ -233,6 +210,22 @@ class Distiller:
         teacher = self.teacher.state_dict() if self.teacher is not None else self._pending
         return {"teacher": teacher, "last_ema_step": self.last_update_step}
 
+    def on_save_checkpoint(self, module: nn.Module, checkpoint: dict[str, Any], key: str) -> None:
+        """With ``validate_with_teacher``: ``state_dict`` holds the teacher, ``callbacks[key]`` the student."""
+        if not self.options.validate_with_teacher or self.teacher is None:
+            return
+        ours, theirs = module.state_dict(), self.teacher.module.state_dict()
+        teacher, student = (ours, theirs) if self._swapped else (theirs, ours)
+        checkpoint["state_dict"] = teacher
+        if "callbacks" in checkpoint:  # not in a weights-only checkpoint
+            checkpoint["callbacks"][key]["student"] = student
+
+    def on_load_checkpoint(self, module: nn.Module, checkpoint: dict[str, Any], key: str) -> None:
+        """Resuming a fit from a checkpoint that holds the teacher in its ``state_dict``: the student trains on."""
+        student = checkpoint.get("callbacks", {}).get(key, {}).get("student")
+        if student is not None:
+            module.load_state_dict(student)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_update_step = state.get("last_ema_step", 0)
         # kept until `attach`, which may build a new teacher (a new module) and must give it this state too
@@ -241,12 +234,15 @@ class Distiller:
             self.teacher.load_state_dict(self._pending)
 
 
-def broadcast_buffers(module: nn.Module) -> None:
-    """Give every process rank 0's buffers (one collective per dtype).
+_TOKEN = "_multimix_teacher_token"
 
-    DDP re-broadcasts the student's buffers at each forward, after which each process's batch-norm statistics drift
-    apart on its own batch; the teacher copies them, so it must be re-synchronised to stay identical across processes.
-    """
+
+class _TeacherToken:
+    """Marks the student a teacher was made from (a deep copy of both matches its own teacher)."""
+
+
+def broadcast_buffers(module: nn.Module) -> None:
+    """Give every process rank 0's buffers (one collective per dtype): batch-norm statistics drift per process."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     by_dtype: dict[torch.dtype, list[Tensor]] = {}

@@ -1,7 +1,7 @@
 """Smoke tests of the benchmark scripts: they run end to end (``--quick``) and report every method.
 
-No timing or accuracy is asserted: the numbers of a quick run on a CI machine mean nothing. Both tests are end-to-end
-runs of several Trainers (about a minute each on 2 CPU cores), hence ``slow``.
+No timing or accuracy is asserted: the numbers of a quick run on a CI machine mean nothing. The tests are end-to-end
+runs of the scripts (several Trainers for some, up to a few minutes each on 2 CPU cores), hence ``slow``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ OVERHEAD_METHODS = ("none", "mixup", "cutmix", "input-mixup", "input-mixup-in-st
                     "distill-1000")
 ACCURACY_METHODS = ("erm", "mixup", "cutmix", "pairs", "multimix", "multimix_every", "dense", "distill")
 REGIMES = ("clean", "low_data", "noisy")
+SAMPLING_WAYS = ("package", "standard_gamma", "distributions.Dirichlet")
 SWEEP_CONFIGS = ("default", "alpha=0.1", "alpha=0.5", "alpha=2", "tuple_size=2", "tuple_size=4", "tuple_size=8",
                  "n_tuples=100", "n_tuples=10000", "probability=0.25", "probability=0.75", "probability=1")
 
@@ -62,18 +63,41 @@ def test_overhead_quick_prints_every_method_and_writes_files(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
-def test_sampling_and_cross_entropy_scripts_report_their_candidates(tmp_path: Path) -> None:
+def test_cross_entropy_script_reports_every_layout(tmp_path: Path) -> None:
     stdout = _run("benchmarks/cross_entropy.py", "--repeats", "3", "--processes", "2", "--out", str(tmp_path))
     rows = _table_rows(stdout, "== soft cross-entropy")
     assert [row[-7] for row in rows] == ["1000x10", "10x1000", "10x10000", "49x10x1000"]
     assert all(float(row[-2]) < 1e-5 and float(row[-1]) < 1e-6 for row in rows)  # same loss, same gradient
     assert "2 fresh processes per layout" in (tmp_path / "cross_entropy.md").read_text()
-    stdout = _run("benchmarks/sampling.py", "--n", "100", "--processes", "1", "--out", str(tmp_path))
-    for candidate in ("package", "SFC64 bits, NumPy log2", "SFC64 seeded anew", "-log(torch.rand)",
-                      "SFC64 bits, torch.log", "-log1p(-U)", "exponential_", "distributions.Dirichlet",
-                      "SFC64 raw bits alone"):
-        assert candidate in stdout
-    assert (tmp_path / "sampling.md").read_text().startswith("command: ")
+
+
+@pytest.mark.slow
+def test_sampling_quick_compares_every_way_and_writes_its_results_file(tmp_path: Path) -> None:
+    stdout = _run("benchmarks/sampling.py", "--quick", "--out", str(tmp_path))
+    assert "machine: " in stdout and "torch_threads=1" in stdout
+    expected = [[alpha, "128", "x", n, way] for alpha in ("1", "0.5") for n in ("100", "1000", "10000")
+                for way in SAMPLING_WAYS]
+    title = "== Dirichlet weights, one thread"
+    rows = _table_rows(stdout, title)
+    assert [row[:5] for row in rows] == expected
+    for row in rows:
+        assert float(row[5]) > 0 and float(row[6]) > 0 and (row[4] != "package" or row[6] == "1.00")  # vs package
+        assert 0.8 < float(row[7]) < 1.2  # the variance of a Dirichlet: every way draws the same distribution
+    text = (tmp_path / "sampling.md").read_text()
+    header = text.splitlines()
+    assert header[0] == f"command: python benchmarks/sampling.py --quick --out {tmp_path}"
+    assert header[1].startswith("date: ") and header[2].startswith("machine: ") and "torch_threads=1" in header[2]
+    assert header[3].startswith("settings: m=128, n=100,1000,10000, alpha=1,0.5, 3 interleaved calls")
+    assert [row[:5] for row in _table_rows(text.split("```")[1], title)] == expected  # the printed table
+
+
+def test_sampling_quick_run_never_replaces_the_recorded_results() -> None:
+    from benchmarks._harness import RESULTS_DIR
+    from benchmarks.sampling import results_dir
+
+    assert results_dir(None, quick=True) == ""
+    assert results_dir(None, quick=False) == str(RESULTS_DIR)
+    assert results_dir("/tmp/x", quick=True) == "/tmp/x"
 
 
 @pytest.mark.slow
@@ -113,7 +137,9 @@ def test_sweep_quick_reports_every_configuration(tmp_path: Path) -> None:
 def test_kernels_script_compares_every_product_with_equal_values(tmp_path: Path) -> None:
     stdout = _run("benchmarks/kernels.py", "--n", "100,200", "--repeats", "3", "--out", str(tmp_path))
     rows = _table_rows(stdout, "== products of the objective")
-    assert len(rows) == 11 and all(float(row[-1]) < 1e-5 for row in rows)
+    # per n: mixed logits against two other layouts, the dense head per position; then input mixup once
+    assert len(rows) == 7 and all(float(row[-1]) < 1e-5 for row in rows)
+    assert [row[0] for row in rows] == ["mixed", "mixed", "dense"] * 2 + ["input"]
     assert rows[-1][:3] == ["input", "mixup,", "128"]  # the mixing of a batch, once
     assert (tmp_path / "kernels.md").read_text().startswith("command: python benchmarks/kernels.py")
 
@@ -134,6 +160,8 @@ def test_step_profile_times_each_stage_inside_the_step(tmp_path: Path) -> None:
     assert all(whole > own > 0 for whole, own in zip(rows["the step MultiMix stands in for"],
                                                      rows["your training_step"]))
     assert rows["input mixing"][0] > 0 and rows["input mixing"][1] is None  # MultiMix batches mix no inputs
-    assert rows["SFC64 bits"][0] is None and rows["SFC64 bits"][1] > 0
+    assert "stages this version of the package does not have" not in stdout  # every stage's function exists
+    assert rows["Dirichlet weights"][0] is None and rows["Dirichlet weights"][1] > 0
+    assert rows["after the step: health, log"][0] > 0 and rows["after the step: health, log"][1] > 0
     assert rows["input-mixup objective"][0] > 0 and all(v is not None for v in rows["callback's part"])
     assert (tmp_path / "step_profile_smallcnn_cpu.md").read_text().startswith("command: python benchmarks/step_pro")

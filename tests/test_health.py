@@ -31,10 +31,11 @@ class NaNAt(TinyMLP):
 
 
 class LabelFree(TinyMLP):
-    """A user loss that never looks at the labels (so only MultiMix can notice they are out of range)."""
+    """A user loss that clamps the labels into range (so only MultiMix can notice they are out of range)."""
 
     def training_step(self, batch, batch_idx):
-        return self(batch[0]).pow(2).mean()
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y.clamp(0, NUM_CLASSES - 1))
 
 
 @pytest.fixture

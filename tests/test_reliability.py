@@ -223,8 +223,9 @@ def dict_loader() -> DataLoader:
     return DataLoader(rows, batch_size=4)
 
 
-def test_labels_that_disagree_with_the_users_loss_are_reported_with_the_fix():
-    with pytest.warns(UserWarning, match=r"not the cross-entropy of the head's logits.*multimix_labels\(batch\)"):
+def test_labels_that_disagree_with_the_users_loss_stop_training_with_the_fix():
+    """Training on other labels than the user's loss uses would train the wrong thing: an error, not a warning."""
+    with pytest.raises(MultiMixError, match=r"not the cross-entropy of its logits.*multimix_labels\(batch\)"):
         trainer([MultiMix(n_tuples=8, seed=0)], max_steps=1).fit(WrongLabelKey(), dict_loader())
 
 

@@ -56,16 +56,20 @@ def _quiet_lightning() -> Iterator[None]:
                 logger.setLevel(level)
 
 
+def _escape(text: str) -> str:
+    """``text`` as an argparse help string shows it: argparse formats help with ``%``, so a literal ``%`` is ``%%``."""
+    return text.replace("%", "%%")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lightning_multimix.demo",
         description="Train a small CNN on the Fashion-MNIST subset shipped in the package with ERM, input mixup, "
                     "pairs and MultiMix; print a comparison table and write pictures and results.",
     )
+    regimes = "; ".join(f"{name}: {r.description}" for name, r in REGIMES.items())
     parser.add_argument("--regime", choices=list(REGIMES), default=DEFAULT_REGIME,
-                        help="how much data, how long, how noisy: "
-                             + "; ".join(f"{name}: {r.description}" for name, r in REGIMES.items())
-                             + f" (default {DEFAULT_REGIME})")
+                        help=f"how much data, how long, how noisy: {_escape(regimes)} (default {DEFAULT_REGIME})")
     parser.add_argument("--label-noise", type=float, default=None,
                         help="fraction of training labels replaced by random ones (default: the regime's)")
     parser.add_argument("--train-per-class", type=int, default=None,

@@ -1,0 +1,76 @@
+"""The callback's state back in the main process after a fit in spawned (or forked) processes (``ddp_spawn``,
+``ddp_fork``, ``ddp_notebook``).
+
+There the callback that trained is a copy in the workers; the main process keeps the one the user made. Lightning
+sends rank 0's ``trainer.callback_metrics`` back to the main process (its launcher's ``get_extra_results``) and loads
+them there with ``torch.load(weights_only=True)``. Rank 0 puts a :class:`_Delivery` among them whose unpickling calls
+:func:`deliver`, a function allowed to ``torch.load``, with the callback's state: it hands the state to the callback of
+the main process (found by a token given to it at construction) and leaves the number of batches seen in
+``callback_metrics["multimix/batches_seen"]``.
+"""
+
+from __future__ import annotations
+
+import uuid
+import weakref
+from typing import Any, Callable
+
+import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+
+KEY = "multimix/batches_seen"
+#: where each callback of this process takes its state back: token -> its bound method, weakly
+_RECEIVERS: dict[str, weakref.WeakMethod] = {}
+
+
+def register(receive: Callable[[dict[str, Any]], None]) -> str:
+    """A new token under which ``receive`` (a bound method) gets the state a worker sends back."""
+    for dead in [t for t, method in _RECEIVERS.items() if method() is None]:
+        del _RECEIVERS[dead]
+    token = uuid.uuid4().hex
+    _RECEIVERS[token] = weakref.WeakMethod(receive)
+    return token
+
+
+def can_send() -> bool:
+    """Whether this torch can allow :func:`deliver` in ``torch.load(weights_only=True)``."""
+    return hasattr(torch.serialization, "add_safe_globals")
+
+
+def send_to_main_process(trainer: Any, token: str, state: dict[str, Any]) -> bool:
+    """On rank 0 of a fit in spawned or forked processes, put ``state`` among the results Lightning sends back to the
+    main process; ``False`` elsewhere (the process that trained is then the main one)."""
+    if type(trainer.strategy.launcher).__name__ != "_MultiProcessingLauncher" or trainer.local_rank != 0:
+        return False
+    if not can_send():
+        rank_zero_warn("MultiMix: this torch cannot send the callback's state back from the spawned processes: the "
+                       "callback in your main process keeps its state from before the fit (its random stream and "
+                       "teacher). Save checkpoints with `ModelCheckpoint` during the fit, or use strategy='ddp'.")
+        return False
+    trainer.callback_metrics[KEY] = _Delivery(token, apply_to_collection(state, Tensor, lambda t: t.detach().cpu()))
+    return True
+
+
+class _Delivery:
+    """Pickles as a call of :func:`deliver` with the token and the state."""
+
+    def __init__(self, token: str, state: dict[str, Any]) -> None:
+        self.token, self.state = token, state
+
+    def __reduce__(self) -> tuple:
+        return deliver, (self.token, self.state)
+
+
+def deliver(token: str, state: dict[str, Any]) -> Tensor:
+    """In the main process, as Lightning loads the workers' results: give ``state`` to the callback of ``token``."""
+    method = _RECEIVERS.get(token)
+    receive = method() if method is not None else None
+    if receive is not None:
+        receive(state)
+    return torch.tensor(state.get("batches_seen", 0))
+
+
+if can_send():
+    torch.serialization.add_safe_globals([deliver])
