@@ -252,11 +252,8 @@ class MultiMix(Callback):
         self._uninstall(pl_module)
 
     def _swap(self, pl_module: pl.LightningModule, swapped: bool) -> None:
-        if self._distiller is None:
-            return
-        if swapped and self._distiller.teacher is None and self._distiller.has_state:
-            self._distiller.attach(pl_module, pl_module.device)  # a teacher restored, but not built by a fit yet
-        self._distiller.swap(pl_module, swapped=swapped)
+        if self._distiller is not None:
+            self._distiller.swap(pl_module, swapped=swapped)
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -162,8 +162,7 @@ class TrainingStep:
             if isinstance(output, dict) and "loss" not in output:
                 raise MultiMixError(
                     f"`training_step` returned a dict without a 'loss' key (keys {sorted(map(str, output))}); "
-                    "Lightning "
-                    "optimises `output['loss']` and MultiMix replaces it. Return `{'loss': loss, ...}`."
+                    "Lightning optimises `output['loss']` and MultiMix replaces it. Return `{'loss': loss, ...}`."
                 )
             user_loss = output["loss"] if isinstance(output, dict) else output
             if user_loss is None:

@@ -191,17 +191,15 @@ class Distiller:
             broadcast_buffers(self.teacher.module)
 
     @property
-    def has_state(self) -> bool:
-        """Whether a teacher's state waits to be loaded into the teacher the next :meth:`attach` builds."""
-        return self._pending is not None
-
-    @property
     def swapped(self) -> bool:
         """Whether the module holds the teacher's weights right now (during validation with the teacher)."""
         return self._swapped
 
     def swap(self, module: nn.Module, swapped: bool) -> None:
-        """Put the teacher's weights into ``module`` (``swapped=True``) or back; idempotent."""
+        """Put the teacher's weights into ``module`` (``swapped=True``) or back; idempotent. A teacher restored from a
+        state but not built by a fit yet is built first."""
+        if self.options.validate_with_teacher and swapped and self.teacher is None and self._pending is not None:
+            self.attach(module, next(module.parameters()).device)
         if self.options.validate_with_teacher and self.teacher is not None and self._swapped != swapped:
             self.teacher.swap_weights(module)
             self._swapped = swapped

@@ -431,3 +431,28 @@ def test_a_restored_teacher_is_validated_without_a_fit_first():
     trainer([restored, Seen()]).validate(model, loader(n=4), verbose=False)
     assert torch.equal(seen[0], callback.teacher.module.fc.weight) and not torch.equal(seen[0], student)
     assert torch.equal(model.fc.weight, student)  # swapped back
+
+
+def test_dense_mode_does_not_take_a_block_with_batch_norm_as_the_head():
+    from lightning_multimix.heads import classifier_block
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    net.classifier = nn.Sequential(nn.Dropout(), nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    net.plain = nn.Sequential(nn.Dropout(), nn.Linear(4, 2))
+    assert classifier_block(net, "classifier.3") == "classifier.3"  # the block has statistics: the Linear alone
+    assert classifier_block(net, "plain.1") == "plain"
+
+
+class HeadCalledInStep(TinyMLP):
+    """training_step runs the encoder, then the top-level head itself (forward is not called)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.fc(self.net(x)), y)
+
+
+def test_a_top_level_head_called_in_the_step_under_distillation_says_what_to_do():
+    from lightning_multimix import SelfDistillation
+
+    with pytest.raises(MultiMixError, match=r"called no module on the way to the head 'fc'.*self\(\.\.\.\)"):
+        fit(HeadCalledInStep(), MultiMix(n_tuples=8, head="fc", seed=0, distill=SelfDistillation()))
