@@ -14,7 +14,6 @@ import itertools
 import weakref
 from typing import Any, Optional
 
-import torch
 from torch import Tensor, nn
 
 from lightning_multimix.errors import MultiMixError
@@ -206,27 +205,32 @@ class StepCapture:
 
 
 class CallOrder:
-    """While entered, the order in which modules first run (one global forward pre-hook), by module identity.
+    """While entered, the order in which the modules of ``model`` first run, by module identity (a forward pre-hook
+    on each: a global one would make ``torch.compile`` warn).
 
     Example:
         >>> import torch
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
-        >>> with CallOrder() as order:
+        >>> with CallOrder(net) as order:
         ...     _ = net(torch.randn(2, 3))
         >>> [order.first[id(m)] for m in (net, net[0], net[1])]
         [0, 1, 2]
     """
 
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
     def __enter__(self) -> "CallOrder":
         self.first: dict[int, int] = {}
-        self._handle = torch.nn.modules.module.register_module_forward_pre_hook(self._record)
+        self._handles = [m.register_forward_pre_hook(self._record) for m in self.model.modules()]
         return self
 
     def _record(self, module: nn.Module, args: Any) -> None:
         self.first.setdefault(id(module), len(self.first))
 
     def __exit__(self, *exc: Any) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
 
 
 def ran_before(model: nn.Module, entry: str, order: CallOrder) -> Optional[str]:
@@ -237,7 +241,7 @@ def ran_before(model: nn.Module, entry: str, order: CallOrder) -> Optional[str]:
     Example:
         >>> import torch
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
-        >>> with CallOrder() as order:
+        >>> with CallOrder(net) as order:
         ...     _ = net[1](net[0](torch.randn(2, 3)))
         >>> ran_before(net, "1", order), ran_before(net, "0", order)
         ('0', None)

@@ -155,7 +155,7 @@ class TrainingStep:
             dense = options.dense
             named_map = declared_feature_map(module, dense.feature_map) if dense is not None else None
             probe = HeadProbe(module, dense=dense is not None, feature_maps=(named_map,) if named_map else ())
-        order = CallOrder() if self.distiller is not None and not self.verified else contextlib.nullcontext()
+        order = CallOrder(module) if self.distiller is not None and not self.verified else contextlib.nullcontext()
         try:
             with probe if probe is not None else self.capture, order:
                 output = self.original(*args, **kwargs)
