@@ -165,3 +165,22 @@ def test_step_profile_times_each_stage_inside_the_step(tmp_path: Path) -> None:
     assert rows["after the step: health, log"][0] > 0 and rows["after the step: health, log"][1] > 0
     assert rows["input-mixup objective"][0] > 0 and all(v is not None for v in rows["callback's part"])
     assert (tmp_path / "step_profile_smallcnn_cpu.md").read_text().startswith("command: python benchmarks/step_pro")
+
+
+def test_step_cost_quick_counts_every_method_and_writes_its_results_file(tmp_path: Path) -> None:
+    stdout = _run("benchmarks/step_cost.py", "--quick", "--out", str(tmp_path))
+    methods = ["none", "MultiMix()", "input-mixup", "tv-mixup"]
+    title = "== per training step, tiny models"
+    text = (tmp_path / "step_cost_tiny_cpu.md").read_text()
+    header = text.splitlines()
+    assert header[0] == f"command: python benchmarks/step_cost.py --quick --out {tmp_path}"
+    assert header[1].startswith("date: ") and header[2].startswith("machine: ") and header[3].startswith("settings: ")
+    for output in (stdout, text.split("```")[1]):  # the printed table and the file's
+        rows = _table_rows(output, title)
+        assert [row[:2] for row in rows] == [[method, "mlp"] for method in methods]
+        assert all(len(row) == 11 for row in rows) and all(float(cell) == float(cell) for row in rows
+                                                           for cell in row[2:])  # numbers (nan is not)
+        for method in ("MultiMix()", "input-mixup"):  # the operations each adds most, by name
+            top = _table_rows(output, f"== {method}: the 10 operations")
+            assert 0 < len(top) <= 10 and all(len(row) == 2 and row[0].startswith("aten::") for row in top)
+            assert all(float(count) > 0 for _, count in top)

@@ -1,0 +1,338 @@
+"""What host work does each method add to a training step? Operations dispatched and Python calls, counted exactly.
+
+What is measured
+----------------
+Two counts per training step, exact and free of noise (nothing is timed), through a real ``lightning.Trainer`` on
+CPU (``logger=False``, no checkpointing, progress bar or model summary), batch 128, random batches made here
+beforehand and handed over as they are by the ``DataLoader`` (``batch_size=None``: no collation in the counts, as
+with a GPU fed by loader workers):
+
+* **operations dispatched**: every operator call that reaches a ``TorchDispatchMode`` wrapped around the whole
+  ``trainer.fit`` (forward, loss, backward, optimizer, Lightning's and the callback's own work), counted by name
+  (``aten::addmm``, ...). On a GPU each one is a kernel launch or more: host work the GPU waits for at small step
+  times. ``host reads`` are the ``aten::_local_scalar_dense`` among them (``.item()``, ``bool(t)``, ``float(t)``: on
+  a GPU each one synchronises the host with the device), ``detach`` the ``aten::detach``.
+* **Python function calls**: the ``'call'`` events of ``sys.setprofile`` over the same fit (a separate one, so that
+  neither count sees the other's machinery), attributed by the file of the called function: ``package``
+  (``lightning_multimix/``), ``lightning`` (the ``lightning`` package: the Trainer, ``self.log``) or ``other`` (torch,
+  the user's module, the data loader, torchvision).
+
+Every method is fitted twice, for ``S`` and ``2S`` steps (data of exactly that many batches, one epoch, the same
+seeds), and a count per step is ``(count(2S) - count(S)) / S``: what is done once (the Trainer's start and end, the
+first batch's checks, the head's discovery) cancels, and work done every 50 steps (the callback's health read,
+Lightning's ``log_every_n_steps``) counts at its average when ``S`` is a multiple of 50. The garbage collector is
+off during a counted fit (its finalizers would add calls at random places). The methods:
+
+* ``mlp`` rows: ``nn.Sequential(Linear(16, 16), ReLU, Linear(16, 10))`` on 16 features. ``none``: cross-entropy,
+  no mixing; ``MultiMix()``: the defaults (half the batches MultiMix with n = 1000, half input mixup; ``seed=0``);
+  ``multimix-N``: ``MultiMix(n_tuples=N, probability=1.0)``; ``input-mixup``: ``MultiMix(probability=0.0)``;
+  ``pairs``: ``MultiMix(mode="pairs", probability=1.0)``; ``distill-1000``: ``multimix-1000`` with
+  ``distill=SelfDistillation()``; ``tv-mixup``: torchvision's ``v2.MixUp(num_classes=10)`` in the module's own
+  ``training_step`` (it takes 4-d batches only: its row includes the two ``view`` ops that give it one).
+* ``cnn`` rows, for what needs images: ``Conv2d(3, 8, 3, padding=1), ReLU, AdaptiveAvgPool2d(1), Flatten,
+  Linear(8, 10)`` on 3x8x8 images, with its own ``none``: ``dense-1000`` (``multimix-1000`` with ``dense=Dense()``,
+  the 8x8 feature map) and ``tv-cutmix`` (``v2.CutMix(num_classes=10)`` in the step).
+
+Every module logs its own loss with ``self.log("train/loss", loss, on_step=True)``, as users do.
+
+How to read the output
+----------------------
+``ops/step`` and ``calls/step`` are a method's totals per step; every ``extra`` column is the method's count per
+step less the ``none`` of its own model (the ``none`` rows: 0). A fraction is an average over steps that differ:
+``MultiMix()`` mixes some batches one way and some the other, and some work is done every 50 steps. Then, for
+``MultiMix()`` and ``input-mixup``, the 10 operations they add most, by name, per step beyond ``none``.
+
+Files written into ``--out`` (default ``benchmarks/results``; a ``--quick`` run writes only where ``--out`` says):
+``step_cost_tiny_cpu.md`` (command, date, machine, the tables).
+
+Examples::
+
+    python benchmarks/step_cost.py                          # every method, S = 100: the README's table
+    python benchmarks/step_cost.py --quick --out /tmp/cost  # CI smoke run: four methods, S = 5, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+if __package__ in (None, ""):
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.data import DataLoader
+
+import lightning_multimix
+from benchmarks._harness import RESULTS_DIR, format_table, machine_info, print_machine, quiet, write_report
+from lightning_multimix import Dense, MultiMix, SelfDistillation
+
+NUM_CLASSES, BATCH = 10, 128
+HOST_READ, DETACH = "aten::_local_scalar_dense", "aten::detach"
+#: the methods whose added operations are listed by name
+TOP_OPS_FOR = ("MultiMix()", "input-mixup")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    model: str  # "mlp" or "cnn"; compared with the "none" of the same model
+    callback: Optional[dict[str, Any]] = None  # MultiMix's arguments; None: no callback
+    transform: Optional[str] = None  # torchvision's "mixup" / "cutmix" in the module's training_step
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+METHODS: tuple[Method, ...] = (
+    Method("none", "mlp"),
+    Method("MultiMix()", "mlp", {}),
+    Method("multimix-1000", "mlp", {"n_tuples": 1000, "probability": 1.0}),
+    Method("multimix-10000", "mlp", {"n_tuples": 10000, "probability": 1.0}),
+    Method("input-mixup", "mlp", {"probability": 0.0}),
+    Method("pairs", "mlp", {"mode": "pairs", "probability": 1.0}),
+    Method("distill-1000", "mlp", {"n_tuples": 1000, "probability": 1.0, "distill": SelfDistillation()}),
+    Method("tv-mixup", "mlp", transform="mixup"),
+    Method("none", "cnn"),
+    Method("dense-1000", "cnn", {"n_tuples": 1000, "probability": 1.0, "dense": Dense()}),
+    Method("tv-cutmix", "cnn", transform="cutmix"),
+)
+QUICK_METHODS = ("none/mlp", "MultiMix()/mlp", "input-mixup/mlp", "tv-mixup/mlp")
+
+
+def key(method: Method) -> str:
+    return f"{method.name}/{method.model}"
+
+
+def build_net(model: str) -> nn.Module:
+    if model == "mlp":
+        return nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, NUM_CLASSES))
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, NUM_CLASSES))
+
+
+INPUT_SHAPES = {"mlp": (16,), "cnn": (3, 8, 8)}
+
+
+class CostModule(L.LightningModule):
+    """A typical classification module: cross-entropy, the loss logged every step; with ``transform``, torchvision's
+    ``v2.MixUp`` / ``v2.CutMix`` on the batch in ``training_step`` (a 2-d batch viewed as ``(b, d, 1, 1)`` for it)."""
+
+    def __init__(self, net: nn.Module, transform: Optional[str] = None) -> None:
+        super().__init__()
+        self.net = net
+        self.transform: Optional[Callable[..., Any]] = None
+        if transform is not None:
+            from torchvision.transforms import v2
+
+            self.transform = (v2.MixUp if transform == "mixup" else v2.CutMix)(num_classes=NUM_CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        target: Tensor = y
+        if self.transform is not None:
+            if x.dim() == 2:  # torchvision's MixUp takes image batches only
+                mixed, target = self.transform(x.view(*x.shape, 1, 1), y)
+                x = mixed.view(x.shape)
+            else:
+                x, target = self.transform(x, y)
+        loss = F.cross_entropy(self(x), target)
+        self.log("train/loss", loss, on_step=True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+# ------------------------------------------------------------------------------------------------------- counters
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every operator call dispatched while active, by ``namespace::name`` (overloads together)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        self.counts[f"{func.namespace}::{func.overloadpacket.__name__}"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class CallCounter:
+    """Counts the Python function calls (``sys.setprofile``'s ``'call'`` events) while active, by where the called
+    function lives: ``package``, ``lightning`` or ``other``."""
+
+    ROOTS = (("package", os.path.dirname(lightning_multimix.__file__) + os.sep),
+             ("lightning", os.path.dirname(L.__file__) + os.sep))
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self._where: dict[str, str] = {}
+
+    def _place(self, filename: str) -> str:
+        place = self._where.get(filename)
+        if place is None:
+            absolute = os.path.abspath(filename)
+            place = next((name for name, root in self.ROOTS if absolute.startswith(root)), "other")
+            self._where[filename] = place
+        return place
+
+    def _profile(self, frame: Any, event: str, arg: Any) -> None:
+        if event == "call":
+            self.counts[self._place(frame.f_code.co_filename)] += 1
+
+    def __enter__(self) -> "CallCounter":
+        sys.setprofile(self._profile)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        sys.setprofile(None)
+
+
+def counted_fit(method: Method, steps: int, counter: str) -> Counter[str]:
+    """The counts of one ``Trainer.fit`` of ``steps`` steps of ``method`` (``counter``: ``"ops"`` or ``"calls"``)."""
+    torch.manual_seed(0)
+    net = build_net(method.model)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(steps * BATCH, *INPUT_SHAPES[method.model], generator=g)
+    y = torch.randint(0, NUM_CLASSES, (steps * BATCH,), generator=g)
+    callbacks = [MultiMix(seed=0, **method.callback)] if method.callback is not None else []
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, callbacks=callbacks)
+    module = CostModule(net, method.transform)
+    batches = list(zip(x.split(BATCH), y.split(BATCH)))
+    data = DataLoader(batches, batch_size=None)  # the batches as they are: no collation ops in the counts
+    active: Any = OpCounter() if counter == "ops" else CallCounter()
+    gc.collect()
+    gc.disable()
+    try:
+        with active:
+            trainer.fit(module, data)
+    finally:
+        gc.enable()
+    return active.counts
+
+
+def per_step(method: Method, steps: int, counter: str) -> dict[str, float]:
+    """Counts per step: ``(count of a 2S-step fit - count of an S-step fit) / S``, by name."""
+    short, long = counted_fit(method, steps, counter), counted_fit(method, 2 * steps, counter)
+    return {name: (long[name] - short[name]) / steps for name in set(short) | set(long)
+            if long[name] != short[name]}
+
+
+# ---------------------------------------------------------------------------------------------------------- report
+
+
+def number(value: float) -> str:
+    """An integer as one; otherwise two decimals (an average over steps that differ)."""
+    value = round(value, 2) + 0.0
+    return str(int(value)) if value == int(value) else f"{value:.2f}"
+
+
+def measure(methods: Sequence[Method], steps: int) -> dict[str, dict[str, dict[str, float]]]:
+    found = {}
+    for method in methods:
+        found[key(method)] = {"ops": per_step(method, steps, "ops"), "calls": per_step(method, steps, "calls")}
+        ops, calls = found[key(method)]["ops"], found[key(method)]["calls"]
+        print(f"{key(method)}: {number(sum(ops.values()))} ops/step, {number(sum(calls.values()))} Python calls/step",
+              flush=True)
+    return found
+
+
+def report(methods: Sequence[Method], found: dict[str, dict[str, dict[str, float]]], steps: int) -> str:
+    def extra(method: Method, counter: str, name: Optional[str] = None) -> float:
+        mine, base = found[key(method)][counter], found[f"none/{method.model}"][counter]
+        if name is None:
+            return sum(mine.values()) - sum(base.values())
+        return mine.get(name, 0.0) - base.get(name, 0.0)
+
+    headers = ("method", "model", "ops/step", "extra ops", "extra host reads", "extra detach", "extra calls: package",
+               "lightning", "package+lightning", "other", "calls/step")
+    rows = []
+    for method in methods:
+        ops, calls = found[key(method)]["ops"], found[key(method)]["calls"]
+        package, lightning = extra(method, "calls", "package"), extra(method, "calls", "lightning")
+        rows.append([method.name, method.model, number(sum(ops.values())), number(extra(method, "ops")),
+                     number(extra(method, "ops", HOST_READ)), number(extra(method, "ops", DETACH)), number(package),
+                     number(lightning), number(package + lightning), number(extra(method, "calls", "other")),
+                     number(sum(calls.values()))])
+    parts = [format_table(headers, rows, title=f"== per training step, tiny models, b={BATCH}, cpu: operations "
+                                                f"dispatched and Python calls, (2S - S steps) / S, S={steps} ==")]
+    parts.append(
+        "every extra column: beyond the none of the same model (mlp: Linear(16,16), ReLU, Linear(16,10) on 16 "
+        "features;\ncnn: Conv2d(3,8,3), ReLU, AdaptiveAvgPool2d(1), Flatten, Linear(8,10) on 3x8x8 images, for dense "
+        "and CutMix,\nwhich need a feature map or images). tv-mixup includes 2 view ops (MixUp takes 4-d batches "
+        "only).\nhost reads: aten::_local_scalar_dense (.item(), bool(t)); calls: sys.setprofile 'call' events, by the "
+        "called\nfunction's file: lightning_multimix/, lightning/, anything else.")
+    for method in methods:
+        if method.name not in TOP_OPS_FOR:
+            continue
+        mine, base = found[key(method)]["ops"], found[f"none/{method.model}"]["ops"]
+        diffs = {name: mine.get(name, 0.0) - base.get(name, 0.0) for name in set(mine) | set(base)}
+        top = sorted((item for item in diffs.items() if item[1] > 0), key=lambda item: (-item[1], item[0]))[:10]
+        fewer = sorted((item for item in diffs.items() if item[1] < 0), key=lambda item: (item[1], item[0]))
+        table = format_table(("operation", "per step"), [[name, number(count)] for name, count in top],
+                             title=f"== {method.name}: the 10 operations it adds most, per step beyond none ==")
+        if fewer:
+            table += ("\nfewer: " + ", ".join(f"{name} {number(count)}" for name, count in fewer)
+                      + " (run less often than in none)")
+        parts.append(table)
+    return "\n\n".join(parts)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="methods: " + ", ".join(key(m) for m in METHODS))
+    parser.add_argument("--steps", type=int, default=100,
+                        help="S: every method is fitted for S and 2S steps (a multiple of 50 counts the work done "
+                             "every 50 steps at its average)")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated NAME/MODEL (see below; the none of each model is always run); "
+                             "default: all")
+    parser.add_argument("--out", default=None,
+                        help=f"directory of the results file (default {RESULTS_DIR}; a --quick run writes nothing "
+                             "unless given)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"CI smoke run: S=5, methods {','.join(QUICK_METHODS)}, seconds")
+    args = parser.parse_args(argv)
+    steps = 5 if args.quick else args.steps
+    chosen = (args.methods.split(",") if args.methods else list(QUICK_METHODS) if args.quick
+              else [key(m) for m in METHODS])
+    known = {key(m) for m in METHODS}
+    if not set(chosen) <= known:
+        parser.error(f"--methods: unknown {sorted(set(chosen) - known)}; choose among {sorted(known)}")
+    needed = set(chosen) | {f"none/{name.split('/')[1]}" for name in chosen}
+    methods = [m for m in METHODS if key(m) in needed]
+    out = args.out if args.out is not None else ("" if args.quick else str(RESULTS_DIR))
+
+    quiet()
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    info = machine_info("cpu")
+    print_machine(info)
+    found = measure(methods, steps)
+    body = report(methods, found, steps)
+    print(body)
+    settings = (f"batch {BATCH}, CPU, one thread; every method fitted for {steps} and {2 * steps} steps, counts per "
+                f"step = difference / {steps}; methods {', '.join(key(m) for m in methods)}")
+    write_report(out, "step_cost_tiny_cpu.md", info, settings, body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
