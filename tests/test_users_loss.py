@@ -456,3 +456,21 @@ def test_a_top_level_head_called_in_the_step_under_distillation_says_what_to_do(
 
     with pytest.raises(MultiMixError, match=r"called no module on the way to the head 'fc'.*self\(\.\.\.\)"):
         fit(HeadCalledInStep(), MultiMix(n_tuples=8, head="fc", seed=0, distill=SelfDistillation()))
+
+
+def test_the_batch_size_finder_tries_the_mixed_loss_and_leaves_the_stream_as_it_was():
+    from lightning.pytorch.callbacks import BatchSizeFinder
+
+    class Sized(TinyMLP):
+        def __init__(self) -> None:
+            super().__init__()
+            self.batch_size = 4
+
+        def train_dataloader(self):
+            return loader(n=64, batch_size=self.batch_size)
+
+    callback = MultiMix(n_tuples=8, seed=4)
+    finder = BatchSizeFinder(mode="power", steps_per_trial=2, init_val=4, max_trials=2)
+    trainer([finder, callback], max_steps=1).fit(Sized())
+    assert sum(callback.batch_counts.values()) == 2 * 2 + 1  # two trials of two steps went through it, then one
+    assert callback.state_dict()["batches_seen"] == 1  # the trials' batches were given back
