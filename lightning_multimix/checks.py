@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from lightning_multimix.capture import CallOrder, ran_before
 from lightning_multimix.errors import MultiMixError
-from lightning_multimix.user_loss import LossFit, explain_loss
+from lightning_multimix.user_loss import LossFit, explain_loss, in_range
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -41,12 +41,6 @@ def check_supported(trainer: "pl.Trainer", module: "pl.LightningModule") -> None
             f"{type(strategy).__name__}, whose sharded or replaced parameters it has not been made to work with. "
             "Use a DDP strategy, or train without MultiMix."
         )
-
-
-def in_range(labels: Tensor, num_classes: int, ignore_index: Optional[int]) -> bool:
-    """Whether every label is a class of ``num_classes`` or the ignore index (a host read: first batch only)."""
-    ignored = labels == ignore_index if ignore_index is not None else torch.zeros_like(labels, dtype=torch.bool)
-    return bool(((labels >= 0) & (labels < num_classes) | ignored).all())
 
 
 def check_found_head(chosen: str, how: str, outputs: dict[str, Tensor], user_loss: Tensor, labels: Tensor,

@@ -93,6 +93,9 @@ class TrainingStep:
         self.read_labels = getattr(module, "multimix_labels", default_labels)
 
     def _capture(self) -> StepCapture:
+        head = self.module.get_submodule(self.plan.head_path)
+        # the head the interpolations run through: one with buffers (batch norm) runs on copies of them
+        self.head = BufferSafeHead(head) if next(head.buffers(), None) is not None else head
         return StepCapture.of(self.module, self.plan.head_path, self.plan.feature_spec,
                               inputs=self.options.distill is not None)
 
@@ -277,8 +280,7 @@ class TrainingStep:
                 teacher = dataclasses.replace(teacher, logits=gather(teacher.logits),
                                               embeddings=gather(teacher.embeddings))
         weights = options.sample_weights(labels.shape[0], kind, self.generator, keep)
-        head = capture.head.module
-        head = BufferSafeHead(head) if next(head.buffers(), None) is not None else head
+        head = self.head
         common = {"teacher": teacher, "label_smoothing": self.label_smoothing}
         if features is not None:
             return multimix_objective(weights, labels, feature_map=features, head=plan.position_head or head,

@@ -35,6 +35,12 @@ def plain_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: Optional[i
     return F.cross_entropy(logits.float(), labels, ignore_index=ignore, label_smoothing=label_smoothing)
 
 
+def in_range(labels: Tensor, num_classes: int, ignore_index: Optional[int]) -> bool:
+    """Whether every label is a class of ``num_classes`` or the ignore index (a host read: first batch only)."""
+    ignored = labels == ignore_index if ignore_index is not None else torch.zeros_like(labels, dtype=torch.bool)
+    return bool(((labels >= 0) & (labels < num_classes) | ignored).all())
+
+
 def explain_loss(user_loss: Tensor, logits: Tensor, labels: Tensor, ignore_index: Optional[int]) -> Optional[LossFit]:
     """The :class:`LossFit` of ``user_loss`` on ``logits`` (``(b, c)``, in the graph of ``user_loss``), or ``None``
     when the loss is not a cross-entropy of these logits with these labels plus terms that do not involve them.
@@ -47,8 +53,8 @@ def explain_loss(user_loss: Tensor, logits: Tensor, labels: Tensor, ignore_index
         True
     """
     valid = labels != ignore_index if ignore_index is not None else torch.ones_like(labels, dtype=torch.bool)
-    in_range = ((labels >= 0) & (labels < logits.shape[-1])) | ~valid
-    if not (user_loss.requires_grad and logits.requires_grad) or not bool(in_range.all()) or not bool(valid.any()):
+    if not (user_loss.requires_grad and logits.requires_grad) or not in_range(labels, logits.shape[-1], ignore_index) \
+            or not bool(valid.any()):
         return None
     (found,) = torch.autograd.grad(user_loss, logits, retain_graph=True, allow_unused=True)
     if found is None:  # not in the graph of the loss (a compiled forward returns another tensor): compare values
