@@ -24,6 +24,12 @@ def _device(device: Device, generator: Optional[torch.Generator]) -> torch.devic
     return generator.device if generator is not None else torch.device("cpu")
 
 
+def _uniform(shape: tuple[int, ...], generator: Optional[torch.Generator], device: torch.device,
+             dtype: torch.dtype) -> Tensor:
+    """Uniform draws on ``[tiny, 1)``: ``torch.rand``'s, with an exact 0 made the smallest normal float."""
+    return torch.empty(shape, device=device, dtype=dtype).uniform_(torch.finfo(dtype).tiny, 1.0, generator=generator)
+
+
 def log_gamma(concentration: float, shape: tuple[int, ...], *, generator: Optional[torch.Generator] = None,
               device: Device = None, dtype: torch.dtype = torch.float32) -> Tensor:
     r"""Logarithms of ``Gamma(concentration, 1)`` draws, finite even where a small concentration's draws underflow.
@@ -37,8 +43,7 @@ def log_gamma(concentration: float, shape: tuple[int, ...], *, generator: Option
     device = _device(device, generator)
     boosted = torch._standard_gamma(torch.full(shape, concentration + 1.0, device=device, dtype=dtype),
                                     generator=generator)
-    uniform = torch.rand(shape, generator=generator, device=device, dtype=dtype)
-    return boosted.log_().add_(uniform.clamp_min_(torch.finfo(dtype).tiny).log_(), alpha=1.0 / concentration)
+    return boosted.log_().add_(_uniform(shape, generator, device, dtype).log_(), alpha=1.0 / concentration)
 
 
 def dirichlet_weights(
@@ -74,9 +79,8 @@ def dirichlet_weights(
     subset = tuple_size is not None and tuple_size < num_examples
     rows = tuple_size if subset else num_examples
     if alpha == 1.0:
-        # Gamma(1, 1) is -log U; the sign cancels in the normalisation
-        tiny = torch.finfo(dtype).tiny
-        weights = torch.rand((rows, n_tuples), generator=generator, device=device, dtype=dtype).clamp_min_(tiny).log_()
+        # Gamma(1, 1) is -log U, U on [tiny, 1) so that the log is finite; the sign cancels in the normalisation
+        weights = _uniform((rows, n_tuples), generator, device, dtype).log_()
     else:  # in log space, so that a small alpha does not underflow every gamma of a column to the same zero
         logs = log_gamma(alpha, (rows, n_tuples), generator=generator, device=device, dtype=dtype)
         weights = logs.sub_(logs.amax(0, keepdim=True)).exp_()

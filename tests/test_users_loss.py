@@ -474,3 +474,22 @@ def test_the_batch_size_finder_tries_the_mixed_loss_and_leaves_the_stream_as_it_
     trainer([finder, callback], max_steps=1).fit(Sized())
     assert sum(callback.batch_counts.values()) == 2 * 2 + 1  # two trials of two steps went through it, then one
     assert callback.state_dict()["batches_seen"] == 1  # the trials' batches were given back
+
+
+def test_a_torch_that_cannot_send_the_state_back_says_so_once(monkeypatch):
+    """Without torch's safe-globals list the state of a spawned fit cannot come back: a warning says what is lost."""
+    import types
+
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    from lightning_multimix import spawn
+
+    monkeypatch.setattr(spawn, "can_send", lambda: False)
+    launcher = _MultiProcessingLauncher.__new__(_MultiProcessingLauncher)
+    fake = types.SimpleNamespace(strategy=types.SimpleNamespace(launcher=launcher), local_rank=0, callback_metrics={})
+    with pytest.warns(UserWarning, match="cannot send the callback's state back.*ModelCheckpoint"):
+        assert spawn.send_to_main_process(fake, "token", {"batches_seen": 3}) is False
+    assert fake.callback_metrics == {}
+    monkeypatch.setattr(spawn, "can_send", lambda: True)
+    assert spawn.send_to_main_process(fake, "token", {"batches_seen": 3}) is True
+    assert spawn.KEY in fake.callback_metrics
