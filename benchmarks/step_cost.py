@@ -24,7 +24,8 @@ Lightning's ``log_every_n_steps``) counts at its average when ``S`` is a multipl
 off during a counted fit (its finalizers would add calls at random places). The methods:
 
 * ``mlp`` rows: ``nn.Sequential(Linear(16, 16), ReLU, Linear(16, 10))`` on 16 features. ``none``: cross-entropy,
-  no mixing; ``MultiMix()``: the defaults (half the batches MultiMix with n = 1000, half input mixup; ``seed=0``);
+  no mixing; ``Callback()``: ``none`` with a ``lightning.Callback`` that does nothing (what Lightning's dispatch of
+  the six per-step hooks costs any callback, which no callback can avoid); ``MultiMix()``: the defaults (half the batches MultiMix with n = 1000, half input mixup; ``seed=0``);
   ``multimix-N``: ``MultiMix(n_tuples=N, probability=1.0)``; ``input-mixup``: ``MultiMix(probability=0.0)``;
   ``pairs``: ``MultiMix(mode="pairs", probability=1.0)``; ``distill-1000``: ``multimix-1000`` with
   ``distill=SelfDistillation()``; ``tv-mixup``: torchvision's ``v2.MixUp(num_classes=10)`` in the module's own
@@ -40,7 +41,9 @@ How to read the output
 ``ops/step`` and ``calls/step`` are a method's totals per step; every ``extra`` column is the method's count per
 step less the ``none`` of its own model (the ``none`` rows: 0). A fraction is an average over steps that differ:
 ``MultiMix()`` mixes some batches one way and some the other, and some work is done every 50 steps. Then, for
-``MultiMix()`` and ``input-mixup``, the 10 operations they add most, by name, per step beyond ``none``.
+``MultiMix()`` and ``input-mixup``, the 10 operations they add most, by name, per step beyond ``none``. Last, the
+objective alone, eager and ``torch.compile``d, by ``torch.profiler``'s count of top-level operations (one fused
+kernel counts once; the dispatch counter cannot see compile's fusion).
 
 Files written into ``--out`` (default ``benchmarks/results``; a ``--quick`` run writes only where ``--out`` says):
 ``step_cost_tiny_cpu.md`` (command, date, machine, the tables).
@@ -90,11 +93,13 @@ class Method:
     model: str  # "mlp" or "cnn"; compared with the "none" of the same model
     callback: Optional[dict[str, Any]] = None  # MultiMix's arguments; None: no callback
     transform: Optional[str] = None  # torchvision's "mixup" / "cutmix" in the module's training_step
+    empty_callback: bool = False  # a Callback that does nothing: what Lightning costs for any callback
     options: dict[str, Any] = field(default_factory=dict)
 
 
 METHODS: tuple[Method, ...] = (
     Method("none", "mlp"),
+    Method("Callback()", "mlp", empty_callback=True),
     Method("MultiMix()", "mlp", {}),
     Method("multimix-1000", "mlp", {"n_tuples": 1000, "probability": 1.0}),
     Method("multimix-10000", "mlp", {"n_tuples": 10000, "probability": 1.0}),
@@ -106,7 +111,7 @@ METHODS: tuple[Method, ...] = (
     Method("dense-1000", "cnn", {"n_tuples": 1000, "probability": 1.0, "dense": Dense()}),
     Method("tv-cutmix", "cnn", transform="cutmix"),
 )
-QUICK_METHODS = ("none/mlp", "MultiMix()/mlp", "input-mixup/mlp", "tv-mixup/mlp")
+QUICK_METHODS = ("none/mlp", "Callback()/mlp", "MultiMix()/mlp", "input-mixup/mlp", "tv-mixup/mlp")
 
 
 def key(method: Method) -> str:
@@ -210,6 +215,7 @@ def counted_fit(method: Method, steps: int, counter: str) -> Counter[str]:
     x = torch.randn(steps * BATCH, *INPUT_SHAPES[method.model], generator=g)
     y = torch.randint(0, NUM_CLASSES, (steps * BATCH,), generator=g)
     callbacks = [MultiMix(seed=0, **method.callback)] if method.callback is not None else []
+    callbacks += [L.Callback()] if method.empty_callback else []
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0, callbacks=callbacks)
@@ -232,6 +238,31 @@ def per_step(method: Method, steps: int, counter: str) -> dict[str, float]:
     short, long = counted_fit(method, steps, counter), counted_fit(method, 2 * steps, counter)
     return {name: (long[name] - short[name]) / steps for name in set(short) | set(long)
             if long[name] != short[name]}
+
+
+def objective_ops(compiled: bool) -> int:
+    """Top-level aten operations (``torch.profiler``: those not called by another aten op) of one forward and backward
+    of ``multimix_objective`` in logit space (b = 128, n = 1000, c = 10), eager or ``torch.compile``d: the dispatch
+    counter above cannot see compile's fusion (an active dispatch mode runs the compiled function's operations one by
+    one), the profiler sees the fused kernels as one call each."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lightning_multimix import multimix_objective
+
+    objective = torch.compile(multimix_objective) if compiled else multimix_objective
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(BATCH, NUM_CLASSES, generator=g, requires_grad=True)
+    labels = torch.randint(0, NUM_CLASSES, (BATCH,), generator=g)
+    weights = torch.distributions.Dirichlet(torch.ones(BATCH)).sample((1000,)).T
+
+    def run() -> None:
+        objective(weights, labels, logits=logits).backward()
+
+    run()  # compiles
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::")
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
 
 
 # ---------------------------------------------------------------------------------------------------------- report
@@ -307,6 +338,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", default=None,
                         help=f"directory of the results file (default {RESULTS_DIR}; a --quick run writes nothing "
                              "unless given)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the eager / torch.compile comparison of the objective alone")
     parser.add_argument("--quick", action="store_true",
                         help=f"CI smoke run: S=5, methods {','.join(QUICK_METHODS)}, seconds")
     args = parser.parse_args(argv)
@@ -327,6 +360,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print_machine(info)
     found = measure(methods, steps)
     body = report(methods, found, steps)
+    if not (args.quick or args.no_compile):
+        try:
+            eager, fused = objective_ops(False), objective_ops(True)
+            body += ("\n\n" + format_table(
+                ("objective", "top-level aten ops"), [["eager", eager], ["torch.compile", fused]],
+                title="== multimix_objective alone, logit space, b=128, n=1000, forward + backward (torch.profiler) =="))
+        except Exception as error:  # no compiler on this machine: said, not fatal
+            body += f"\n\ntorch.compile of the objective failed here: {type(error).__name__}: {error}"
     print(body)
     settings = (f"batch {BATCH}, CPU, one thread; every method fitted for {steps} and {2 * steps} steps, counts per "
                 f"step = difference / {steps}; methods {', '.join(key(m) for m in methods)}")

@@ -62,11 +62,10 @@ STAGES: tuple[tuple[str, Any, str], ...] = (
     ("      Dirichlet weights", callback_module, "dirichlet_weights"),
     ("      pair weights", callback_module, "pair_weights"),
     ("    MultiMix objective", step_module, "multimix_objective"),
-    ("      per-example targets", objective_module, "_targets"),
-    ("      mixed logits and targets", objective_module, "interpolate_columns"),
+    ("      dense: per-example targets", objective_module, "_targets"),
+    ("      mixed embeddings (head re-run)", objective_module, "interpolate"),
     ("      dense: head at every position", objective_module, "position_linear"),
     ("      dense: loss", objective_module, "factorised_dense_logit_loss"),
-    ("      cross-entropy", objective_module, "soft_cross_entropy"),
     ("    input-mixup objective", step_module, "mixup_objective"),
     ("  after the step: health, log", callback_module.MultiMix, "_record_step"),
 )

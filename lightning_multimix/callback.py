@@ -318,15 +318,15 @@ class MultiMix(Callback):
         if self._plan is None:
             self._plan = report.plan
             rank_zero_info(report.plan.describe())
-        self._health.update(report.loss, report.labels, report.num_classes, report.index, keep=report.keep)
+        if report.unexpected is not None:
+            self._health.update(report.unexpected, report.num_classes)
+        self._loss_log.add(report.loss)  # logged as the mean since the last log (`lightning_multimix.loss_log`)
         trainer, module = self._wrapped.trainer, self._wrapped
         if report.first or self._health.read_due(report.index):
             self._read_health(trainer.global_step)
-        self._loss_log.add(report.loss)  # logged as the mean since the last log (`lightning_multimix.loss_log`)
         if self._loss_log.due(trainer, report.first):
             size = report.labels.shape[0]
-            module.log("multimix/loss", self._loss_log.take_window(), on_step=True, on_epoch=False, prog_bar=True,
-                       batch_size=size)
+            module.log("multimix/loss", self._loss_log.take_window(), on_step=True, on_epoch=False, batch_size=size)
             if self._distiller is not None:
                 # a 0-dim tensor filled on the device: a Python float would be copied to it, a synchronisation
                 beta = torch.full((), self._distiller.beta(trainer.global_step), device=report.loss.device)
@@ -338,10 +338,10 @@ class MultiMix(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._read_health(trainer.global_step)  # before the epoch's sum of losses starts again
         self._loss_log.log_epoch(trainer, pl_module)
 
     def _read_health(self, global_step: int) -> None:
-        ignored = self._health.raise_if_unhealthy(global_step, self.head_path) if self._health is not None else 0
-        if ignored:
-            rank_zero_info(f"MultiMix: {ignored} training example(s) so far with label {self.ignore_index} "
-                           "(`ignore_index`) were left out of the mixing, as your loss ignores them.")
+        if self._health is not None and self._stream is not None and self._stream.batches_seen > 0:
+            self._health.raise_if_unhealthy(self._loss_log.total, self._stream.batches_seen - 1, global_step,
+                                            self.head_path)

@@ -126,6 +126,7 @@ class StepCapture:
         self.feature_spec, self.features = feature_spec, features
         self.inputs = inputs or {}  # path -> capture, outermost first
         self.first_token = False  # a "tokens" feature map whose head reads the first token (found on the first batch)
+        self.captures = (head, *([features] if features is not None else []), *self.inputs.values())
 
     @classmethod
     def of(cls, model: nn.Module, head_path: str, feature_spec: Optional[tuple[str, str]] = None,
@@ -137,20 +138,17 @@ class StepCapture:
         return cls(head_path, Capture(head, clone_input=not isinstance(head, nn.Linear)), feature_spec, features,
                    {path: Capture(model.get_submodule(path)) for path in ancestors(head_path)} if inputs else None)
 
-    def _all(self) -> list[Capture]:
-        return [self.head, *([self.features] if self.features is not None else []), *self.inputs.values()]
-
     def __enter__(self) -> "StepCapture":
-        for capture in self._all():
+        for capture in self.captures:
             capture.__enter__()  # arming cannot fail: no capture to undo
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for capture in self._all():
+        for capture in self.captures:
             capture.__exit__()
 
     def remove(self) -> None:
-        for capture in self._all():
+        for capture in self.captures:
             capture.remove()
 
     def head_tensors(self) -> tuple[Tensor, Tensor]:
@@ -169,7 +167,7 @@ class StepCapture:
                 f"embeddings to logits. {HOW_HEAD}"
             )
         embeddings, logits = self.head.input, self.head.output
-        if not all(isinstance(t, Tensor) and t.ndim == 2 for t in (embeddings, logits)):
+        if not (isinstance(embeddings, Tensor) and isinstance(logits, Tensor) and embeddings.ndim == logits.ndim == 2):
             shape_in = tuple(embeddings.shape) if isinstance(embeddings, Tensor) else type(embeddings).__name__
             shape_out = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
             raise MultiMixError(

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from lightning_multimix.capture import CallOrder, ran_before
 from lightning_multimix.errors import MultiMixError
+from lightning_multimix.health import labels_error
 from lightning_multimix.user_loss import LossFit, explain_loss, in_range
 
 if TYPE_CHECKING:
@@ -75,9 +76,9 @@ def check_user_loss(fit: Optional[LossFit], head_path: str, logits: Tensor, labe
     """How MultiMix carries the user's loss (``fit``, from :func:`~lightning_multimix.user_loss.explain_loss`): said
     once; a loss it cannot carry, or a label smoothing that disagrees with ``MultiMix(label_smoothing=...)``, is an
     error that says what to change."""
+    if not in_range(labels, logits.shape[-1], ignore_index):
+        raise labels_error(logits.shape[-1], "in the first training batch", head_path)
     if fit is None:
-        if not in_range(labels, logits.shape[-1], ignore_index):
-            return LossFit(0.0, False)  # the health check names the labels and the fix
         raise MultiMixError(
             f"MultiMix: your training_step's loss is not the cross-entropy of the head {head_path!r}'s logits with the "
             "labels MultiMix read (plus terms that do not involve the logits). MultiMix replaces that cross-entropy "

@@ -1,5 +1,6 @@
-"""The health flag: a non-finite loss or labels out of range, recorded on the device at every batch (no
-synchronisation) and read at the first batch, every ``check_every_n_steps`` batches and at the end of training.
+"""The health check: a non-finite loss or labels out of range, counted on the device at every batch (no
+synchronisation) and read at the first batch, every ``check_every_n_steps`` batches, at an epoch's end and at the end
+of training.
 """
 
 from __future__ import annotations
@@ -10,65 +11,64 @@ import torch
 from torch import Tensor
 
 from lightning_multimix.errors import MultiMixError
-from lightning_multimix.interpolation import labels_out_of_range
 
 
 class HealthFlag:
-    """The first training batch whose loss was non-finite or whose labels were out of range, kept on ``device``.
+    """Counts, on ``device``, the labels out of range since the fit started; :meth:`raise_if_unhealthy` reads them with
+    the loss's running sum (non-finite once any loss was) and names the batches since the last healthy read.
 
     Example:
         >>> flag = HealthFlag(torch.device("cpu"), check_every_n_steps=50)
-        >>> flag.update(torch.tensor(float("nan")), torch.tensor([0, 1]), num_classes=2, batch=3)
-        >>> flag.raise_if_unhealthy(global_step=4, head_path="fc")
+        >>> flag.update(torch.tensor([False, True]), num_classes=2)
+        >>> flag.raise_if_unhealthy(torch.tensor(1.0), batch=3, global_step=4, head_path="fc")
         Traceback (most recent call last):
         ...
-        lightning_multimix.errors.MultiMixError: MultiMix: the loss became non-finite (NaN or inf) at training...
+        lightning_multimix.errors.MultiMixError: MultiMix: labels outside [0, 2) at a training batch from 0 to 3...
     """
 
     def __init__(self, device: torch.device, check_every_n_steps: int) -> None:
-        # (first bad batch, code: 1 non-finite loss, 2 labels out of range, 4 some of them negative; examples left
-        # out by an ignore index)
-        self.state = torch.tensor([-1, 0, 0], device=device)
+        self.unexpected_labels = torch.zeros((), dtype=torch.long, device=device)
         self.check_every_n_steps = check_every_n_steps
         self.num_classes: Optional[int] = None
-        self.reported_ignored = False
+        self.healthy_before = 0  #: the batches before this index were read healthy
 
-    def update(self, loss: Tensor, labels: Tensor, num_classes: int, batch: int, keep: Optional[Tensor] = None) -> None:
-        """Record, on the device and without synchronising, ``batch`` if it is the first bad one, and count the
-        examples left out (``keep`` false: their label is the ignore index, never out of range)."""
+    def update(self, unexpected: Tensor, num_classes: int) -> None:
+        """Count, without synchronising, the labels of a batch that are neither a class nor ignored (``unexpected``,
+        ``(b,)`` booleans)."""
         self.num_classes = num_classes
-        labels = labels if keep is None else labels.where(keep, 0)
-        code = (~torch.isfinite(loss.detach())).long() + 2 * labels_out_of_range(labels, num_classes).long() + \
-            4 * (labels < 0).any().long()
-        first = (self.state[0] < 0) & (code > 0)
-        index = torch.full((), batch, device=self.state.device)
-        bad = torch.where(first, torch.stack((index, code.to(index.device))), self.state[:2])
-        ignored = self.state[2:] + (0 if keep is None else (~keep).sum().to(index.device))
-        self.state = torch.cat((bad, ignored))
+        self.unexpected_labels.add_(unexpected.sum())
 
     def read_due(self, batch: int) -> bool:
-        """Whether to read the flag after ``batch``: the first batch, then every ``check_every_n_steps``."""
+        """Whether to read after ``batch``: the first batch, then every ``check_every_n_steps``."""
         return batch % self.check_every_n_steps == 0
 
-    def raise_if_unhealthy(self, global_step: int, head_path: Optional[str]) -> int:
-        """Read the flag (a host-device synchronisation) and raise :class:`MultiMixError` if a batch was bad; else
-        return the number of examples left out so far the first time it is not zero (to be said once), else 0."""
-        bad_batch, code, ignored = self.state.tolist()
-        if bad_batch < 0:
-            if ignored and not self.reported_ignored:
-                self.reported_ignored = True
-                return ignored
-            return 0
-        if code & 2:
-            negative = (" If a negative label marks examples your loss ignores, pass that label as "
-                        "`MultiMix(ignore_index=...)` (the default is -100, PyTorch's).") if code & 4 else ""
+    def raise_if_unhealthy(self, loss_total: Optional[Tensor], batch: int, global_step: int,
+                           head_path: Optional[str]) -> None:
+        """Read (a host-device synchronisation) the label count and ``loss_total`` (the sum of the losses since the
+        epoch started) after ``batch``, and raise :class:`MultiMixError` if a label was out of range or a loss not
+        finite. Nothing is read when no batch ran since the last read."""
+        if batch < self.healthy_before:
+            return  # read since the last batch
+        total = loss_total.detach().float() if loss_total is not None else torch.zeros(())
+        finite, unexpected = torch.stack((total.isfinite().to(total.device, torch.long),
+                                          self.unexpected_labels.to(total.device))).tolist()
+        first, self.healthy_before = self.healthy_before, batch + 1
+        where = f"at training batch {batch}" if first == batch else f"at a training batch from {first} to {batch}"
+        if unexpected:
+            raise labels_error(self.num_classes, where, head_path)
+        if not finite:
             raise MultiMixError(
-                f"MultiMix: labels outside [0, {self.num_classes}) at training batch {bad_batch}: the head "
-                f"{head_path!r} has {self.num_classes} outputs. Check the dataset's labels, or, if that is not your "
-                f"classifier, pass `MultiMix(head='dotted.path')`.{negative}"
+                f"MultiMix: the loss became non-finite (NaN or inf) {where} (noticed at global step {global_step}). "
+                "Lower the learning rate, clip gradients (`Trainer(gradient_clip_val=...)`), or use bf16 instead of "
+                "fp16."
             )
-        raise MultiMixError(
-            f"MultiMix: the loss became non-finite (NaN or inf) at training batch {bad_batch} (noticed at global "
-            f"step {global_step}). Lower the learning rate, clip gradients (`Trainer(gradient_clip_val=...)`), or "
-            "use bf16 instead of fp16."
-        )
+
+
+def labels_error(num_classes: Optional[int], where: str, head_path: Optional[str]) -> MultiMixError:
+    """The error for labels neither in ``[0, num_classes)`` nor the ignore index, found ``where``."""
+    return MultiMixError(
+        f"MultiMix: labels outside [0, {num_classes}) {where}: the head {head_path!r} has {num_classes} outputs. Check "
+        "the dataset's labels, or, if that is not your classifier, pass `MultiMix(head='dotted.path')`. If such a "
+        "label marks examples your loss ignores, pass it as `MultiMix(ignore_index=...)` (the default is -100, "
+        "PyTorch's)."
+    )

@@ -40,16 +40,6 @@ def one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32
     return (labels.unsqueeze(-1) == torch.arange(num_classes, device=labels.device)).to(dtype)
 
 
-def labels_out_of_range(labels: Tensor, num_classes: int) -> Tensor:
-    """Whether a label lies outside ``[0, num_classes)``, as a 0-dim boolean tensor left on the device (no sync).
-
-    Example:
-        >>> labels_out_of_range(torch.tensor([0, 3]), 3)
-        tensor(True)
-    """
-    return ((labels < 0) | (labels >= num_classes)).any()
-
-
 def interpolate(values: Tensor, weights: Tensor) -> Tensor:
     r"""``out[k] = sum_i weights[i, k] * values[i]``, ``(m, *s)`` to ``(n, *s)``, in ``weights``' dtype (float32).
 
@@ -63,26 +53,10 @@ def interpolate(values: Tensor, weights: Tensor) -> Tensor:
             f"`values` has {values.shape[0]} rows but `weights` has {weights.shape[0]}: weights must be (m, n) for m "
             "rows."
         )
-    flat = values.reshape(values.shape[0], -1).to(weights.dtype)
+    flat = (values if values.ndim == 2 else values.reshape(values.shape[0], -1)).to(weights.dtype)
     with full_precision(values):
-        return (weights.T @ flat).reshape(weights.shape[1], *values.shape[1:])
-
-
-def interpolate_columns(values: Tensor, weights: Tensor) -> Tensor:
-    r"""``interpolate(values, weights).T``, ``(f, n)``, for ``(m, f)`` values: faster for few classes, many tuples.
-
-    Example:
-        >>> values, weights = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[0.25, 1.0], [0.75, 0.0]])
-        >>> torch.equal(interpolate_columns(values, weights), interpolate(values, weights).T)
-        True
-    """
-    if values.ndim != 2 or values.shape[0] != weights.shape[0]:
-        raise ValueError(
-            f"`values` {tuple(values.shape)} must be (m, f) with m = {weights.shape[0]}, the rows of `weights`."
-        )
-    with full_precision(values):
-        # contiguous, so that the gradient is also a wide product, not the skinny one autograd picks for a transpose
-        return values.to(weights.dtype).T.contiguous() @ weights
+        mixed = weights.T @ flat
+    return mixed if values.ndim == 2 else mixed.view(weights.shape[1], *values.shape[1:])
 
 
 def mix_with_partner(values: Tensor, lam: Tensor, partner: Tensor) -> Tensor:

@@ -1,7 +1,8 @@
-"""Logging the loss MultiMix optimises: ``multimix/loss`` (progress bar and loggers) and ``multimix/loss_epoch``.
+"""Logging the loss MultiMix optimises: ``multimix/loss`` (loggers) and ``multimix/loss_epoch``.
 
-The loss is summed on the device (no synchronisation) and logged, since ``self.log`` is costly, only as the mean since
-the last log when Lightning logs a step, at the first batch and at an epoch's last; the epoch's mean at its end.
+The loss is summed on the device (no synchronisation, one operation a batch) and logged, since ``self.log`` is costly,
+only as the mean since the last log when Lightning logs a step, at the first batch and at an epoch's last; the epoch's
+mean at its end.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ from torch import Tensor
 
 
 class LossLog:
-    """The optimised loss summed since the last log and over the epoch.
+    """The optimised loss summed over the epoch, and how much of it is not logged yet.
 
     Example:
         >>> log = LossLog()
         >>> log.add(torch.tensor(2.0)); log.add(torch.tensor(4.0))
-        >>> log.take_window(), log.epoch_total()
-        (tensor(3.), [6.0, 2])
+        >>> log.take_window(), log.total
+        (tensor(3.), tensor(6.))
     """
 
     def __init__(self) -> None:
@@ -28,19 +29,22 @@ class LossLog:
 
     def start_epoch(self) -> None:
         self.epoch_batches = 0  # every training batch of the epoch, mixed or not
-        self._window: Optional[Tensor] = None
-        self._epoch: Optional[Tensor] = None
-        self._window_count = self._epoch_count = 0
+        self.total: Optional[Tensor] = None  #: the sum over the epoch's mixed batches, on the device
+        self.count = 0
+        self._logged: Optional[Tensor] = None  # `total` when the last window was taken
+        self._logged_count = 0
 
     def batch_started(self) -> None:
         """Count a training batch of the epoch, mixed or not (the epoch's last one is logged)."""
         self.epoch_batches += 1
 
     def add(self, loss: Tensor) -> None:
-        value = loss.detach()
-        self._window = value if self._window is None else self._window + value
-        self._epoch = value if self._epoch is None else self._epoch + value
-        self._window_count, self._epoch_count = self._window_count + 1, self._epoch_count + 1
+        with torch.no_grad():
+            if self.total is None:
+                self.total = loss.detach().float().clone()
+            else:
+                self.total.add_(loss)
+        self.count += 1
 
     def due(self, trainer: pl.Trainer, first: bool) -> bool:
         """Whether to log now: the first batch, an epoch's last, or when Lightning logs this step."""
@@ -48,20 +52,20 @@ class LossLog:
 
     def take_window(self) -> Tensor:
         """The mean since the last call; starts a new window."""
-        mean = self._window / self._window_count
-        self._window, self._window_count = None, 0
+        logged = self._logged if self._logged is not None else 0.0
+        mean = (self.total - logged) / (self.count - self._logged_count)
+        self._logged, self._logged_count = self.total.clone(), self.count
         return mean
-
-    def epoch_total(self) -> list:
-        """``[sum, count]`` of the epoch on this process."""
-        return [0.0 if self._epoch is None else float(self._epoch), self._epoch_count]
 
     def log_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log the epoch's mean over all processes. Every process takes part (one with no mixed batch this epoch
         adds ``0 / 0``), so none waits on a collective another skipped."""
-        total = trainer.strategy.reduce(torch.tensor(self.epoch_total(), device=pl_module.device), reduce_op="sum")
-        if total[1] > 0:
-            pl_module.log("multimix/loss_epoch", total[0] / total[1], on_step=False, on_epoch=True)
+        total = self.total if self.total is not None else torch.zeros((), device=pl_module.device)
+        both = torch.stack((total.to(pl_module.device), torch.full((), self.count, device=pl_module.device,
+                                                                   dtype=total.dtype)))
+        both = trainer.strategy.reduce(both, reduce_op="sum")
+        if both[1] > 0:  # once an epoch, a synchronisation
+            pl_module.log("multimix/loss_epoch", both[0] / both[1], on_step=False, on_epoch=True)
 
 
 def lightning_logs_now(trainer: pl.Trainer) -> bool:

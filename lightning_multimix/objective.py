@@ -20,8 +20,7 @@ from lightning_multimix.dense import (
     per_position,
     position_linear,
 )
-from lightning_multimix.interpolation import interpolate, interpolate_columns, mix_with_partner, one_hot
-from lightning_multimix.losses import soft_cross_entropy
+from lightning_multimix.interpolation import full_precision, interpolate, one_hot
 
 Head = Callable[[Tensor], Tensor]
 DISTILL_TARGETS = ("probs", "logits")
@@ -87,7 +86,8 @@ def multimix_objective(
 
     Args:
         weights: ``(m, n)``, columns on the simplex; left-out examples (ignore index) have zero rows (``keep``).
-        labels: ``(m,)`` integer labels; one outside ``[0, c)`` has an all-zero target.
+        labels: ``(m,)`` integer labels in ``[0, c)``; a left-out row (weight zero) may hold any label. The range is
+            not checked here (that would synchronise): a label out of range reads a class in range.
         attention: dense: ``"cam"``, ``"softmax"`` or ``"uniform"`` of own-label scores (``F_ij . W[y_i]`` or logit).
         position_mask: dense: ``(m, r)``, false at padding: never mixed; mixed positions of padding only leave the loss.
         affine_head: dense: interpolate per-position logits; ``None``: when the head is an ``nn.Linear``.
@@ -101,6 +101,8 @@ def multimix_objective(
         True
     """
     _check_weights_and_labels(weights, labels)
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"multimix_objective: expected `label_smoothing` in [0, 1), got {label_smoothing!r}.")
     if feature_map is not None:
         if logits is not None or embeddings is not None or head is None:
             raise ValueError("multimix_objective: dense mode takes `feature_map` and `head`, not `logits` or "
@@ -113,28 +115,35 @@ def multimix_objective(
     if (logits is None) == (embeddings is None) or (embeddings is not None and head is None):
         raise ValueError("multimix_objective: pass `logits` (logit space) or `embeddings` and `head` (embedding "
                          "space), not both.")
+    wt = weights.T  # (n, m): row k mixes the examples with weights lambda_k
     if logits is not None:
         _check_rows("logits", logits, labels)
-        # class-major (c, n): the wide product (c x m) @ (m x n), fast for BLAS
-        mixed_logits = interpolate_columns(logits, weights)
-        mixed_targets = interpolate_columns(_targets(labels, logits.shape[-1], teacher), weights)
-        class_dim = 0
+        with full_precision(logits):
+            mixed_logits = wt @ logits.to(wt.dtype)
     else:
         _check_rows("embeddings", embeddings, labels)
         mixed_logits = head(interpolate(embeddings, weights).to(embeddings.dtype))
-        mixed_targets = interpolate(_targets(labels, mixed_logits.shape[-1], teacher), weights)
-        class_dim = -1
-    if teacher is not None and teacher.targets == "logits":
+    log_probs = torch.log_softmax(mixed_logits.float(), dim=-1)
+    n, num_classes = log_probs.shape
+    # The targets Y^T lambda_k are never formed: sum_c (Y^T lambda_k)_c log p_kc = sum_i lambda_ik log p_k,y_i. A label
+    # out of range reads a class in range (its row has weight 0 when left out; the callback checks the others).
+    own = log_probs.index_select(1, labels.clamp(0, num_classes - 1))  # (n, m): log p_k,y_i
+    scale = -(1.0 - label_smoothing) / n  # in the weights of the sum: one product fewer, forward and backward
+    if teacher is None:
+        loss = (own * (wt * scale)).sum()
+    else:
         with torch.no_grad():
-            if teacher.embeddings is not None:
-                mixed_teacher = teacher.head(interpolate(teacher.embeddings, weights).to(teacher.embeddings.dtype))
-                mixed_teacher = mixed_teacher if class_dim == -1 else mixed_teacher.T
+            if teacher.targets == "probs":
+                mixed_teacher = interpolate(teacher.probs(), weights)
             else:
-                mixed_teacher = interpolate_columns(teacher.logits, weights)
-                mixed_teacher = mixed_teacher if class_dim == 0 else mixed_teacher.T
+                mixed_teacher = teacher.probs(logits=interpolate(teacher.logits, weights) if teacher.head is None
+                                              else teacher.head(interpolate(teacher.embeddings, weights).to(
+                                                  teacher.embeddings.dtype)))
         beta = teacher.weight
-        mixed_targets = (1.0 - beta) * mixed_targets + beta * teacher.probs(dim=class_dim, logits=mixed_teacher)
-    return soft_cross_entropy(mixed_logits, mixed_targets, label_smoothing, dim=class_dim)
+        loss = (own * (wt * ((1.0 - beta) * scale))).sum() + (mixed_teacher * log_probs).sum() * (beta * scale)
+    if label_smoothing:  # the uniform part of the smoothed targets, eps / c on every class of every row
+        loss = loss - (label_smoothing / (num_classes * n)) * log_probs.sum()
+    return loss
 
 
 def mixup_objective(
@@ -144,11 +153,12 @@ def mixup_objective(
     partner: Tensor,
     *,
     teacher: Optional[TeacherOutputs] = None,
-    keep: Optional[Tensor] = None,
+    ignore_index: int = -100,
     label_smoothing: float = 0.0,
 ) -> Tensor:
-    r"""Input-mixup loss: ``(b, c)`` logits of ``lam x + (1 - lam) x[partner]`` against ``lam Y + (1 - lam) Y[partner]``
-    (``teacher``: its logits on the same inputs); with ``keep`` ``(b,)``, pairs with a left-out label do not count.
+    r"""Input-mixup loss of the ``(b, c)`` logits of ``lam x + (1 - lam) x[partner]``: ``lam CE(logits, labels) +
+    (1 - lam) CE(logits, labels[partner])``, each term ``F.cross_entropy`` (which leaves out ``ignore_index``; a batch
+    with every label ignored has no loss: NaN, as there); ``teacher``: its logits on the same inputs.
 
     Example:
         >>> logits, labels = torch.zeros(2, 2), torch.tensor([0, 1])
@@ -158,14 +168,22 @@ def mixup_objective(
     if logits.ndim != 2:
         raise ValueError(f"mixup_objective: `logits` must be (b, c), got {tuple(logits.shape)}.")
     _check_rows("logits", logits, labels)
-    targets = mix_with_partner(one_hot(labels, logits.shape[-1]), lam.float(), partner)
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    labels = labels.long()
+
+    def cross_entropy(targets: Tensor) -> Tensor:  # F.cross_entropy's, from the shared log-probabilities
+        loss = F.nll_loss(log_probs, targets, ignore_index=ignore_index)
+        if label_smoothing:  # each row's mean log-probability, averaged over the same rows as the labels
+            uniform = F.nll_loss(log_probs.mean(-1, keepdim=True).expand_as(log_probs), targets,
+                                 ignore_index=ignore_index)
+            loss = torch.lerp(loss, uniform, label_smoothing)
+        return loss
+
+    loss = torch.lerp(cross_entropy(labels.index_select(0, partner)), cross_entropy(labels), lam.float())
     if teacher is not None:
-        targets = (1.0 - teacher.weight) * targets + teacher.weight * teacher.probs()
-    if keep is None:
-        return soft_cross_entropy(logits, targets, label_smoothing)
-    counts = (keep & keep[partner]).float()
-    per_example = F.cross_entropy(logits.float(), targets, reduction="none", label_smoothing=label_smoothing)
-    return (per_example * counts).sum() / counts.sum().clamp_min(1.0)  # nothing kept: 0, as multimix_objective
+        distilled = F.cross_entropy(logits.float(), teacher.probs(), label_smoothing=label_smoothing)
+        loss = torch.lerp(loss, distilled, teacher.weight)
+    return loss
 
 
 def _targets(labels: Tensor, num_classes: int, teacher: Optional[TeacherOutputs]) -> Tensor:

@@ -78,20 +78,26 @@ def dirichlet_weights(
     device = _device(device, generator)
     subset = tuple_size is not None and tuple_size < num_examples
     rows = tuple_size if subset else num_examples
+    kept = keep.to(device).unsqueeze(1) if keep is not None else None
     if alpha == 1.0:
         # Gamma(1, 1) is -log U, U on [tiny, 1) so that the log is finite; the sign cancels in the normalisation
         weights = _uniform((rows, n_tuples), generator, device, dtype).log_()
     else:  # in log space, so that a small alpha does not underflow every gamma of a column to the same zero
         logs = log_gamma(alpha, (rows, n_tuples), generator=generator, device=device, dtype=dtype)
-        weights = logs.sub_(logs.amax(0, keepdim=True)).exp_()
+        # scaled by the largest kept draw (the left-out ones are zeroed below); clamped for a column with none kept
+        top = logs if kept is None or subset else logs.masked_fill(~kept, torch.finfo(dtype).min)
+        weights = logs.sub_(top.amax(0, keepdim=True)).clamp_max_(0.0).exp_()
     if subset:
         keys = torch.rand(num_examples, n_tuples, generator=generator, device=device)
         support = keys.topk(rows, dim=0).indices
         weights = torch.zeros(num_examples, n_tuples, device=device, dtype=dtype).scatter_(0, support, weights)
-    if keep is not None:
-        weights = weights.mul_(keep.to(device=device, dtype=dtype).unsqueeze(1))
+    if kept is None:
+        return weights.div_(weights.sum(0, keepdim=True))
+    weights = weights.mul_(kept)
+    # a column with no kept example sums to 0 and stays 0; the others sum to at least a normal float in magnitude
     total = weights.sum(0, keepdim=True)
-    return weights.div_(total.where(total != 0, 1.0))  # a column with no kept example stays zero
+    tiny = torch.finfo(dtype).tiny
+    return weights.div_(total.clamp_max_(-tiny) if alpha == 1.0 else total.clamp_min_(tiny))
 
 
 def mixup_pairing(

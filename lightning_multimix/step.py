@@ -64,7 +64,9 @@ class StepReport:
     loss: Tensor
     labels: Tensor  #: on the logits' device, int64
     num_classes: int  #: the head's outputs
-    keep: Optional[Tensor]  #: the examples mixed (labels not equal to the ignore index); ``None``: all
+    #: ``(b,)`` booleans: labels neither in ``[0, num_classes)`` nor the ignore index (mixed at the last layer only:
+    #: input mixup's cross-entropy raises on them itself); ``None``: not checked
+    unexpected: Optional[Tensor]
     plan: HeadPlan  #: the head the step trained
     first: bool  #: the first mixed batch of the fit
 
@@ -176,12 +178,13 @@ class TrainingStep:
             capture = self._adopt(probe, user_loss, labels) if probe is not None else self.capture
             if isinstance(order, CallOrder):
                 check_teacher_entry(module, capture.model_inputs()[0], order)
-            loss, labels, keep, num_classes = self._loss(kind, capture, labels, mixer, user_loss)
+            loss, labels, unexpected, num_classes = self._loss(kind, capture, labels, mixer, user_loss)
         finally:
             if probe is not None:
                 probe.remove()
         self.batch_counts[kind] += 1
-        self.report(StepReport(index, kind, loss, labels, num_classes, keep, self.plan, first=not self.verified))
+        self.report(StepReport(index, kind, loss, labels, num_classes, unexpected, self.plan,
+                               first=not self.verified))
         self.verified = True
         return {**output, "loss": loss} if isinstance(output, dict) else loss
 
@@ -202,7 +205,7 @@ class TrainingStep:
 
     def _loss(self, kind: str, capture: StepCapture, labels: Tensor, mixer: Optional[InputMixer],
               user_loss: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor], int]:
-        """The objective of the batch, and what was read of its labels: ``(loss, labels, keep, num_classes)``."""
+        """The objective of the batch, and what was read of its labels: ``(loss, labels, unexpected, num_classes)``."""
         options, plan = self.options, self.plan
         embeddings, logits = capture.head_tensors()
         if embeddings.shape[0] != labels.shape[0]:
@@ -223,11 +226,16 @@ class TrainingStep:
             with_embeddings = not plan.logit_space and options.distill.targets == "logits" and mixer is None
             teacher = self.distiller.outputs(*capture.model_inputs(), self.module.trainer.global_step,
                                              with_embeddings)
-        keep = labels != options.ignore_index if options.ignore_index is not None else None
-        if mixer is not None:
-            loss = mixup_objective(logits, labels, *mixer.draw, teacher=teacher, keep=keep,
+        num_classes, ignore = logits.shape[-1], options.ignore_index
+        unexpected = None
+        if mixer is not None:  # F.cross_entropy's terms: a label out of range fails there (the first batch says why)
+            loss = mixup_objective(logits, labels, *mixer.draw, teacher=teacher,
+                                   ignore_index=ignore if ignore is not None else -100,
                                    label_smoothing=self.label_smoothing)
-        else:
+        else:  # the objective reads a label out of range as a class in range: counted for the health check
+            keep = labels != ignore if ignore is not None else None
+            in_range = labels.clamp(0, num_classes - 1) == labels
+            unexpected = ~in_range if keep is None else keep > in_range  # booleans: kept and not a class
             loss = self._last_layer_loss(kind, capture, embeddings, logits, labels, keep,
                                          features if dense_now else None, mask if dense_now else None, teacher)
             if options.clean_loss_weight > 0:
@@ -235,7 +243,7 @@ class TrainingStep:
         if self.loss_fit.rest:  # the user's other terms: their loss less the cross-entropy MultiMix replaces
             ce = plain_cross_entropy(logits, labels, options.ignore_index, self.loss_fit.label_smoothing)
             loss = loss + (user_loss.float() - ce)
-        return loss, labels, keep, logits.shape[-1]
+        return loss, labels, unexpected, num_classes
 
     def _mix_batch(self, batch: Any, mixer: InputMixer) -> Optional[Any]:
         """The batch with its inputs mixed, or ``None`` (said once) when they cannot be interpolated."""

@@ -60,8 +60,7 @@ class EMATeacher:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """One EMA step towards ``model``'s parameters (no device sync); buffers are copied."""
-        teacher_params = [p for p in self.module.parameters()]
-        student_params = [p.detach() for p in model.parameters()]
+        teacher_params, student_params = list(self.module.parameters()), list(model.parameters())
         if len(teacher_params) != len(student_params):
             raise RuntimeError(
                 f"The teacher has {len(teacher_params)} parameter tensors but the model has {len(student_params)}: "

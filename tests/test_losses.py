@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lightning_multimix.interpolation import interpolate, interpolate_columns, labels_out_of_range, one_hot
+from lightning_multimix.interpolation import interpolate, one_hot
 from lightning_multimix.losses import soft_cross_entropy
 
 
@@ -33,16 +33,14 @@ def test_interpolated_labels_are_the_sums_of_weights_by_class():
         for i, label in enumerate(labels.tolist()):
             if 0 <= label < 3:
                 expected[label] += weights[i]
-        torch.testing.assert_close(interpolate_columns(one_hot(labels, 3), weights), expected, rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="must be"):
-        interpolate_columns(one_hot(labels[:3], 3), weights)
+        torch.testing.assert_close(interpolate(one_hot(labels, 3), weights), expected.T, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="rows"):
+        interpolate(one_hot(labels[:3], 3), weights)
 
 
-def test_one_hot_and_range_flag():
+def test_one_hot_hand_computed():
     torch.testing.assert_close(one_hot(torch.tensor([1, 0]), 3), torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))
-    assert not labels_out_of_range(torch.tensor([0, 2]), 3)
-    assert labels_out_of_range(torch.tensor([0, 3]), 3)
-    assert labels_out_of_range(torch.tensor([-1, 0]), 3)
+    torch.testing.assert_close(one_hot(torch.tensor([3, -1]), 3), torch.zeros(2, 3))  # out of range: no class
 
 
 def test_soft_cross_entropy_hand_computed():

@@ -116,23 +116,36 @@ def test_mixup_objective_by_hand():
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
-def test_mixup_objective_is_the_soft_cross_entropy_of_the_mixed_one_hot_targets_for_any_labels(smoothing):
+def test_mixup_objective_is_the_soft_cross_entropy_of_the_mixed_one_hot_targets(smoothing):
     """The loss and its gradient equal the written-out soft cross-entropy of the mixed (smoothed) one-hot targets,
-    whichever way it is computed: class indices (labels in range, any integer dtype), or one-hot rows (a label out
-    of range, the ignore index -100 included, counts as a row of zeros: no class)."""
+    for labels of any integer dtype."""
     g = torch.Generator().manual_seed(1)
     lam, partner = torch.tensor(0.3, dtype=torch.float64), torch.tensor([2, 0, 3, 1, 5, 4])
-    for labels in (torch.tensor([0, 1, 2, 1, 2, 0]), torch.tensor([0, 1, 2, 1, 2, 0], dtype=torch.int32),
-                   torch.tensor([0, 1, 2, -100, 2, 7])):
+    for labels in (torch.tensor([0, 1, 2, 1, 2, 0]), torch.tensor([0, 1, 2, 1, 2, 0], dtype=torch.int32)):
         logits = torch.randn(6, 3, generator=g, requires_grad=True)
-        rows = eye(labels.clamp(0, 2).long()) * ((labels >= 0) & (labels < 3)).unsqueeze(1)
+        rows = eye(labels.long())
         targets = 0.3 * rows + 0.7 * rows[partner]
-        targets = (1 - smoothing) * targets + smoothing / 3  # as soft_cross_entropy smooths any row
-        expected = written_out(logits, targets)
+        expected = written_out(logits, (1 - smoothing) * targets + smoothing / 3)
         loss = mixup_objective(logits, labels, lam, partner, label_smoothing=smoothing)
         assert loss.dtype == torch.float32
         torch.testing.assert_close(loss, expected)
         torch.testing.assert_close(torch.autograd.grad(loss, logits)[0], torch.autograd.grad(expected, logits)[0])
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_mixup_objective_leaves_out_the_ignore_index_in_each_label_term(smoothing):
+    """Each of the two terms averages over its own labels that are not ``ignore_index``, as ``F.cross_entropy``."""
+    logits = torch.randn(6, 3, generator=torch.Generator().manual_seed(2))
+    labels, partner, lam = torch.tensor([0, -100, 2, 1, -100, 0]), torch.tensor([2, 0, 3, 1, 5, 4]), 0.3
+    log_p = torch.log_softmax(logits, -1)
+
+    def term(ys: torch.Tensor) -> torch.Tensor:  # mean over the labelled rows of the smoothed cross-entropy
+        rows = [i for i in range(6) if ys[i] >= 0]
+        return sum(-(1 - smoothing) * log_p[i, ys[i]] - smoothing * log_p[i].mean() for i in rows) / len(rows)
+
+    expected = lam * term(labels) + (1 - lam) * term(labels[partner])
+    loss = mixup_objective(logits, labels, torch.tensor(lam), partner, label_smoothing=smoothing)
+    torch.testing.assert_close(loss, expected)
 
 
 @pytest.mark.parametrize("kwargs, match", [
