@@ -125,25 +125,24 @@ def multimix_objective(
         mixed_logits = head(interpolate(embeddings, weights).to(embeddings.dtype))
     log_probs = torch.log_softmax(mixed_logits.float(), dim=-1)
     n, num_classes = log_probs.shape
-    # The targets Y^T lambda_k are never formed: sum_c (Y^T lambda_k)_c log p_kc = sum_i lambda_ik log p_k,y_i. A label
-    # out of range reads a class in range (its row has weight 0 when left out; the callback checks the others).
-    own = log_probs.index_select(1, labels.clamp(0, num_classes - 1))  # (n, m): log p_k,y_i
-    scale = -(1.0 - label_smoothing) / n  # in the weights of the sum: one product fewer, forward and backward
-    if teacher is None:
-        loss = (own * (wt * scale)).sum()
-    else:
-        with torch.no_grad():
+    scale = -(1.0 - label_smoothing) / n  # the cross-entropy's sign and mean, in the targets: one product and a sum
+    beta = teacher.weight if teacher is not None else 0.0
+    with torch.no_grad():
+        # Y^T lambda_k by class, without the one-hot Y; a label out of range adds to a class in range (its row has weight
+        # 0 when left out; the callback counts the others)
+        targets = log_probs.new_zeros(n, num_classes).index_add_(1, labels.clamp(0, num_classes - 1), wt,
+                                                                 alpha=(1.0 - beta) * scale)
+        if teacher is not None:
             if teacher.targets == "probs":
                 mixed_teacher = interpolate(teacher.probs(), weights)
             else:
                 mixed_teacher = teacher.probs(logits=interpolate(teacher.logits, weights) if teacher.head is None
                                               else teacher.head(interpolate(teacher.embeddings, weights).to(
                                                   teacher.embeddings.dtype)))
-        beta = teacher.weight
-        loss = (own * (wt * ((1.0 - beta) * scale))).sum() + (mixed_teacher * log_probs).sum() * (beta * scale)
-    if label_smoothing:  # the uniform part of the smoothed targets, eps / c on every class of every row
-        loss = loss - (label_smoothing / (num_classes * n)) * log_probs.sum()
-    return loss
+            targets.add_(mixed_teacher, alpha=beta * scale)
+        if label_smoothing:  # eps / c on every class of every row
+            targets.sub_(label_smoothing / (num_classes * n))
+    return (targets * log_probs).sum()
 
 
 def mixup_objective(
