@@ -115,32 +115,42 @@ def multimix_objective(
     if (logits is None) == (embeddings is None) or (embeddings is not None and head is None):
         raise ValueError("multimix_objective: pass `logits` (logit space) or `embeddings` and `head` (embedding "
                          "space), not both.")
-    wt = weights.T  # (n, m): row k mixes the examples with weights lambda_k
-    if logits is not None:
+    class_major = logits is not None  # (c, n): the logits' product is wide, the softmax runs along n
+
+    def mix(values: Tensor) -> Tensor:
+        """``(m, c)`` values of the examples, interpolated into the layout of the mixed logits."""
+        if not class_major:
+            return interpolate(values, weights)
+        with full_precision(values):
+            return values.to(weights.dtype).T @ weights
+
+    if class_major:
         _check_rows("logits", logits, labels)
-        with full_precision(logits):
-            mixed_logits = wt @ logits.to(wt.dtype)
+        mixed_logits = mix(logits)
     else:
         _check_rows("embeddings", embeddings, labels)
         mixed_logits = head(interpolate(embeddings, weights).to(embeddings.dtype))
-    log_probs = torch.log_softmax(mixed_logits.float(), dim=-1)
-    n, num_classes = log_probs.shape
+    class_dim = 0 if class_major else -1
+    log_probs = torch.log_softmax(mixed_logits.float(), dim=class_dim)
+    num_classes, n = log_probs.shape[class_dim], weights.shape[1]
     scale = -(1.0 - label_smoothing) / n  # the cross-entropy's sign and mean, in the targets: one product and a sum
     beta = teacher.weight if teacher is not None else 0.0
     with torch.no_grad():
         # Y^T lambda_k by class, without the one-hot Y; a label out of range adds to a class in range (its row has weight
         # 0 when left out; the callback counts the others)
-        targets = log_probs.new_zeros(n, num_classes).index_add_(1, labels.clamp(0, num_classes - 1), wt,
+        targets = log_probs.new_zeros(num_classes, n).index_add_(0, labels.clamp(0, num_classes - 1), weights,
                                                                  alpha=(1.0 - beta) * scale)
+        targets = targets if class_major else targets.T
         if teacher is not None:
             if teacher.targets == "probs":
-                mixed_teacher = interpolate(teacher.probs(), weights)
+                mixed_teacher = mix(teacher.probs())
+            elif teacher.head is None:
+                mixed_teacher = teacher.probs(dim=class_dim, logits=mix(teacher.logits))
             else:
-                mixed_teacher = teacher.probs(logits=interpolate(teacher.logits, weights) if teacher.head is None
-                                              else teacher.head(interpolate(teacher.embeddings, weights).to(
-                                                  teacher.embeddings.dtype)))
+                mixed = teacher.head(interpolate(teacher.embeddings, weights).to(teacher.embeddings.dtype))
+                mixed_teacher = teacher.probs(dim=class_dim, logits=mixed.T if class_major else mixed)
             targets.add_(mixed_teacher, alpha=beta * scale)
-        if label_smoothing:  # eps / c on every class of every row
+        if label_smoothing:  # eps / c on every class of every mixed example
             targets.sub_(label_smoothing / (num_classes * n))
     return (targets * log_probs).sum()
 
