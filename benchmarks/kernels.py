@@ -6,9 +6,9 @@ The products the logit-space and dense objectives spend their time in, each comp
 it and the way it could be done instead, interleaved call by call, one intra-op thread, thread CPU time
 (``m = 128`` examples, ``c = 10`` classes, ``r = 49`` positions, as the small CNN of ``benchmarks/overhead.py``):
 
-* mixed logits, forward and backward: row-major ``(n x m) @ (m x c)`` on the transposed weights, as
-  :func:`lightning_multimix.multimix_objective` computes them, against class-major ``(c x m) @ (m x n)`` with a
-  contiguous ``(c, m)`` copy of the logits (the package's way before), and against a transposed ``(c, m)`` view;
+* mixed logits, forward and backward: class-major ``(c x m) @ (m x n)`` on a transposed ``(c, m)`` view of the
+  logits, as :func:`lightning_multimix.multimix_objective` computes them, against the same with a contiguous
+  ``(c, m)`` copy (the package's way before), and against row-major ``(n x m) @ (m x c)``;
 * dense head at every position, forward and backward, on the ``(m, r, d)`` view of a CNN's ``(m, d, 7, 7)`` feature
   map (``d = 128``): class-major batched products on the map where it lies
   (:func:`lightning_multimix.dense.position_linear`) against ``F.linear`` on a contiguous copy (the package's way
@@ -63,11 +63,11 @@ def cases(n: int) -> list[tuple[str, str, Callable[[], Tensor], Callable[[], Ten
     g = torch.Generator().manual_seed(0)
     weights = dirichlet_weights(M, n, generator=g)
     logits = torch.randn(M, C, generator=g, requires_grad=True)
-    package_logits = _forward_backward(lambda v: weights.T @ v, logits)
-    found = [("mixed logits, fwd + bwd", "class-major contiguous (c x m) @ (m x n)", package_logits,
-              _forward_backward(lambda v: (v.T.contiguous() @ weights).T, logits)),
-             ("mixed logits, fwd + bwd", "transposed (c, m) view @ (m x n)", package_logits,
-              _forward_backward(lambda v: (v.T @ weights).T, logits))]
+    package_logits = _forward_backward(lambda v: v.T @ weights, logits)
+    found = [("mixed logits, fwd + bwd", "contiguous (c, m) copy @ (m x n)", package_logits,
+              _forward_backward(lambda v: v.T.contiguous() @ weights, logits)),
+             ("mixed logits, fwd + bwd", "row-major (n x m) @ (m x c)", package_logits,
+              _forward_backward(lambda v: (weights.T @ v).T, logits))]
     if n <= 1000:
         # the head at every position of a CNN's (m, d, 7, 7) map, read as the (m, r, d) view dense mode captures
         feature_map = torch.randn(M, D, 7, 7, generator=g, requires_grad=True)
