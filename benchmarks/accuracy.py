@@ -6,10 +6,13 @@ Every method trains the demo's SmallCNN through :func:`lightning_multimix.demo.t
 weights and batch order for a given seed; SGD lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4, cosine schedule,
 batch 128) and is tested on the 2,000 test images shipped in the package (always clean). Methods
 (``lightning_multimix.demo.training.METHODS``): ``erm``, ``mixup`` and ``cutmix`` (torchvision's ``v2.MixUp`` /
-``v2.CutMix``, alpha 1, every batch), ``pairs`` (``MultiMix(mode="pairs")``), ``multimix`` (``MultiMix()``: the
+``v2.CutMix``, alpha 1, every batch), ``switch`` (``v2.RandomChoice`` of the two: one of them on each batch, the
+switch timm and torchvision users pick), ``pairs`` (``MultiMix(mode="pairs")``), ``multimix`` (``MultiMix()``: the
 paper's protocol), ``multimix_every`` (``MultiMix(probability=1.0)``), ``dense`` and ``distill`` (with the protocol).
-Regimes (``REGIMES``): ``clean`` (10,000 images, 5 epochs), ``low_data`` (100 images per class, 100 epochs),
-``noisy`` (300 images per class, 40% of their labels replaced by random ones, 60 epochs).
+Regimes (``REGIMES``): ``clean`` (all 10,000 images, 30 epochs: the shortest run after which training longer raises
+neither ERM's nor input mixup's last-epoch accuracy by more than 0.3 points, from the ``--epochs E --curves`` runs in
+``results/clean_epochs_erm.md``), ``low_data`` (100 images per class, 100 epochs), ``noisy`` (300 images per class,
+40% of their labels replaced by random ones, 60 epochs).
 
 How to read the output
 ----------------------
@@ -21,18 +24,21 @@ regime, and ahead of both ERM and input mixup with noisy labels.
 
 Files written into ``--out`` (default ``benchmarks/results``): ``accuracy_runs.csv`` (one row per run, appended as
 runs finish; ``--resume`` skips the runs already there), ``accuracy_summary.csv``, ``accuracy.md`` (command, date,
-machine, the tables) and ``accuracy.png``.
+machine, the tables) and ``accuracy.png``; with ``--curves`` also ``accuracy_curves.csv`` (test accuracy after every
+epoch of every run), and the curves as tables in ``accuracy.md``.
 
 Examples::
 
     python benchmarks/accuracy.py --quick --out /tmp/acc          # CI smoke run: one seed, two steps per run
-    python benchmarks/accuracy.py --jobs 2                         # the README's table (about 1 hour on 2 cores)
+    python benchmarks/accuracy.py --jobs 2                         # the README's table (about 3 hours on 2 cores)
     python benchmarks/accuracy.py --regimes noisy --methods erm,mixup,multimix --seeds 0
+    python benchmarks/accuracy.py --regimes clean --methods erm --seeds 0 --epochs 40 --curves  # how long is enough?
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -64,6 +70,8 @@ from lightning_multimix.demo.training import BENCHMARK_REGIMES, METHODS, REGIMES
 
 RUN_KEYS = ("regime", "method", "seed", "test_acc", "best_acc", "best_epoch", "ece", "alignment", "uniformity",
             "sec_per_epoch", "epochs", "steps", "wall_seconds")
+#: the columns of ``accuracy_curves.csv`` (``--curves``): test accuracy after every epoch of every run
+CURVE_KEYS = ("regime", "method", "seed", "epoch", "test_acc")
 #: (column title, run key, scale, format) of the summary tables
 MEASURES: tuple[tuple[str, str, float, str], ...] = (
     ("last acc %", "test_acc", 100.0, "{:.2f}"),
@@ -88,6 +96,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each (default 1)")
     parser.add_argument("--out", default=str(RESULTS_DIR), help="output folder")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in accuracy_runs.csv")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="train every regime for this many epochs instead of its own (to choose them)")
+    parser.add_argument("--curves", action="store_true",
+                        help="also print and save the test accuracy after every epoch (accuracy_curves.csv)")
     parser.add_argument("--quick", action="store_true", help="CI smoke run: seed 0, 2 steps per run, tiny data")
     args = parser.parse_args(argv)
     for name, known in (("regimes", REGIMES), ("methods", METHODS)):
@@ -96,6 +108,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             parser.error(f"--{name}: unknown {sorted(unknown)}; expected names from {tuple(known)}")
     if args.jobs < 1 or args.threads < 0:
         parser.error("--jobs must be >= 1 and --threads >= 0")
+    if args.epochs is not None and args.epochs < 1:
+        parser.error("--epochs must be >= 1")
     if args.quick:
         args.seeds = "0"
     return args
@@ -115,24 +129,67 @@ def _init_worker(data_dir: Optional[str], threads: int, quick: bool) -> None:
     _DATA = (train.balanced_subset(26), test.balanced_subset(20)) if quick else (train, test)
 
 
-def _regime(name: str, quick: bool) -> Regime:
+def _regime(name: str, quick: bool, epochs: Optional[int] = None) -> Regime:
     regime = REGIMES[name]
     if quick:  # the regime's data handling (subset, label noise), on a few steps
-        return Regime(regime.description, epochs=1, train_per_class=13 if regime.train_per_class else None,
+        return Regime(regime.description, epochs=epochs or 1, train_per_class=13 if regime.train_per_class else None,
                       label_noise=regime.label_noise)
-    return regime
+    return dataclasses.replace(regime, epochs=epochs) if epochs is not None else regime
 
 
-def run_one(regime_name: str, method: str, seed: int, quick: bool) -> dict[str, Any]:
-    """One training run; only scalars travel back."""
+def run_one(regime_name: str, method: str, seed: int, quick: bool, epochs: Optional[int] = None) -> dict[str, Any]:
+    """One training run (``epochs``: instead of the regime's); only scalars and the curve travel back."""
     assert _DATA is not None, "call _init_worker first"
     train, test = _DATA
-    regime = _regime(regime_name, quick)
+    regime = _regime(regime_name, quick, epochs)
     started = time.perf_counter()
     result = run_method(method, train_data=regime.training_set(train, seed), test_data=test, epochs=regime.epochs,
                         seed=seed, max_steps=2 if quick else -1, progress=False)
     result.update(regime=regime_name, wall_seconds=time.perf_counter() - started)
-    return {key: result[key] for key in RUN_KEYS}
+    return {**{key: result[key] for key in RUN_KEYS}, "curve": curve(result["history"])}
+
+
+def curve(history: Sequence[dict[str, Any]]) -> list[tuple[int, float]]:
+    """``(epoch, test accuracy)`` of every tested epoch of a run's history."""
+    return [(h["epoch"], h["val_acc"]) for h in history if h["val_acc"] is not None]
+
+
+# ---------------------------------------------------------------------------------------------------- files
+
+
+def previous_runs(runs_path: Path, curves_path: Path, resume: bool, regimes: Sequence[str], methods: Sequence[str],
+                  seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """``resume``: the runs of ``runs_path`` among these regimes, methods and seeds (said on stdout); else none, and
+    the runs and curves files are removed (a fresh start)."""
+    if not resume:
+        for path in (runs_path, curves_path):
+            path.unlink(missing_ok=True)
+        return []
+    done = [row for row in read_csv(runs_path) if row["regime"] in regimes and row["method"] in methods
+            and int(row["seed"]) in seeds]
+    print(f"resuming: {len(done)} run(s) already in {runs_path}")
+    return done
+
+
+def record_run(run: dict[str, Any], runs_path: Path, curves_path: Optional[Path], header: str) -> None:
+    """Append a finished run to ``runs_path`` (and its curve to ``curves_path``), and print its line."""
+    append_csv(runs_path, RUN_KEYS, [run[key] for key in RUN_KEYS], preamble=header)
+    if curves_path is not None:
+        for epoch, acc in run["curve"]:
+            append_csv(curves_path, CURVE_KEYS, [run["regime"], run["method"], run["seed"], epoch, acc],
+                       preamble=header)
+    print(f"  {run['regime']:>8} {run['method']:>14} seed {run['seed']}: last {100 * float(run['test_acc']):.2f}%"
+          f"  best {100 * float(run['best_acc']):.2f}%  ECE {float(run['ece']):.3f}  "
+          f"({float(run['wall_seconds']):.0f} s)", flush=True)
+
+
+def write_summary(out: Path, stem: str, summary: Sequence[dict[str, Any]], report: str, header: str) -> list[Path]:
+    """``<stem>_summary.csv`` (the rows of :func:`summarise`) and ``<stem>.md`` (``header`` and ``report``)."""
+    keys = ["regime", "method", "runs"] + [f"{key}_{s}" for _, key, _, _ in MEASURES for s in ("mean", "std")]
+    paths = [out / f"{stem}_summary.csv", out / f"{stem}.md"]
+    write_csv(paths[0], keys, [[row[k] for k in keys] for row in summary], preamble=header)
+    paths[1].write_text(header + "\n```\n" + report + "\n```\n")
+    return paths
 
 
 # ---------------------------------------------------------------------------------------------------- summary
@@ -154,13 +211,26 @@ def summarise(runs: Sequence[dict[str, Any]], regimes: Sequence[str], methods: S
     return rows
 
 
-def regime_table(summary: Sequence[dict[str, Any]], regime: str) -> str:
+def regime_table(summary: Sequence[dict[str, Any]], regime: str, description: Optional[str] = None) -> str:
+    """The summary of one regime (``description``: the title's, default the regime's), one row per method."""
     headers = ("method", "runs", *(title for title, *_ in MEASURES))
     rows = [[row["method"], row["runs"], *(f"{fmt.format(row[f'{key}_mean'])} +- {fmt.format(row[f'{key}_std'])}"
                                            for _, key, _, fmt in MEASURES)]
             for row in summary if row["regime"] == regime]
-    title = f"== {regime}: {REGIMES[regime].description}; mean +- std over seeds =="
+    title = f"== {regime}: {description or REGIMES[regime].description}; mean +- std over seeds =="
     return format_table(headers, rows, title=title)
+
+
+def curve_table(curves: Sequence[dict[str, Any]], regime: str) -> str:
+    """Test accuracy (%) after every tested epoch: one row per epoch, one column per run (method and seed)."""
+    mine = [c for c in curves if c["regime"] == regime]
+    runs = list(dict.fromkeys((c["method"], int(c["seed"])) for c in mine))
+    acc = {(c["method"], int(c["seed"]), int(c["epoch"])): 100.0 * float(c["test_acc"]) for c in mine}
+    epochs = sorted({int(c["epoch"]) for c in mine})
+    rows = [[epoch, *(f"{acc[(m, s, epoch)]:.2f}" if (m, s, epoch) in acc else "" for m, s in runs)]
+            for epoch in epochs]
+    return format_table(("epoch", *(f"{m} seed {s}" for m, s in runs)), rows,
+                        title=f"== {regime}: test accuracy % after every epoch ==")
 
 
 def goal_table(summary: Sequence[dict[str, Any]], regimes: Sequence[str]) -> Optional[str]:
@@ -182,7 +252,8 @@ def goal_table(summary: Sequence[dict[str, Any]], regimes: Sequence[str]) -> Opt
     return format_table(headers, rows, title="== the goal (last-epoch test accuracy %, means over seeds) ==")
 
 
-def plot(summary: Sequence[dict[str, Any]], regimes: Sequence[str], path: Path, title: str) -> Path:
+def plot(summary: Sequence[dict[str, Any]], regimes: Sequence[str], path: Path, title: str,
+         descriptions: Optional[dict[str, str]] = None) -> Path:
     """Per regime: last-epoch accuracy (bars, +- std) with the best epoch's (dots), and ECE."""
     import matplotlib
 
@@ -207,7 +278,7 @@ def plot(summary: Sequence[dict[str, Any]], regimes: Sequence[str], path: Path, 
             if r["test_acc_mean"] < low:
                 ax.annotate(f"{r['test_acc_mean']:.1f}\n(below)", (i, low), xytext=(0, 4), textcoords="offset points",
                             ha="center", fontsize=7)
-        ax.set_title(f"{regime}: {REGIMES[regime].description}", fontsize=8)
+        ax.set_title(f"{regime}: {(descriptions or {}).get(regime) or REGIMES[regime].description}", fontsize=8)
         ax.set_ylabel("test accuracy % (last epoch; dot: best)")
         ax.tick_params(axis="x", rotation=45, labelsize=7)
         ax = axes[1][column]
@@ -233,48 +304,43 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs_path = out / "accuracy_runs.csv"
+    runs_path, curves_path = out / "accuracy_runs.csv", out / "accuracy_curves.csv"
     _init_worker(args.data_dir, args.threads, args.quick)  # a bad --data-dir fails here, before any training
     info = machine_info("cpu")
     print_machine(info)
     source = "the subset shipped in the package" if args.data_dir is None else args.data_dir
-    settings = (f"SmallCNN on Fashion-MNIST ({source}{', --quick' if args.quick else ''}); regimes {regimes}; seeds "
-                f"{seeds}; {args.threads or 'default'} thread(s) per run, {args.jobs} job(s)")
+    settings = (f"SmallCNN on Fashion-MNIST ({source}{', --quick' if args.quick else ''}); regimes {regimes}"
+                f"{f', all trained for {args.epochs} epochs' if args.epochs else ''}; seeds {seeds}; "
+                f"{args.threads or 'default'} thread(s) per run, {args.jobs} job(s)")
     print("settings: " + settings, flush=True)
 
-    done: list[dict[str, Any]] = []
-    if args.resume:
-        done = [row for row in read_csv(runs_path) if row["regime"] in regimes and row["method"] in methods
-                and int(row["seed"]) in seeds]
-        print(f"resuming: {len(done)} run(s) already in {runs_path}")
-        settings += resumed_note(runs_path, len(done))
-    elif runs_path.exists():
-        runs_path.unlink()
+    done = previous_runs(runs_path, curves_path, args.resume, regimes, methods, seeds)
+    settings += resumed_note(runs_path, len(done))
     finished = {(row["regime"], row["method"], int(row["seed"])) for row in done}
     # seed-major, then the long regimes first: partial results stay balanced and the pool ends on short runs
     order = sorted(regimes, key=lambda r: -REGIMES[r].epochs * (REGIMES[r].train_per_class or 1000))
-    tasks = [(regime, method, seed, args.quick) for seed in seeds for regime in order for method in methods
-             if (regime, method, seed) not in finished]
+    tasks = [(regime, method, seed, args.quick, args.epochs) for seed in seeds for regime in order
+             for method in methods if (regime, method, seed) not in finished]
     started = time.perf_counter()
     for run in run_tasks(run_one, tasks, args.jobs, _init_worker, (args.data_dir, args.threads, args.quick)):
-        append_csv(runs_path, RUN_KEYS, [run[key] for key in RUN_KEYS], preamble=results_header(info, settings))
+        record_run(run, runs_path, curves_path if args.curves else None, results_header(info, settings))
         done.append(run)
-        print(f"  {run['regime']:>8} {run['method']:>14} seed {run['seed']}: last {100 * float(run['test_acc']):.2f}%"
-              f"  best {100 * float(run['best_acc']):.2f}%  ECE {float(run['ece']):.3f}  "
-              f"({float(run['wall_seconds']):.0f} s)", flush=True)
     total = time.perf_counter() - started
 
     summary = summarise(done, regimes, methods)
-    tables = [regime_table(summary, regime) for regime in regimes]
+    described = {r: _regime(r, args.quick, args.epochs).description + (f"; run for {args.epochs} epochs instead"
+                                                                        if args.epochs else "") for r in regimes}
+    tables = [regime_table(summary, regime, described[regime]) for regime in regimes]
+    if args.curves:
+        curves = [c for c in read_csv(curves_path) if c["regime"] in regimes and c["method"] in methods
+                  and int(c["seed"]) in seeds]
+        tables += [curve_table(curves, regime) for regime in regimes]
     goal = goal_table(summary, regimes)
     report = "\n\n".join(tables + ([goal] if goal else []))
     print("\n" + report + f"\n\nwall time of this invocation: {total / 60:.1f} min")
-    summary_keys = ["regime", "method", "runs"] + [f"{key}_{s}" for _, key, _, _ in MEASURES for s in ("mean", "std")]
-    write_csv(out / "accuracy_summary.csv", summary_keys, [[row[k] for k in summary_keys] for row in summary],
-              preamble=results_header(info, settings))
-    (out / "accuracy.md").write_text(results_header(info, settings) + "\n```\n" + report + "\n```\n")
-    png = plot(summary, regimes, out / "accuracy.png", f"{settings}\n{info['date']}, {info['cpu']}")
-    print(f"wrote {runs_path}, {out / 'accuracy_summary.csv'}, {out / 'accuracy.md'}, {png}")
+    written = write_summary(out, "accuracy", summary, report, results_header(info, settings))
+    png = plot(summary, regimes, out / "accuracy.png", f"{settings}\n{info['date']}, {info['cpu']}", described)
+    print(f"wrote {runs_path}, {', '.join(map(str, written))}, {png}")
     return 0
 
 

@@ -6,6 +6,7 @@ runs of the scripts (several Trainers for some, up to a few minutes each on 2 CP
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -20,7 +21,7 @@ from benchmarks._harness import read_csv  # noqa: E402
 OVERHEAD_METHODS = ("none", "mixup", "cutmix", "input-mixup", "input-mixup-in-step", "pairs", "multimix-1000",
                     "multimix-1000-in-step", "multimix-10000", "protocol-1000", "dense-1000", "dense-10000",
                     "distill-1000")
-ACCURACY_METHODS = ("erm", "mixup", "cutmix", "pairs", "multimix", "multimix_every", "dense", "distill")
+ACCURACY_METHODS = ("erm", "mixup", "cutmix", "switch", "pairs", "multimix", "multimix_every", "dense", "distill")
 REGIMES = ("clean", "low_data", "noisy")
 SAMPLING_WAYS = ("package", "standard_gamma", "distributions.Dirichlet")
 SWEEP_CONFIGS = ("default", "alpha=0.1", "alpha=0.5", "alpha=2", "tuple_size=2", "tuple_size=4", "tuple_size=8",
@@ -40,7 +41,8 @@ def _table_rows(stdout: str, title_start: str) -> list[list[str]]:
     start = next(i for i, line in enumerate(lines) if line.startswith(title_start))
     rows = []
     for line in lines[start + 3:]:  # title, header, rule
-        if not line.strip() or line.split()[0].endswith(":"):  # a blank line or "notes: ..." ends the table
+        if not line.strip() or line.split()[0].endswith(":") or line.startswith("wrote "):  # a blank line, "notes:
+            # ...", or the files written end the table
             break
         rows.append(line.split())
     return rows
@@ -125,6 +127,24 @@ def test_accuracy_quick_prints_every_regime_and_method_and_writes_files(tmp_path
     assert len(read_csv(tmp_path / "accuracy_runs.csv")) == len(runs)
 
 
+def test_accuracy_epochs_override_and_curve_table() -> None:
+    from benchmarks import accuracy
+    from lightning_multimix.demo.training import REGIMES as DEMO_REGIMES
+
+    args = accuracy.parse_args(["--regimes", "clean", "--methods", "erm", "--epochs", "60", "--curves"])
+    assert (args.epochs, args.curves) == (60, True)
+    assert accuracy._regime("clean", False, 60) == dataclasses.replace(DEMO_REGIMES["clean"], epochs=60)
+    assert accuracy._regime("noisy", False) == DEMO_REGIMES["noisy"]
+    assert accuracy.curve([{"epoch": 1, "val_acc": None}, {"epoch": 2, "val_acc": 0.5}]) == [(2, 0.5)]
+    curves = [{"regime": "clean", "method": m, "seed": str(s), "epoch": str(e), "test_acc": str(a)}
+              for m, s, e, a in (("erm", 0, 1, 0.7), ("erm", 0, 2, 0.81234), ("switch", 1, 2, 0.8))]
+    lines = accuracy.curve_table(curves, "clean").splitlines()
+    assert lines[0] == "== clean: test accuracy % after every epoch =="
+    assert [line.split() for line in lines[1:]] == [["epoch", "erm", "seed", "0", "switch", "seed", "1"],
+                                                    ["-----", "----------", "-------------"],
+                                                    ["1", "70.00"], ["2", "81.23", "80.00"]]
+
+
 @pytest.mark.slow
 def test_sweep_quick_reports_every_configuration(tmp_path: Path) -> None:
     stdout = _run("benchmarks/sweep.py", "--quick", "--out", str(tmp_path))
@@ -169,7 +189,7 @@ def test_step_profile_times_each_stage_inside_the_step(tmp_path: Path) -> None:
 
 def test_step_cost_quick_counts_every_method_and_writes_its_results_file(tmp_path: Path) -> None:
     stdout = _run("benchmarks/step_cost.py", "--quick", "--out", str(tmp_path))
-    methods = ["none", "MultiMix()", "input-mixup", "tv-mixup"]
+    methods = ["none", "Callback()", "MultiMix()", "input-mixup", "tv-mixup"]
     title = "== per training step, tiny models"
     text = (tmp_path / "step_cost_tiny_cpu.md").read_text()
     header = text.splitlines()
@@ -180,6 +200,10 @@ def test_step_cost_quick_counts_every_method_and_writes_its_results_file(tmp_pat
         assert [row[:2] for row in rows] == [[method, "mlp"] for method in methods]
         assert all(len(row) == 11 for row in rows) and all(float(cell) == float(cell) for row in rows
                                                            for cell in row[2:])  # numbers (nan is not)
+        by_name = {row[0]: row for row in rows}
+        assert float(by_name["Callback()"][3]) == 0 and float(by_name["Callback()"][7]) > 0  # dispatch, no op
+        # no host read of a device scalar in any step (once per fit, at the first batch and the epoch's end: cancels)
+        assert float(by_name["MultiMix()"][4]) == 0 and float(by_name["input-mixup"][4]) == 0
         for method in ("MultiMix()", "input-mixup"):  # the operations each adds most, by name
             top = _table_rows(output, f"== {method}: the 10 operations")
             assert 0 < len(top) <= 10 and all(len(row) == 2 and row[0].startswith("aten::") for row in top)

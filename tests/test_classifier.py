@@ -112,7 +112,7 @@ def test_cosine_needs_a_finite_run() -> None:
 # ---------------------------------------------------------------------------------------------------- input mixing
 
 
-@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+@pytest.mark.parametrize("kind", ["mixup", "cutmix", "mixup_cutmix"])
 def test_input_mix_trains_on_torchvision_soft_targets(kind: str) -> None:
     v2 = pytest.importorskip("torchvision.transforms.v2")
     model = ImageClassifier("small_cnn", input_mix=kind, input_mix_alpha=0.4)
@@ -120,11 +120,47 @@ def test_input_mix_trains_on_torchvision_soft_targets(kind: str) -> None:
     torch.manual_seed(5)
     loss = model.training_step((images, labels), 0)
     torch.manual_seed(5)
-    mixer = (v2.MixUp if kind == "mixup" else v2.CutMix)(num_classes=10, alpha=0.4)
+    mixup, cutmix = v2.MixUp(num_classes=10, alpha=0.4), v2.CutMix(num_classes=10, alpha=0.4)
+    mixer = {"mixup": mixup, "cutmix": cutmix, "mixup_cutmix": v2.RandomChoice([mixup, cutmix])}[kind]
     mixed_images, soft = mixer(images, labels)
     assert soft.shape == (8, 10) and not torch.equal(soft, F.one_hot(labels, 10).float())
     expected = -(soft * F.log_softmax(model(mixed_images), -1)).sum(-1).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_the_switch_mixes_with_mixup_on_some_batches_and_cutmix_on_others() -> None:
+    """Image i is the constant i + 1, its partner (torchvision's: the batch rolled by one) another constant, so a
+    MixUp batch holds blends (every pixel of an image the same value strictly between the two) and a CutMix batch only
+    the two originals (a pasted rectangle of the partner's); either way the soft target's weight of the own label is
+    the own image's share."""
+    pytest.importorskip("torchvision.transforms.v2")
+    model = ImageClassifier("small_cnn", input_mix="mixup_cutmix")
+    b = 8
+    images = torch.arange(1, b + 1, dtype=torch.float32).view(b, 1, 1, 1).expand(b, 1, 28, 28).contiguous()
+    labels, partners = torch.arange(b), torch.arange(b).roll(1)
+    own = images[:, :, :1, :1]
+    partner = own.roll(1, 0)
+    seen = []
+    model.backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    torch.manual_seed(0)
+    kinds = []
+    for _ in range(20):
+        loss = model.training_step((images, labels), 0)
+        mixed = seen[-1]
+        if torch.all((mixed == own) | (mixed == partner)):  # only original pixels: CutMix
+            kinds.append("cutmix")
+            weight = (mixed == own).float().mean(dim=(1, 2, 3))
+        else:  # every pixel of an image the same blend of the two: MixUp
+            kinds.append("mixup")
+            assert torch.allclose(mixed, mixed.amax(dim=(1, 2, 3), keepdim=True))
+            weight = ((mixed - partner) / (own - partner)).mean(dim=(1, 2, 3))
+            assert torch.all((weight > 0) & (weight < 1)) and torch.allclose(weight, weight[0].expand(b))
+        targets = weight[:, None] * F.one_hot(labels, 10) + (1 - weight[:, None]) * F.one_hot(partners, 10)
+        expected = -(targets * F.log_softmax(model(mixed), -1)).sum(-1).mean()
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert 5 <= kinds.count("mixup") <= 15, kinds  # one of the two per batch, with equal chance
+    with pytest.raises(ValueError, match="mixup_cutmix"):  # an unknown value names the choices
+        ImageClassifier(input_mix="switch")
 
 
 def test_input_mix_and_multimix_callback_are_exclusive() -> None:

@@ -27,7 +27,10 @@ def tiny() -> tuple[ImageSet, ImageSet]:
 
 
 def test_method_contract() -> None:
-    assert tuple(METHODS) == ("erm", "mixup", "cutmix", "pairs", "multimix", "multimix_every", "dense", "distill")
+    assert tuple(METHODS) == ("erm", "mixup", "cutmix", "switch", "pairs", "multimix", "multimix_every", "dense",
+                              "distill")
+    assert {m: METHODS[m].input_mix for m in METHODS if METHODS[m].input_mix} == {
+        "mixup": "mixup", "cutmix": "cutmix", "switch": "mixup_cutmix"}
     assert DEFAULT_METHODS == ("erm", "mixup", "pairs", "multimix")  # the main job: the peers and the default
     assert cli.DEFAULT_REGIME in REGIMES
 
@@ -41,7 +44,7 @@ def test_the_demo_tests_every_second_epoch(tiny: tuple[ImageSet, ImageSet]) -> N
 
 
 def test_regimes_are_the_documented_ones() -> None:
-    assert (REGIMES["clean"].epochs, REGIMES["clean"].train_per_class, REGIMES["clean"].label_noise) == (5, None, 0)
+    assert (REGIMES["clean"].epochs, REGIMES["clean"].train_per_class, REGIMES["clean"].label_noise) == (30, None, 0)
     assert (REGIMES["low_data"].epochs, REGIMES["low_data"].train_per_class) == (100, 100)
     assert (REGIMES["noisy"].epochs, REGIMES["noisy"].train_per_class, REGIMES["noisy"].label_noise) == (60, 300, 0.4)
     train, _ = load_fashion_mnist()
@@ -90,7 +93,7 @@ def test_method_callbacks() -> None:
     assert dense.dense == Dense() and dense.n_tuples == 7 and dense.probability == 0.5
     (distill,) = method_callbacks("distill", seed=3, total_steps=10, head="h")
     assert distill.distill.warmup_steps == 5
-    for method in ("erm", "mixup", "cutmix"):
+    for method in ("erm", "mixup", "cutmix", "switch"):
         assert method_callbacks(method, seed=3, total_steps=10, head="h") == []
     with pytest.raises(ValueError, match="does not use MultiMix"):
         method_callbacks("mixup", seed=3, total_steps=10, head="h", multimix_options={"n_tuples": 7})

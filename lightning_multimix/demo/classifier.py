@@ -2,9 +2,10 @@
 
 It is deliberately ordinary: cross-entropy on clean images, SGD, a learning-rate schedule. Add the
 :class:`~lightning_multimix.MultiMix` callback to the ``Trainer`` to train it with MultiMix, or set ``input_mix`` to
-train it with torchvision's input-space ``MixUp`` / ``CutMix`` (the usual peers). Validation and test log accuracy,
-expected calibration error and loss; the test also logs the embedding alignment and uniformity of the head's input
-(:mod:`lightning_multimix.metrics`) and keeps those embeddings (:meth:`ImageClassifier.test_embeddings`).
+train it with torchvision's input-space ``MixUp``, ``CutMix`` or one of the two drawn per batch (the usual peers).
+Validation and test log accuracy, expected calibration error and loss; the test also logs the embedding alignment and
+uniformity of the head's input (:mod:`lightning_multimix.metrics`) and keeps those embeddings
+(:meth:`ImageClassifier.test_embeddings`).
 
 Logged names: ``train/loss`` (the module's own loss: clean cross-entropy, or soft cross-entropy on mixed inputs;
 under the MultiMix callback the optimised loss is ``multimix/loss``), ``val/loss``, ``val/acc``, ``val/ece``,
@@ -28,7 +29,8 @@ from lightning_multimix.demo.models import PreActResNet18, SmallCNN
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {"small_cnn": SmallCNN, "preact_resnet18": PreActResNet18}
 SCHEDULES = ("cosine", "step", "constant")
-INPUT_MIXES = ("mixup", "cutmix")
+#: ``input_mix`` values: torchvision's ``v2.MixUp``, ``v2.CutMix``, or ``v2.RandomChoice`` of the two per batch
+INPUT_MIXES = ("mixup", "cutmix", "mixup_cutmix")
 
 
 def build_backbone(name: str, num_classes: int, in_channels: int) -> nn.Module:
@@ -70,7 +72,9 @@ class ImageClassifier(L.LightningModule):
         gamma: factor of the ``"step"`` schedule.
         input_mix: ``None``, or ``"mixup"`` / ``"cutmix"``: mix each training batch in input space with
             ``torchvision.transforms.v2.MixUp`` / ``CutMix`` (``alpha=input_mix_alpha``; partner = the batch rolled by
-            one) and train on the soft targets. Needs torchvision. Do not combine with the MultiMix callback.
+            one) and train on the soft targets; ``"mixup_cutmix"``: the per-batch switch users of torchvision and timm
+            pick, ``v2.RandomChoice([v2.MixUp(...), v2.CutMix(...)])``, MixUp or CutMix with equal chance on each
+            batch (timm's ``Mixup(switch_prob=0.5)``). Needs torchvision. Do not combine with the MultiMix callback.
         input_mix_alpha: ``alpha`` of ``MixUp`` / ``CutMix``.
         label_smoothing: label smoothing of the module's own cross-entropy.
         head: dotted path of the classifier head inside ``backbone`` (the module whose input is the embedding);
@@ -97,7 +101,7 @@ class ImageClassifier(L.LightningModule):
         schedule: Literal["cosine", "step", "constant"] = "cosine",
         milestones: Optional[list[int]] = None,
         gamma: float = 0.1,
-        input_mix: Optional[Literal["mixup", "cutmix"]] = None,
+        input_mix: Optional[Literal["mixup", "cutmix", "mixup_cutmix"]] = None,
         input_mix_alpha: float = 1.0,
         label_smoothing: float = 0.0,
         head: Optional[str] = None,
@@ -257,8 +261,8 @@ def _build_input_mixer(kind: str, num_classes: int, alpha: float) -> Callable[[T
     except ImportError as err:
         raise ImportError(f"ImageClassifier(input_mix={kind!r}) uses torchvision.transforms.v2: "
                           "`pip install lightning-multimix[demo]`.") from err
-    cls = v2.MixUp if kind == "mixup" else v2.CutMix
-    return cls(num_classes=num_classes, alpha=alpha)
+    mixup, cutmix = v2.MixUp(num_classes=num_classes, alpha=alpha), v2.CutMix(num_classes=num_classes, alpha=alpha)
+    return {"mixup": mixup, "cutmix": cutmix, "mixup_cutmix": v2.RandomChoice([mixup, cutmix])}[kind]
 
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:

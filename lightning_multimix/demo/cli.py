@@ -6,7 +6,7 @@ The training is :func:`lightning_multimix.demo.training.run_method` (same initia
 method, SGD with a cosine schedule, batch 128), in one of the regimes of :data:`~lightning_multimix.demo.training.
 REGIMES`: by default ``noisy_demo`` (300 images per class, 40% of their labels replaced by random ones, 40 epochs;
 the test set is clean, tested every 2 epochs), where mixing shows what it is for; ``--regime noisy`` is the
-benchmark's 60-epoch version, ``--regime clean`` trains on all 10,000 images for 5 epochs.
+benchmark's 60-epoch version, ``--regime clean`` trains on all 10,000 images for 30 epochs.
 ``--quick`` is a sub-minute run on a small subset.
 """
 
@@ -138,8 +138,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     except (OSError, DataFormatError, ValueError) as err:
         parser.error(str(err))
     needed = [("matplotlib", "the pictures")]
-    if {"mixup", "cutmix"} & set(methods):
-        needed.append(("torchvision", "the input-mixup peers (--methods mixup/cutmix)"))
+    if any(METHODS[m].input_mix for m in methods):
+        needed.append(("torchvision", "the input-mixing peers (--methods mixup/cutmix/switch)"))
     missing = [(package, why) for package, why in needed if importlib.util.find_spec(package) is None]
     if missing:
         parser.error("; ".join(f"{why} need {package}" for package, why in missing)
