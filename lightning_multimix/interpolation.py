@@ -19,14 +19,9 @@ def full_precision(tensor: Tensor) -> contextlib.AbstractContextManager:
     device = tensor.device.type
     try:
         enabled = torch.is_autocast_enabled(device)
-    except (RuntimeError, TypeError):  # torch < 2.4 takes no device type; a device type autocast does not know
-        enabled = True
-    if not enabled:
-        return contextlib.nullcontext()  # nothing to turn off
-    try:
-        return torch.autocast(device, enabled=False)
-    except RuntimeError:
+    except RuntimeError:  # a device type autocast does not know (meta): nothing to turn off
         return contextlib.nullcontext()
+    return torch.autocast(device, enabled=False) if enabled else contextlib.nullcontext()
 
 
 def one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:

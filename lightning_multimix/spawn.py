@@ -17,7 +17,6 @@ from typing import Any, Callable
 
 import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 KEY = "multimix/batches_seen"
@@ -34,20 +33,10 @@ def register(receive: Callable[[dict[str, Any]], None]) -> str:
     return token
 
 
-def can_send() -> bool:
-    """Whether this torch can allow :func:`deliver` in ``torch.load(weights_only=True)``."""
-    return hasattr(torch.serialization, "add_safe_globals")
-
-
 def send_to_main_process(trainer: Any, token: str, state: dict[str, Any]) -> bool:
     """On rank 0 of a fit in spawned or forked processes, put ``state`` among the results Lightning sends back to the
     main process; ``False`` elsewhere (the process that trained is then the main one)."""
     if type(trainer.strategy.launcher).__name__ != "_MultiProcessingLauncher" or trainer.local_rank != 0:
-        return False
-    if not can_send():
-        rank_zero_warn("MultiMix: this torch cannot send the callback's state back from the spawned processes: the "
-                       "callback in your main process keeps its state from before the fit (its random stream and "
-                       "teacher). Save checkpoints with `ModelCheckpoint` during the fit, or use strategy='ddp'.")
         return False
     trainer.callback_metrics[KEY] = _Delivery(token, apply_to_collection(state, Tensor, lambda t: t.detach().cpu()))
     return True
@@ -72,5 +61,4 @@ def deliver(token: str, state: dict[str, Any]) -> Tensor:
     return torch.tensor(state.get("batches_seen", 0))
 
 
-if can_send():
-    torch.serialization.add_safe_globals([deliver])
+torch.serialization.add_safe_globals([deliver])  # Lightning loads the workers' results with weights_only=True

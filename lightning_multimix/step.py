@@ -64,8 +64,8 @@ class StepReport:
     loss: Tensor
     labels: Tensor  #: on the logits' device, int64
     num_classes: int  #: the head's outputs
-    #: ``(b,)`` booleans: labels neither in ``[0, num_classes)`` nor the ignore index (mixed at the last layer only:
-    #: input mixup's cross-entropy raises on them itself); ``None``: not checked
+    #: ``(b,)`` booleans: labels neither in ``[0, num_classes)`` nor the ignore index (on input-mixup batches only -100
+    #: without an ignore index: the cross-entropy raises on the others itself); ``None``: not checked
     unexpected: Optional[Tensor]
     plan: HeadPlan  #: the head the step trained
     first: bool  #: the first mixed batch of the fit
@@ -232,6 +232,8 @@ class TrainingStep:
             loss = mixup_objective(logits, labels, *mixer.draw, teacher=teacher,
                                    ignore_index=ignore if ignore is not None else -100,
                                    label_smoothing=self.label_smoothing)
+            if ignore is None:  # every label must be a class, but F.cross_entropy's -100 would pass, left out
+                unexpected = labels == -100
         else:  # the objective reads a label out of range as a class in range: counted for the health check
             keep = labels != ignore if ignore is not None else None
             in_range = labels.clamp(0, num_classes - 1) == labels

@@ -100,6 +100,16 @@ def test_a_label_out_of_range_on_an_input_mixup_batch_fails_in_the_cross_entropy
         trainer([MultiMix(probability=0.0)], max_steps=4).fit(LabelFree(), loader(labels=labels))
 
 
+def test_without_an_ignore_index_a_minus_100_label_on_an_input_mixup_batch_is_an_error():
+    """``F.cross_entropy`` leaves -100 out by default; with ``ignore_index=None`` every label must be a class, so the
+    health check counts it on input-mixup batches too (after the first batch, which is checked on its own)."""
+    labels = torch.zeros(16, dtype=torch.long)
+    labels[5] = -100  # batch 1 (batches of 4)
+    with pytest.raises(MultiMixError, match=rf"labels outside \[0, {NUM_CLASSES}\) at a training batch from 1 to 3"):
+        trainer([MultiMix(probability=0.0, ignore_index=None)], max_steps=4).fit(LabelFree(), loader(labels=labels))
+    trainer([MultiMix(probability=0.0)], max_steps=4).fit(LabelFree(), loader(labels=labels))  # -100: ignored
+
+
 def test_a_fit_on_cpu_emits_no_warning_from_the_package():
     """Reading the loss on the host must not trigger torch's "Converting a tensor with requires_grad=True to a
     scalar" warning (it did: ``float(loss)`` on the loss being optimised)."""
