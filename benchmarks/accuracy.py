@@ -23,7 +23,7 @@ more uniform), training seconds per epoch. Then the goal: MultiMix's defaults wi
 regime, and ahead of both ERM and input mixup with noisy labels.
 
 Files written into ``--out`` (default ``benchmarks/results``): ``accuracy_runs.csv`` (one row per run, appended as
-runs finish; ``--resume`` skips the runs already there), ``accuracy_summary.csv``, ``accuracy.md`` (command, date,
+runs finish; ``--resume`` skips the runs already there; ``--report`` trains nothing and tabulates them), ``accuracy_summary.csv``, ``accuracy.md`` (command, date,
 machine, the tables) and ``accuracy.png``; with ``--curves`` also ``accuracy_curves.csv`` (test accuracy after every
 epoch of every run), and the curves as tables in ``accuracy.md``.
 
@@ -96,6 +96,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each (default 1)")
     parser.add_argument("--out", default=str(RESULTS_DIR), help="output folder")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in accuracy_runs.csv")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: the tables of the runs already in accuracy_runs.csv (merged from "
+                             "several invocations or machines; a regime and method with no run is left out)")
     parser.add_argument("--epochs", type=int, default=None,
                         help="train every regime for this many epochs instead of its own (to choose them)")
     parser.add_argument("--curves", action="store_true",
@@ -314,13 +317,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"{args.threads or 'default'} thread(s) per run, {args.jobs} job(s)")
     print("settings: " + settings, flush=True)
 
-    done = previous_runs(runs_path, curves_path, args.resume, regimes, methods, seeds)
+    done = previous_runs(runs_path, curves_path, args.resume or args.report, regimes, methods, seeds)
     settings += resumed_note(runs_path, len(done))
     finished = {(row["regime"], row["method"], int(row["seed"])) for row in done}
     # seed-major, then the long regimes first: partial results stay balanced and the pool ends on short runs
     order = sorted(regimes, key=lambda r: -REGIMES[r].epochs * (REGIMES[r].train_per_class or 1000))
     tasks = [(regime, method, seed, args.quick, args.epochs) for seed in seeds for regime in order
-             for method in methods if (regime, method, seed) not in finished]
+             for method in methods if (regime, method, seed) not in finished and not args.report]
     started = time.perf_counter()
     for run in run_tasks(run_one, tasks, args.jobs, _init_worker, (args.data_dir, args.threads, args.quick)):
         record_run(run, runs_path, curves_path if args.curves else None, results_header(info, settings))

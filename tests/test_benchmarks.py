@@ -125,6 +125,15 @@ def test_accuracy_quick_prints_every_regime_and_method_and_writes_files(tmp_path
     again = _run("benchmarks/accuracy.py", "--quick", "--resume", "--out", str(tmp_path))
     assert f"resuming: {len(runs)} run(s)" in again
     assert len(read_csv(tmp_path / "accuracy_runs.csv")) == len(runs)
+    # --report tabulates the runs there (here without those of one method) and trains none
+    path = tmp_path / "accuracy_runs.csv"
+    path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
+                            if f",{ACCURACY_METHODS[0]}," not in line))
+    kept = read_csv(path)
+    report = _run("benchmarks/accuracy.py", "--quick", "--report", "--out", str(tmp_path))
+    assert read_csv(path) == kept
+    for regime in REGIMES:
+        assert [row[0] for row in _table_rows(report, f"== {regime}: ")] == list(ACCURACY_METHODS[1:])
 
 
 def test_accuracy_epochs_override_and_curve_table() -> None:
