@@ -319,6 +319,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     done = previous_runs(runs_path, curves_path, args.resume or args.report, regimes, methods, seeds)
     settings += resumed_note(runs_path, len(done))
+    settings += "; --report: none trained by this invocation" if args.report else ""
     finished = {(row["regime"], row["method"], int(row["seed"])) for row in done}
     # seed-major, then the long regimes first: partial results stay balanced and the pool ends on short runs
     order = sorted(regimes, key=lambda r: -REGIMES[r].epochs * (REGIMES[r].train_per_class or 1000))
