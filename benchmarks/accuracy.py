@@ -23,9 +23,10 @@ more uniform), training seconds per epoch. Then the goal: MultiMix's defaults wi
 regime, and ahead of both ERM and input mixup with noisy labels.
 
 Files written into ``--out`` (default ``benchmarks/results``): ``accuracy_runs.csv`` (one row per run, appended as
-runs finish; ``--resume`` skips the runs already there; ``--report`` trains nothing and tabulates them), ``accuracy_summary.csv``, ``accuracy.md`` (command, date,
-machine, the tables) and ``accuracy.png``; with ``--curves`` also ``accuracy_curves.csv`` (test accuracy after every
-epoch of every run), and the curves as tables in ``accuracy.md``.
+runs finish; ``--resume`` skips the runs already there; ``--report`` trains nothing and tabulates them),
+``accuracy_summary.csv``, ``accuracy.md`` (command, date, machine, the tables) and ``accuracy.png``; with ``--curves``
+also ``accuracy_curves.csv`` (test accuracy after every epoch of every run), and the curves as tables in
+``accuracy.md``.
 
 Examples::
 

@@ -136,8 +136,8 @@ def multimix_objective(
     scale = -(1.0 - label_smoothing) / n  # the cross-entropy's sign and mean, in the targets: one product and a sum
     beta = teacher.weight if teacher is not None else 0.0
     with torch.no_grad():
-        # Y^T lambda_k by class, without the one-hot Y; a label out of range adds to a class in range (its row has weight
-        # 0 when left out; the callback counts the others)
+        # Y^T lambda_k by class, without the one-hot Y; a label out of range adds to a class in range (its row has
+        # weight 0 when left out; the callback counts the others)
         targets = log_probs.new_zeros(num_classes, n).index_add_(0, labels.clamp(0, num_classes - 1), weights,
                                                                  alpha=(1.0 - beta) * scale)
         targets = targets if class_major else targets.T
