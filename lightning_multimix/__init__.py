@@ -1,12 +1,32 @@
 """MultiMix for PyTorch Lightning: interpolate a myriad of embeddings with one callback.
 
-Layout: a pure tensor core with no Lightning import (:mod:`~lightning_multimix.sampling`,
-:mod:`~lightning_multimix.interpolation`, :mod:`~lightning_multimix.losses`, :mod:`~lightning_multimix.dense`,
-:mod:`~lightning_multimix.objective`) under a thin Lightning layer (:mod:`~lightning_multimix.callback`,
-:mod:`~lightning_multimix.options`, :mod:`~lightning_multimix.capture`, :mod:`~lightning_multimix.heads`,
-:mod:`~lightning_multimix.batch`, :mod:`~lightning_multimix.teacher`, :mod:`~lightning_multimix.mixin`,
-:mod:`~lightning_multimix.metrics`). The demo (:mod:`lightning_multimix.demo`) sits beside the library, which never
-imports it.
+A pure tensor core (no Lightning import):
+
+- :mod:`~lightning_multimix.options`: every option, declared once (type, default, check, meaning);
+- :mod:`~lightning_multimix.sampling`: the interpolation weights, from an explicit generator;
+- :mod:`~lightning_multimix.interpolation`: mixing values with weights, and when it commutes with a head;
+- :mod:`~lightning_multimix.targets`: what the targets are (read once from the labels and the user's loss), and
+  building them;
+- :mod:`~lightning_multimix.dense`: Dense MultiMix, per-position weights and losses;
+- :mod:`~lightning_multimix.objective`: the losses of a batch, :func:`multimix_objective` and :func:`mixup_objective`;
+- :mod:`~lightning_multimix.errors`: :class:`MultiMixError`.
+
+Under a thin Lightning layer:
+
+- :mod:`~lightning_multimix.callback`: the :class:`MultiMix` callback, its life cycle, state and log;
+- :mod:`~lightning_multimix.step`: one training step;
+- :mod:`~lightning_multimix.head`: where the head and dense mode's feature map are, decided in one place;
+- :mod:`~lightning_multimix.capture`: forward hooks that record what a step runs;
+- :mod:`~lightning_multimix.feature_maps`: reading dense mode's feature map and checking it feeds the head;
+- :mod:`~lightning_multimix.batch`: the labels and inputs of a batch, and input mixup;
+- :mod:`~lightning_multimix.teacher`: the EMA teacher of self-distillation;
+- :mod:`~lightning_multimix.health`: the device-side health check (non-finite loss, labels out of range);
+- :mod:`~lightning_multimix.loss_log`: logging the optimised loss;
+- :mod:`~lightning_multimix.spawn`: the callback's state back from spawned processes;
+- :mod:`~lightning_multimix.mixin`: :class:`MultiMixMixin`, where a module says where things are;
+- :mod:`~lightning_multimix.metrics`: embedding alignment and uniformity.
+
+The demo (:mod:`lightning_multimix.demo`) sits beside the library, which never imports it.
 """
 
 from lightning_multimix.callback import MultiMix

@@ -48,30 +48,6 @@ def default_labels(batch: Any) -> Tensor:
     )
 
 
-_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-
-
-def check_labels(labels: Any) -> Tensor:
-    """``labels`` if they are an integer ``(b,)`` tensor, else :class:`MultiMixError` (one-hot or soft targets too).
-
-    Example:
-        >>> check_labels(torch.tensor([2, 0]))
-        tensor([2, 0])
-    """
-    if not isinstance(labels, Tensor):
-        raise MultiMixError(
-            f"MultiMix needs integer class labels as a tensor, got {type(labels).__name__}. Return them from "
-            "`MultiMixMixin.multimix_labels(batch)`."
-        )
-    if labels.dtype not in _INTEGER_DTYPES or labels.ndim != 1:
-        raise MultiMixError(
-            f"MultiMix needs integer class labels of shape (b,), got dtype {labels.dtype} and shape "
-            f"{tuple(labels.shape)} (one-hot or soft targets are not supported). Return class indices from "
-            "`MultiMixMixin.multimix_labels(batch)`."
-        )
-    return labels
-
-
 def default_mix_inputs(batch: Any, mix: Callable[[Tensor], Tensor]) -> Optional[Any]:
     """A copy of the batch with its inputs (``batch[0]``, or the first of ``INPUT_KEYS`` in a dict) mixed by ``mix``;
     ``None`` for integer inputs (token ids) or none found: the batch is then mixed at the last layer.

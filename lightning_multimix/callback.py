@@ -1,27 +1,35 @@
 """The ``MultiMix`` callback: the life cycle (install on fit start, remove on every exit path), the state kept in
 checkpoints (the random stream, the teacher), logging and the health check; one training step is
-:class:`~lightning_multimix.step.TrainingStep`."""
+:class:`~lightning_multimix.step.TrainingStep`, its options :class:`~lightning_multimix.options.MultiMixOptions`."""
 
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BatchSizeFinder, Callback, LearningRateFinder
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    SingleDeviceStrategy,
+    SingleDeviceXLAStrategy,
+    XLAStrategy,
+)
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_multimix.errors import MultiMixError
+from lightning_multimix.head import HeadPlan, plan_before_fit
 from lightning_multimix.health import HealthFlag
-from lightning_multimix.heads import HeadPlan, declared_feature_map, declared_head, head_plan
 from lightning_multimix.loss_log import LossLog
-from lightning_multimix.options import Dense, SelfDistillation, validate_multimix
+from lightning_multimix.options import MultiMixOptions, args_doc, signature_of
 from lightning_multimix.sampling import RandomStream, dirichlet_weights, pair_weights
 from lightning_multimix.spawn import register, send_to_main_process
-from lightning_multimix.checks import check_supported
-from lightning_multimix.step import KINDS, StepOptions, StepReport, TrainingStep
+from lightning_multimix.step import KINDS, StepReport, TrainingStep
 from lightning_multimix.teacher import Distiller
 
 
@@ -32,84 +40,27 @@ class MultiMix(Callback):
     them and the one-hot targets with the same Dirichlet weights, and returns the MultiMix loss for the optimizer.
     As in the paper, every batch is mixed: with probability ``probability`` by MultiMix at the last layer, otherwise
     by input mixup (the callback mixes the inputs before your step runs). Validation, test and predict are untouched.
+    Every option (keyword only) is checked at construction (``ValueError``) and readable as an attribute; a set-up
+    MultiMix cannot train right stops with :class:`~lightning_multimix.MultiMixError` saying the fix.
 
     Example:
         >>> import lightning as L
+        >>> from lightning_multimix import Dense, SelfDistillation
         >>> trainer = L.Trainer(callbacks=[MultiMix()], logger=False)
         >>> MultiMix(n_tuples=500, dense=Dense(attention="softmax"), distill=SelfDistillation(weight=0.3)).n_tuples
         500
 
     Args:
-        n_tuples: ``n``, interpolated examples per batch; ``None``: 1000. Not with ``mode="pairs"`` (``n = b``).
-        alpha: concentration of the Dirichlet (``"multimix"``) or Beta (``"pairs"``) distribution.
-        mode: ``"multimix"``, or ``"pairs"``: last-layer Manifold Mixup (one ``lambda ~ Beta(alpha, alpha)`` per
-            batch, partners by a random permutation), the baseline.
-        tuple_size: ``m``, examples combined by each interpolation (a random subset per tuple); ``None``: the whole
-            batch. Not with ``mode="pairs"``.
-        probability: chance that a batch is mixed by ``mode`` at the last layer; the others go as ``other_batches``.
-        other_batches: ``"input_mixup"`` (``None``, the paper's protocol): the callback mixes the inputs (found by
-            ``MultiMixMixin.multimix_mix_inputs``: ``batch[0]`` or the usual dict keys; inputs that cannot be
-            interpolated, such as integer token ids, fall back to ``"pairs"``, said once in the log); ``"pairs"``:
-            last-layer pairs; ``"own_loss"``: your ``training_step``'s own loss. Not with ``probability=1``.
-        mixup_alpha: ``Beta(mixup_alpha, mixup_alpha)`` of the other batches (input mixup or pairs); ``None``: 1.0.
-            Not when the other batches are not mixed. With ``mode="pairs"``, other batches that fall back to pairs
-            (inputs that cannot be interpolated) are ``mode``'s pairs and take ``alpha``.
-        clean_loss_weight: adds this times your own loss on the batches mixed at the last layer (your step ran on
-            clean inputs there; input-mixup batches have no clean forward and train on the mixup loss alone).
-        label_smoothing: label smoothing of the interpolated targets.
-        ignore_index: examples with this label are left out of the mixing, as your cross-entropy ignores them
-            (``-100``, PyTorch's default); ``None``: every label must be a class.
-        head: dotted path of the classifier head in your LightningModule (``"model.fc"``); ``None``: the
-            ``MultiMixMixin.multimix_head`` of your module, a timm model's ``get_classifier()``, else found on the
-            first batch from what runs: the ``nn.Linear`` whose output your model returns.
-        logit_space: ``"auto"``: interpolate the head's logits instead of re-running the head on ``n`` embeddings when
-            the head is an ``nn.Linear`` (exact, cheaper); ``"always"``: for any head (you assert it is affine);
-            ``"never"``: always run the head on the interpolated embeddings.
-        dense: Dense MultiMix (:class:`~lightning_multimix.options.Dense`); ``None``: off.
-        distill: self-distillation from an EMA teacher (:class:`~lightning_multimix.options.SelfDistillation`);
-            ``None``: off.
-        sync_batch: under DDP, gather the embeddings (or logits) and targets of all processes, with gradients, and
-            interpolate the global batch; default: each process mixes its own batch, as in the paper.
-        seed: base seed of the callback's own generator; ``None``: drawn from torch's global RNG at ``setup`` (so
-            ``seed_everything`` makes it reproducible). Each process and each batch get their own stream.
-        check_every_n_steps: how often the device-side health flag (non-finite loss, labels out of range) is read,
-            after the first batch; reading it synchronises the host with the device.
     """
 
-    def __init__(
-        self,
-        n_tuples: Optional[int] = None,
-        alpha: float = 1.0,
-        mode: Literal["multimix", "pairs"] = "multimix",
-        tuple_size: Optional[int] = None,
-        probability: float = 0.5,
-        other_batches: Optional[Literal["input_mixup", "pairs", "own_loss"]] = None,
-        mixup_alpha: Optional[float] = None,
-        clean_loss_weight: float = 0.0,
-        label_smoothing: float = 0.0,
-        ignore_index: Optional[int] = -100,
-        head: Optional[str] = None,
-        logit_space: Literal["auto", "always", "never"] = "auto",
-        dense: Optional[Dense] = None,
-        distill: Optional[SelfDistillation] = None,
-        sync_batch: bool = False,
-        seed: Optional[int] = None,
-        check_every_n_steps: int = 50,
-    ) -> None:
-        validate_multimix(**{k: v for k, v in locals().items() if k != "self"})
-        self.mode = mode
-        self.n_tuples = n_tuples if n_tuples is not None else (1000 if mode == "multimix" else None)
-        self.alpha, self.tuple_size = float(alpha), tuple_size
-        self.probability = float(probability)
-        self.other_batches = other_batches if other_batches is not None else "input_mixup"
-        self.mixup_alpha = float(mixup_alpha) if mixup_alpha is not None else 1.0
-        self.clean_loss_weight, self.label_smoothing = float(clean_loss_weight), float(label_smoothing)
-        self.ignore_index, self.head, self.logit_space = ignore_index, head, logit_space
-        self.dense, self.distill = dense, distill
-        self.sync_batch, self.seed, self.check_every_n_steps = sync_batch, seed, check_every_n_steps
+    def __init__(self, **options: Any) -> None:
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(MultiMixOptions)})
+        if unknown:
+            raise TypeError(f"MultiMix() got unexpected keyword arguments {unknown}; see `help(MultiMix)`.")
+        self.options = MultiMixOptions(**options)
         # state that lives across fits and in checkpoints
         self._stream: Optional[RandomStream] = None
-        self._distiller = Distiller(distill) if distill is not None else None
+        self._distiller = Distiller(self.options.distill) if self.options.distill is not None else None
         # state of one fit, built in setup/on_fit_start, removed in teardown
         self._plan: Optional[HeadPlan] = None
         self._step: Optional[TrainingStep] = None
@@ -152,18 +103,14 @@ class MultiMix(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_supported(trainer, pl_module)
+        _check_supported(trainer, pl_module)
         # the learning-rate and batch-size finders try the fit in their on_fit_start: this one's must run first, so
         # that their trials train on the mixed loss the fit optimises
         tuners = [i for i, c in enumerate(trainer.callbacks) if isinstance(c, (LearningRateFinder, BatchSizeFinder))]
         if tuners and trainer.callbacks.index(self) > tuners[0]:
             trainer.callbacks.insert(tuners[0], trainer.callbacks.pop(trainer.callbacks.index(self)))
-        self._plan = None
-        if self.dense is not None:
-            declared_feature_map(pl_module, self.dense.feature_map)  # a wrong path fails now, before any training
-        declared = declared_head(pl_module, self.head)
-        if declared is not None:
-            self._plan = head_plan(pl_module, declared, "declared", self.dense, self.logit_space)
+        self._plan = plan_before_fit(pl_module, self.head, self.dense, self.logit_space)
+        if self._plan is not None:
             rank_zero_info(self._plan.describe())
         if self._stream is None:
             seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
@@ -185,10 +132,8 @@ class MultiMix(Callback):
         self._health = HealthFlag(pl_module.device, self.check_every_n_steps)
         self._own_step = pl_module.__dict__.get("training_step")
         self._wrapped = pl_module
-        names = [f.name for f in dataclasses.fields(StepOptions) if f.name != "sample_weights"]
-        options = StepOptions(**{name: getattr(self, name) for name in names}, sample_weights=self.sample_weights)
-        self._step = TrainingStep(pl_module, pl_module.training_step, options, self._stream, self._record_step,
-                                  self._plan, self._distiller)
+        self._step = TrainingStep(pl_module, pl_module.training_step, self.options, self._stream, self.sample_weights,
+                                  self._record_step, self._plan, self._distiller)
         pl_module.training_step = self._step
 
     def _uninstall(self, pl_module: Optional[pl.LightningModule] = None) -> None:
@@ -319,13 +264,13 @@ class MultiMix(Callback):
             self._plan = report.plan
             rank_zero_info(report.plan.describe())
         if report.unexpected is not None:
-            self._health.update(report.unexpected, report.num_classes)
+            self._health.update(report.unexpected, report.targets.num_classes)
         self._loss_log.add(report.loss)  # logged as the mean since the last log (`lightning_multimix.loss_log`)
         trainer, module = self._wrapped.trainer, self._wrapped
         if report.first or self._health.read_due(report.index):
             self._read_health(trainer.global_step)
         if self._loss_log.due(trainer, report.first):
-            size = report.labels.shape[0]
+            size = report.batch_size
             module.log("multimix/loss", self._loss_log.take_window(), on_step=True, on_epoch=False, batch_size=size)
             if self._distiller is not None:
                 # a 0-dim tensor filled on the device: a Python float would be copied to it, a synchronisation
@@ -345,3 +290,30 @@ class MultiMix(Callback):
         if self._health is not None and self._stream is not None and self._stream.batches_seen > 0:
             self._health.raise_if_unhealthy(self._loss_log.total, self._stream.batches_seen - 1, global_step,
                                             self.head_path)
+
+
+MultiMix.__doc__ += args_doc(MultiMixOptions) + "\n"
+MultiMix.__init__.__signature__ = signature_of(MultiMixOptions)  # what LightningCLI and help() read
+for _option in dataclasses.fields(MultiMixOptions):  # callback.n_tuples: the option in force
+    setattr(MultiMix, _option.name, property(operator.attrgetter(f"options.{_option.name}"),
+                                             doc=_option.metadata["doc"]))
+
+
+def _check_supported(trainer: pl.Trainer, module: pl.LightningModule) -> None:
+    """Refuse, before any training, what the step cannot do right: manual optimization (MultiMix replaces the loss
+    that ``training_step`` returns) and strategies that shard or replace the parameters (FSDP, DeepSpeed, model
+    parallelism, XLA)."""
+    if not module.automatic_optimization:
+        raise MultiMixError(
+            "MultiMix replaces the loss returned by `training_step`, which needs automatic optimization; "
+            f"{type(module).__name__} sets `automatic_optimization = False`. Compute the loss with "
+            "`lightning_multimix.multimix_objective` in your own step instead."
+        )
+    strategy = trainer.strategy
+    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(
+            strategy, (DeepSpeedStrategy, XLAStrategy, SingleDeviceXLAStrategy)):
+        raise MultiMixError(
+            f"MultiMix supports single-device training and DDP (strategy='ddp', 'ddp_spawn', ...); got "
+            f"{type(strategy).__name__}, whose sharded or replaced parameters it has not been made to work with. "
+            "Use a DDP strategy, or train without MultiMix."
+        )

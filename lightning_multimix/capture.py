@@ -5,7 +5,7 @@ its loss, so the callback's own calls to the head are never recorded. Its hooks 
 module but their own and that a deep copy or a pickle of the model turns into no-ops, so ``copy.deepcopy(model)``
 during training copies none of the callback's machinery; :meth:`Capture.remove` leaves the module exactly as it was.
 :class:`StepCapture` holds the captures of one step (the head, the feature map of dense mode, the modules on the way
-to the head whose arguments the teacher re-runs) and checks what they recorded.
+to the head whose arguments the teacher re-runs). Captures only record: what they recorded is checked by their users.
 """
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from lightning_multimix.errors import MultiMixError
 from lightning_multimix.feature_maps import MethodCapture, read_feature_map
+from lightning_multimix.interpolation import is_affine
 
-HOW_HEAD = ("Pass `MultiMix(head='dotted.path')` naming the classifier head, or add `MultiMixMixin` and override "
-            "`multimix_head()`.")
 _ORDER = itertools.count()  # the order in which captured modules first ran, across captures
 
 
@@ -105,8 +103,8 @@ class Capture:
 
 class StepCapture:
     """The captures of one model for a training step: the head's input and output, the feature map (dense mode:
-    ``feature_spec = (path, "output" | "input" | "vit")``) and, with ``inputs=True``, the arguments of every module on
-    the way from the model down to the head (the teacher re-runs the outermost one that was called).
+    ``feature_spec = (path, kind)``) and, with ``inputs=True``, the arguments of every module on the way from the model
+    down to the head (the teacher re-runs the outermost one that was called).
 
     Example:
         >>> import torch
@@ -114,14 +112,13 @@ class StepCapture:
         >>> step = StepCapture.of(net, "2")
         >>> with step:
         ...     _ = net(torch.randn(5, 3))
-        >>> embeddings, logits = step.head_tensors()
-        >>> tuple(embeddings.shape), tuple(logits.shape)
+        >>> tuple(step.head.input.shape), tuple(step.head.output.shape)
         ((5, 4), (5, 2))
         >>> step.remove()
     """
 
     def __init__(self, head_path: str, head: Capture, feature_spec: Optional[tuple[str, str]] = None,
-                 features: Optional[Capture] = None, inputs: Optional[dict[str, Capture]] = None) -> None:
+                 features: Optional[Any] = None, inputs: Optional[dict[str, Capture]] = None) -> None:
         self.head_path, self.head = head_path, head
         self.feature_spec, self.features = feature_spec, features
         self.inputs = inputs or {}  # path -> capture, outermost first
@@ -134,8 +131,8 @@ class StepCapture:
         """New captures on ``model`` for the head at ``head_path`` (and the feature map, and the inputs)."""
         features = capture_for(model, feature_spec) if feature_spec is not None else None
         head = model.get_submodule(head_path)
-        # a copy of the head's input guards against an in-place layer inside the head; an nn.Linear has none
-        return cls(head_path, Capture(head, clone_input=not isinstance(head, nn.Linear)), feature_spec, features,
+        # a copy of the head's input guards against an in-place layer inside the head; an affine map has none
+        return cls(head_path, Capture(head, clone_input=not is_affine(head)), feature_spec, features,
                    {path: Capture(model.get_submodule(path)) for path in ancestors(head_path)} if inputs else None)
 
     def __enter__(self) -> "StepCapture":
@@ -151,36 +148,6 @@ class StepCapture:
         for capture in self.captures:
             capture.remove()
 
-    def head_tensors(self) -> tuple[Tensor, Tensor]:
-        """``(embeddings (b, d), logits (b, c))`` of the step, checked: the head ran exactly once, on 2-d input, and
-        gives at least two classes."""
-        if self.head.calls != 1:
-            raise MultiMixError(
-                f"MultiMix expects the head {self.head_path!r} to run exactly once per training step, on the "
-                f"penultimate embeddings; it ran {self.head.calls} times. {HOW_HEAD}"
-            )
-        if len(self.head.args) > 1 or self.head.kwargs:
-            raise MultiMixError(
-                f"The head {self.head_path!r} is called with more than the embeddings ({len(self.head.args)} "
-                f"positional arguments, keyword arguments {sorted(self.head.kwargs)}), such as the labels of a margin "
-                "head; MultiMix runs the head on interpolated embeddings alone. Name as head a module that maps "
-                f"embeddings to logits. {HOW_HEAD}"
-            )
-        embeddings, logits = self.head.input, self.head.output
-        if not (isinstance(embeddings, Tensor) and isinstance(logits, Tensor) and embeddings.ndim == logits.ndim == 2):
-            shape_in = tuple(embeddings.shape) if isinstance(embeddings, Tensor) else type(embeddings).__name__
-            shape_out = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-            raise MultiMixError(
-                f"The head {self.head_path!r} maps {shape_in} to {shape_out}; MultiMix needs a classifier head "
-                f"mapping (b, d) embeddings to (b, c) logits. {HOW_HEAD}"
-            )
-        if logits.shape[-1] < 2 or embeddings.shape[0] != logits.shape[0]:
-            raise MultiMixError(
-                f"The head {self.head_path!r} maps {tuple(embeddings.shape)} to {tuple(logits.shape)}; a classifier "
-                f"head gives one output per class (at least 2) for every example. {HOW_HEAD}"
-            )
-        return embeddings, logits
-
     def feature_map(self, embeddings: Tensor, verify: bool) -> tuple[Tensor, Optional[Tensor]]:
         """The captured feature map as ``(b, r, d)``, and its ``(b, r)`` padding mask (``None``: no padding); with
         ``verify`` (the first batch), checked against the head's input (:mod:`lightning_multimix.feature_maps`)."""
@@ -189,17 +156,12 @@ class StepCapture:
                                                             self.first_token)
         return features, mask
 
-    def model_inputs(self) -> tuple[str, tuple, dict]:
-        """``(path, args, kwargs)`` of the outermost module on the way to the head that the step called."""
+    def model_inputs(self) -> Optional[tuple[str, tuple, dict]]:
+        """``(path, args, kwargs)`` of the outermost module on the way to the head that the step called, if any."""
         for path, capture in self.inputs.items():
             if capture.calls > 0:
                 return path, capture.args, capture.kwargs
-        raise MultiMixError(
-            "Self-distillation runs the teacher's own forward on the inputs of your model, but the training step "
-            "called "
-            f"no module on the way to the head {self.head_path!r} (it called the head itself). Call the model through "
-            "`self(...)` in training_step, with a `forward` that runs the whole model to the logits."
-        )
+        return None
 
 
 class CallOrder:

@@ -6,15 +6,15 @@ from __future__ import annotations
 from typing import Callable, Literal, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_multimix.interpolation import full_precision
-from lightning_multimix.losses import soft_cross_entropy
+from lightning_multimix.options import ATTENTION_KINDS
 
 AttentionKind = Literal["cam", "softmax", "uniform"]
 #: what an attention of exactly zero becomes: below float32's resolution of real attentions, far above underflow
 ATTENTION_FLOOR = 1e-20
-ATTENTION_KINDS = ("cam", "softmax", "uniform")
 
 
 def attention_from_scores(scores: Tensor, kind: AttentionKind = "cam", mask: Optional[Tensor] = None) -> Tensor:
@@ -115,21 +115,6 @@ def position_linear(features: Tensor, weight: Tensor, bias: Optional[Tensor] = N
     return product.transpose(1, 2)
 
 
-def dense_multimix_logit_loss(
-    position_logits: Tensor, targets: Tensor, weights: Tensor, label_smoothing: float = 0.0
-) -> Tensor:
-    """Dense MultiMix loss from per-position logits ``(m, r, c)``; for an affine head, :func:`dense_multimix_loss`.
-
-    Example:
-        >>> logits, targets = torch.zeros(2, 4, 3), torch.eye(3)[:2]
-        >>> w = dense_weights(torch.full((2, 5), 0.5), torch.full((2, 4), 0.25))
-        >>> dense_multimix_logit_loss(logits, targets, w)  # uniform logits: log 3
-        tensor(1.0986)
-    """
-    mixed_logits = dense_interpolate(position_logits, weights)
-    return soft_cross_entropy(mixed_logits, dense_interpolate_targets(targets, weights), label_smoothing)
-
-
 def floored_attention(attention: Tensor, dtype: torch.dtype) -> Tensor:
     """``attention`` in ``dtype``, exact zeros set to :data:`ATTENTION_FLOOR` (plain weights where none attends).
 
@@ -142,19 +127,19 @@ def floored_attention(attention: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def factorised_dense_logit_loss(
-    position_logits: Tensor, targets: Tensor, weights: Tensor, attention: Tensor, label_smoothing: float = 0.0,
-    mask: Optional[Tensor] = None,
+    position_logits: Tensor, targets: Tensor, weights: Tensor, attention: Tensor, mask: Optional[Tensor] = None,
 ) -> Tensor:
-    r"""``dense_multimix_logit_loss(position_logits, targets, dense_weights(weights, attention))`` without forming the
-    ``(m, n, r)`` weights; ``attention`` ``(m, r)`` gets no gradient. ``mask`` ``(m, r)``, false at padding: padding
-    is never mixed, and interpolated positions of padding only leave the loss.
+    r"""The dense loss of per-position logits ``(m, r, c)`` with ``dense_weights(weights, attention)``, without forming
+    the ``(m, n, r)`` weights: for an affine head, equal to :func:`dense_multimix_loss`. ``attention`` ``(m, r)`` gets
+    no gradient. ``mask`` ``(m, r)``, false at padding: padding is never mixed, and interpolated positions of padding
+    only leave the loss.
 
     Example:
-        >>> logits, targets = torch.randn(3, 4, 2), torch.eye(2)[[0, 1, 1]]
+        >>> head, features, targets = torch.nn.Linear(2, 3), torch.randn(3, 4, 2), torch.eye(3)
         >>> weights, attention = torch.full((3, 5), 1 / 3), torch.rand(3, 4)
         >>> attention[:, 0] = 0.0  # no example has attention at position 0: the plain weights there
-        >>> reference = dense_multimix_logit_loss(logits, targets, dense_weights(weights, attention))
-        >>> torch.allclose(factorised_dense_logit_loss(logits, targets, weights, attention), reference)
+        >>> reference = dense_multimix_loss(features, targets, dense_weights(weights, attention), head)
+        >>> torch.allclose(factorised_dense_logit_loss(head(features), targets, weights, attention), reference)
         True
     """
     m = position_logits.shape[0]
@@ -174,9 +159,7 @@ def factorised_dense_logit_loss(
                 denominator = denominator.clamp_min(torch.finfo(dtype).tiny)
             mixed_targets = mix(a * targets.to(dtype).unsqueeze(1)).div_(denominator)
         mixed_logits = mix(a * logits) / denominator
-    if mask is None:
-        return soft_cross_entropy(mixed_logits, mixed_targets, label_smoothing, dim=1)
-    return masked_soft_cross_entropy(mixed_logits, mixed_targets, valid.squeeze(1), label_smoothing, dim=1)
+    return soft_cross_entropy(mixed_logits, mixed_targets, dim=1, valid=valid.squeeze(1) if mask is not None else None)
 
 
 def dense_multimix_loss(
@@ -184,24 +167,19 @@ def dense_multimix_loss(
     targets: Tensor,
     weights: Tensor,
     head: Callable[[Tensor], Tensor],
-    label_smoothing: float = 0.0,
     valid: Optional[Tensor] = None,
 ) -> Tensor:
-    """Dense MultiMix loss for any head, run on the ``(n, r, d)`` mixed map; ``valid`` ``(n, r)``: positions to average.
+    """Dense MultiMix loss for any head, run on the ``(n, r, d)`` mixed map with per-position weights ``(m, n, r)``;
+    ``valid`` ``(n, r)``: the positions to average.
 
     Example:
-        >>> head, features, targets = torch.nn.Linear(3, 2), torch.randn(2, 4, 3), torch.eye(2)
-        >>> w = dense_weights(torch.full((2, 5), 0.5), torch.rand(2, 4))
-        >>> torch.allclose(dense_multimix_loss(features, targets, w, head),
-        ...                dense_multimix_logit_loss(head(features), targets, w), atol=1e-6)
-        True
+        >>> head, features, targets = torch.nn.Linear(3, 2), torch.zeros(2, 4, 3), torch.eye(2)
+        >>> _ = torch.nn.init.zeros_(head.bias)
+        >>> dense_multimix_loss(features, targets, dense_weights(torch.full((2, 5), 0.5), torch.rand(2, 4)), head)
+        tensor(0.6931)
     """
-    mixed = dense_interpolate(features, weights).to(features.dtype)
-    mixed_logits = per_position(head, mixed)
-    mixed_targets = dense_interpolate_targets(targets, weights)
-    if valid is None:
-        return soft_cross_entropy(mixed_logits, mixed_targets, label_smoothing)
-    return masked_soft_cross_entropy(mixed_logits, mixed_targets, valid, label_smoothing)
+    mixed_logits = per_position(head, dense_interpolate(features, weights).to(features.dtype))
+    return soft_cross_entropy(mixed_logits, dense_interpolate_targets(targets, weights), valid=valid)
 
 
 def masked_dense_weights(weights: Tensor, attention: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -219,17 +197,27 @@ def masked_dense_weights(weights: Tensor, attention: Tensor, mask: Tensor) -> tu
     return raw / total.clamp_min(torch.finfo(raw.dtype).tiny), total[0] > 0
 
 
-def masked_soft_cross_entropy(logits: Tensor, targets: Tensor, valid: Tensor, label_smoothing: float = 0.0,
-                              dim: int = -1) -> Tensor:
-    """``soft_cross_entropy`` averaged over the entries where ``valid`` (``logits``' shape without ``dim``) is true.
+def soft_cross_entropy(logits: Tensor, targets: Tensor, dim: int = -1, valid: Optional[Tensor] = None) -> Tensor:
+    r"""Float32 mean of ``-sum_c t_c log softmax(logits)_c`` over every entry but the class dimension ``dim``
+    (``dim=0``: class-major), or over those where ``valid`` (``logits``' shape without ``dim``) is true.
 
     Example:
-        >>> masked_soft_cross_entropy(torch.zeros(2, 3), torch.eye(3)[:2], torch.tensor([True, False]))  # log 3
+        >>> soft_cross_entropy(torch.zeros(2, 3), torch.eye(3)[:2], valid=torch.tensor([True, False]))  # log 3
         tensor(1.0986)
     """
+    if logits.shape != targets.shape:
+        raise ValueError(f"`logits` {tuple(logits.shape)} and `targets` {tuple(targets.shape)} must have the same "
+                         "shape.")
     dim = dim % logits.ndim
-    moved = (lambda t: t.movedim(dim, -1).reshape(-1, t.shape[dim]))  # noqa: E731 - rows of classes
-    per_entry = torch.nn.functional.cross_entropy(moved(logits.float()), moved(targets.float()), reduction="none",
-                                                  label_smoothing=label_smoothing)
+    logits, targets = logits.float(), targets.float()
+    if dim == logits.ndim - 1:  # rows of classes: (N, ..., c) -> (N * ..., c), a free view when contiguous
+        logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1, targets.shape[-1])
+    elif dim == 0:  # class-major (c, ...): one "batch" whose classes lie along dimension 1
+        logits, targets = logits.unsqueeze(0), targets.unsqueeze(0)
+    elif dim != 1:
+        logits, targets = logits.movedim(dim, 1), targets.movedim(dim, 1)
+    if valid is None:
+        return F.cross_entropy(logits, targets)
+    per_entry = F.cross_entropy(logits, targets, reduction="none").reshape(-1)
     keep = valid.reshape(-1).to(per_entry.dtype)
     return (per_entry * keep).sum() / keep.sum().clamp_min(1.0)

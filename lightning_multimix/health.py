@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from lightning_multimix.errors import MultiMixError
+from lightning_multimix.targets import labels_error
 
 
 class HealthFlag:
@@ -62,13 +63,3 @@ class HealthFlag:
                 "Lower the learning rate, clip gradients (`Trainer(gradient_clip_val=...)`), or use bf16 instead of "
                 "fp16."
             )
-
-
-def labels_error(num_classes: Optional[int], where: str, head_path: Optional[str]) -> MultiMixError:
-    """The error for labels neither in ``[0, num_classes)`` nor the ignore index, found ``where``."""
-    return MultiMixError(
-        f"MultiMix: labels outside [0, {num_classes}) {where}: the head {head_path!r} has {num_classes} outputs. Check "
-        "the dataset's labels, or, if that is not your classifier, pass `MultiMix(head='dotted.path')`. If such a "
-        "label marks examples your loss ignores, pass it as `MultiMix(ignore_index=...)` (the default is -100, "
-        "PyTorch's)."
-    )

@@ -1,8 +1,10 @@
-"""Interpolation, ``weights.T @ values`` for ``(m, n)`` weights, shared by embeddings, logits and targets."""
+"""Interpolation, ``weights.T @ values`` for ``(m, n)`` weights, shared by embeddings, logits and targets, and when it
+commutes with a head."""
 
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,15 +26,15 @@ def full_precision(tensor: Tensor) -> contextlib.AbstractContextManager:
     return torch.autocast(device, enabled=False) if enabled else contextlib.nullcontext()
 
 
-def one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """One-hot targets ``(b, c)`` from integer labels ``(b,)``; a label outside ``[0, c)`` gives an all-zero row.
+def is_affine(module: Any) -> bool:
+    """Whether ``module`` is known to be affine, so that interpolating its outputs equals running it on the
+    interpolations (weights that sum to one): the test that allows logit space.
 
     Example:
-        >>> one_hot(torch.tensor([2, 0]), 3)
-        tensor([[0., 0., 1.],
-                [1., 0., 0.]])
+        >>> is_affine(torch.nn.Linear(2, 3)), is_affine(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU()))
+        (True, False)
     """
-    return (labels.unsqueeze(-1) == torch.arange(num_classes, device=labels.device)).to(dtype)
+    return isinstance(module, torch.nn.Linear)
 
 
 def interpolate(values: Tensor, weights: Tensor) -> Tensor:

@@ -69,8 +69,7 @@ class LossLog:
 
 
 def lightning_logs_now(trainer: pl.Trainer) -> bool:
-    """Whether Lightning sends this training step's logged values to the loggers."""
-    try:  # private but long-lived (Lightning 1.6 to 2.x); its rule is the fallback
-        return bool(trainer._logger_connector.should_update_logs)
-    except AttributeError:
-        return (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0
+    """Whether Lightning sends this training step's logged values to the loggers: its rule (every
+    ``log_every_n_steps`` optimizer steps, and when the fit stops), from the Trainer's public attributes."""
+    every = trainer.log_every_n_steps
+    return (every > 0 and (trainer.global_step + 1) % every == 0) or trainer.should_stop

@@ -12,6 +12,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from lightning_multimix.targets import outside_classes
+
 _BLOCK_ELEMENTS = 1 << 22  # entries of one block of the pairwise matrix (32 MiB in float64)
 
 
@@ -25,7 +27,8 @@ def _check_labels(labels: Tensor, n: int, num_classes: Optional[int], where: str
     if not isinstance(labels, Tensor) or labels.ndim != 1 or labels.shape[0] != n or labels.is_floating_point():
         shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
         raise ValueError(f"{where}: labels must be integer class indices of shape ({n},), got {shape}.")
-    if labels.numel() and (int(labels.min()) < 0 or (num_classes is not None and int(labels.max()) >= num_classes)):
+    classes = num_classes if num_classes is not None else int(labels.max()) + 1 if labels.numel() else 1
+    if bool(outside_classes(labels, classes).any()):
         raise ValueError(f"{where}: labels must lie in [0, {num_classes}), got [{int(labels.min())}, "
                          f"{int(labels.max())}].")
 

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_multimix.dense import (
-    ATTENTION_KINDS,
     attention_from_scores,
     class_scores,
     dense_multimix_loss,
@@ -20,10 +19,11 @@ from lightning_multimix.dense import (
     per_position,
     position_linear,
 )
-from lightning_multimix.interpolation import full_precision, interpolate, one_hot
+from lightning_multimix.interpolation import full_precision, interpolate, is_affine
+from lightning_multimix.options import ATTENTION_KINDS, DISTILL_TARGETS
+from lightning_multimix.targets import mixed_one_hot, one_hot, smooth_
 
 Head = Callable[[Tensor], Tensor]
-DISTILL_TARGETS = ("probs", "logits")
 
 
 @dataclass(frozen=True)
@@ -133,13 +133,10 @@ def multimix_objective(
     class_dim = 0 if class_major else -1
     log_probs = torch.log_softmax(mixed_logits.float(), dim=class_dim)
     num_classes, n = log_probs.shape[class_dim], weights.shape[1]
-    scale = -(1.0 - label_smoothing) / n  # the cross-entropy's sign and mean, in the targets: one product and a sum
     beta = teacher.weight if teacher is not None else 0.0
     with torch.no_grad():
-        # Y^T lambda_k by class, without the one-hot Y; a label out of range adds to a class in range (its row has
-        # weight 0 when left out; the callback counts the others)
-        targets = log_probs.new_zeros(num_classes, n).index_add_(0, labels.clamp(0, num_classes - 1), weights,
-                                                                 alpha=(1.0 - beta) * scale)
+        # the cross-entropy's sign and mean folded into the targets: the loss is one product and a sum
+        targets = mixed_one_hot(labels, weights, num_classes, scale=-(1.0 - beta) / n)
         targets = targets if class_major else targets.T
         if teacher is not None:
             if teacher.targets == "probs":
@@ -149,9 +146,8 @@ def multimix_objective(
             else:
                 mixed = teacher.head(interpolate(teacher.embeddings, weights).to(teacher.embeddings.dtype))
                 mixed_teacher = teacher.probs(dim=class_dim, logits=mixed.T if class_major else mixed)
-            targets.add_(mixed_teacher, alpha=beta * scale)
-        if label_smoothing:  # eps / c on every class of every mixed example
-            targets.sub_(label_smoothing / (num_classes * n))
+            targets.add_(mixed_teacher, alpha=-beta / n)
+        smooth_(targets, label_smoothing, num_classes, mass=-1.0 / n)
     return (targets * log_probs).sum()
 
 
@@ -181,12 +177,9 @@ def mixup_objective(
     labels = labels.long()
 
     def cross_entropy(targets: Tensor) -> Tensor:  # F.cross_entropy's, from the shared log-probabilities
-        loss = F.nll_loss(log_probs, targets, ignore_index=ignore_index)
-        if label_smoothing:  # each row's mean log-probability, averaged over the same rows as the labels
-            uniform = F.nll_loss(log_probs.mean(-1, keepdim=True).expand_as(log_probs), targets,
-                                 ignore_index=ignore_index)
-            loss = torch.lerp(loss, uniform, label_smoothing)
-        return loss
+        if label_smoothing:
+            return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, label_smoothing=label_smoothing)
+        return F.nll_loss(log_probs, targets, ignore_index=ignore_index)
 
     loss = torch.lerp(cross_entropy(labels.index_select(0, partner)), cross_entropy(labels), lam.float())
     if teacher is not None:
@@ -195,12 +188,12 @@ def mixup_objective(
     return loss
 
 
-def _targets(labels: Tensor, num_classes: int, teacher: Optional[TeacherOutputs]) -> Tensor:
-    """Per-example targets ``(m, c)``: one-hot, or with ``"probs"`` distillation mixed with the teacher's."""
+def _targets(labels: Tensor, num_classes: int, teacher: Optional[TeacherOutputs], label_smoothing: float) -> Tensor:
+    """Per-example targets ``(m, c)``: one-hot, with ``"probs"`` distillation mixed with the teacher's, smoothed."""
     targets = one_hot(labels, num_classes)
     if teacher is not None and teacher.targets == "probs":
         targets = (1.0 - teacher.weight) * targets + teacher.weight * teacher.probs()
-    return targets
+    return smooth_(targets, label_smoothing, num_classes)
 
 
 def _dense_objective(weights: Tensor, labels: Tensor, features: Tensor, head: Head, attention: str,
@@ -214,7 +207,7 @@ def _dense_objective(weights: Tensor, labels: Tensor, features: Tensor, head: He
         raise ValueError("Dense MultiMix takes teacher targets='probs' only: the teacher's per-example predictions "
                          "are the targets every position inherits.")
     _check_rows("feature_map", features, labels)
-    linear = isinstance(head, nn.Linear)
+    linear = is_affine(head)
     affine = linear if affine_head is None else affine_head
     if not (linear and affine):  # read more than once, by products that would each copy a transposed (CNN) map
         features = features.contiguous()
@@ -235,15 +228,13 @@ def _dense_objective(weights: Tensor, labels: Tensor, features: Tensor, head: He
             scores = logits_here.detach().float().gather(-1, own_class)[..., 0]
         num_classes = head.out_features if linear else logits_here.shape[-1]
         weights_per_position = attention_from_scores(scores, attention, mask)
-    targets = _targets(labels, num_classes, teacher)
+    targets = _targets(labels, num_classes, teacher, label_smoothing)
     if position_logits is not None:
-        return factorised_dense_logit_loss(position_logits, targets, weights, weights_per_position, label_smoothing,
-                                           mask)
+        return factorised_dense_logit_loss(position_logits, targets, weights, weights_per_position, mask)
     if mask is None:
-        return dense_multimix_loss(features, targets, dense_weights(weights, weights_per_position), head,
-                                   label_smoothing)
+        return dense_multimix_loss(features, targets, dense_weights(weights, weights_per_position), head)
     per_position_weights, valid = masked_dense_weights(weights, weights_per_position, mask)
-    return dense_multimix_loss(features, targets, per_position_weights, head, label_smoothing, valid)
+    return dense_multimix_loss(features, targets, per_position_weights, head, valid)
 
 
 def _check_weights_and_labels(weights: Tensor, labels: Tensor) -> None:

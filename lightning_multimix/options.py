@@ -1,44 +1,72 @@
-"""Options of MultiMix's optional modes (off when ``None``) and the check of all its arguments (``ValueError``)."""
+"""Every option of MultiMix, declared once: its type, default, check and meaning.
+
+:class:`MultiMixOptions`, :class:`Dense` and :class:`SelfDistillation` are frozen dataclasses that check themselves
+(``ValueError`` naming the value and what is expected). The callback's signature, its docstring and the README's table
+of options are generated from them (:func:`signature_of`, :func:`args_doc`, :func:`options_table`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
-from dataclasses import dataclass
-from typing import Any, Literal, Optional
+import textwrap
+import typing
+from typing import Any, Callable, Literal, Optional
 
-from lightning_multimix.dense import ATTENTION_KINDS
-from lightning_multimix.objective import DISTILL_TARGETS
-
+ATTENTION_KINDS = ("cam", "softmax", "uniform")
+DISTILL_TARGETS = ("probs", "logits")
 MODES = ("multimix", "pairs")
 OTHER_BATCHES = ("input_mixup", "pairs", "own_loss")
 LOGIT_SPACES = ("auto", "always", "never")
 
 
-def check(ok: bool, owner: str, name: str, value: Any, expected: str) -> None:
-    """Raise ``ValueError`` naming the bad value and what is expected, unless ``ok``."""
-    if not ok:
-        raise ValueError(f"{owner}: invalid `{name}={value!r}`; expected {expected}.")
+def option(default: Any, doc: str, valid: Callable[[Any], bool], expected: str) -> Any:
+    """A dataclass field with its one-line meaning (``doc``) and its check (``valid``, ``expected`` for the error)."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "valid": valid, "expected": expected})
 
 
-def check_int(owner: str, name: str, value: Any, minimum: int, expected: str) -> None:
-    check(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, owner, name, value, expected)
+def _int(minimum: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= minimum
 
 
-def check_float(owner: str, name: str, value: Any, low: float, high: float, expected: str,
-                low_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and value <= high
-    check(ok, owner, name, value, expected)
+def _real(low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False
+          ) -> Callable[[Any], bool]:
+    def valid(v: Any) -> bool:
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            return False
+        return (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    return valid
 
 
-@dataclass(frozen=True)
+def _one_of(choices: tuple) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, str) and v in choices
+
+
+def _or_none(valid: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or valid(v)
+
+
+def _bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _path(v: Any) -> bool:
+    return v is None or (isinstance(v, str) and bool(v))
+
+
+def _check_fields(obj: Any) -> None:
+    """Raise ``ValueError`` on the first field of ``obj`` that fails its declared check."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not f.metadata["valid"](value):
+            owner = type(obj).__name__.replace("Options", "")  # MultiMixOptions: the user called MultiMix
+            raise ValueError(f"{owner}: invalid `{f.name}={value!r}`; expected {f.metadata['expected']}.")
+
+
+@dataclasses.dataclass(frozen=True)
 class Dense:
     r"""Dense MultiMix (:mod:`lightning_multimix.dense`): the feature map interpolated at every position (or token).
-
-    Args:
-        attention: ``"cam"`` (own-label class activation map), ``"softmax"`` (of the same scores) or ``"uniform"``.
-        feature_map: dotted path of the module outputting the map, ``(b, d, h, w)`` or ``(b, r, d)``; ``None``:
-            detected. Its mean over positions (a ViT's class token) must equal the head's input on the first batch.
 
     Example:
         >>> from lightning_multimix import MultiMix
@@ -46,27 +74,21 @@ class Dense:
         Dense(attention='softmax', feature_map=None)
     """
 
-    attention: Literal["cam", "softmax", "uniform"] = "cam"
-    feature_map: Optional[str] = None
+    attention: Literal["cam", "softmax", "uniform"] = option(
+        "cam", "`cam` (own-label class activation map), `softmax` (of the same scores) or `uniform`",
+        _one_of(ATTENTION_KINDS), f"one of {ATTENTION_KINDS}")
+    feature_map: Optional[str] = option(
+        None, "dotted path of the module outputting the map, `(b, d, h, w)` or `(b, r, d)`; `None`: detected. Its "
+        "mean over positions (a ViT's class token) must equal the head's input on the first batch",
+        _path, "None or the dotted path of a submodule, e.g. 'backbone.layer4'")
 
     def __post_init__(self) -> None:
-        check(self.attention in ATTENTION_KINDS, "Dense", "attention", self.attention, f"one of {ATTENTION_KINDS}")
-        check(self.feature_map is None or (isinstance(self.feature_map, str) and bool(self.feature_map)), "Dense",
-              "feature_map", self.feature_map, "None or the dotted path of a submodule, e.g. 'backbone.layer4'")
+        _check_fields(self)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class SelfDistillation:
     r"""Self-distillation: an EMA teacher's predictions on the student's (mixed) inputs enter the targets at ``beta``.
-
-    Args:
-        weight, temperature: ``beta``'s final value (``0``: as without distillation, but the teacher runs) and ``T``.
-        targets: ``"probs"``: ``((1 - beta) Y + beta softmax(teacher_logits / T)) Lambda``; ``"logits"``: the
-            teacher's prediction on its interpolated embeddings, ``softmax(g_T(Z_T Lambda) / T)`` (not with ``Dense``).
-        warmup_steps: optimizer steps of ``beta``'s linear ramp-up: ``weight * min(1, global_step / warmup_steps)``.
-        ema_decay: the teacher's EMA decay, applied at every optimizer step.
-        ema_warmup: warm the decay up as ``min(ema_decay, (1 + t) / (10 + t))`` after update ``t``.
-        validate_with_teacher: run validation and test on the teacher's weights (swapped in, then back).
 
     Example:
         >>> from lightning_multimix import MultiMix
@@ -74,24 +96,25 @@ class SelfDistillation:
         0.3
     """
 
-    weight: float = 0.5
-    targets: Literal["probs", "logits"] = "probs"
-    temperature: float = 1.0
-    warmup_steps: int = 1000
-    ema_decay: float = 0.999
-    ema_warmup: bool = True
-    validate_with_teacher: bool = False
+    weight: float = option(0.5, "`beta`'s final value (`0`: as without distillation, but the teacher runs)",
+                           _real(0.0, 1.0), "a value in [0, 1]")
+    targets: Literal["probs", "logits"] = option(
+        "probs", "`probs`: `((1 - beta) Y + beta softmax(teacher_logits / T)) Lambda`; `logits`: the teacher's "
+        "prediction on its interpolated embeddings, `softmax(g_T(Z_T Lambda) / T)` (not with `Dense`)",
+        _one_of(DISTILL_TARGETS), f"one of {DISTILL_TARGETS}")
+    temperature: float = option(1.0, "`T`, the temperature of the teacher's softmax", _real(0.0, low_open=True),
+                                "a finite value > 0")
+    warmup_steps: int = option(1000, "optimizer steps of `beta`'s linear ramp-up: `weight * min(1, step / "
+                               "warmup_steps)`", _int(0), "an int >= 0")
+    ema_decay: float = option(0.999, "the teacher's EMA decay, applied at every optimizer step", _real(0.0, 1.0),
+                              "a value in [0, 1], e.g. 0.999")
+    ema_warmup: bool = option(True, "warm the decay up as `min(ema_decay, (1 + t) / (10 + t))` after update `t`",
+                              _bool, "True or False")
+    validate_with_teacher: bool = option(False, "run validation and test on the teacher's weights (swapped in, "
+                                         "then back)", _bool, "True or False")
 
     def __post_init__(self) -> None:
-        owner = "SelfDistillation"
-        check_float(owner, "weight", self.weight, 0.0, 1.0, "a value in [0, 1]")
-        check(self.targets in DISTILL_TARGETS, owner, "targets", self.targets, f"one of {DISTILL_TARGETS}")
-        check_float(owner, "temperature", self.temperature, 0.0, math.inf, "a finite value > 0", low_open=True)
-        check_int(owner, "warmup_steps", self.warmup_steps, 0, "an int >= 0")
-        check_float(owner, "ema_decay", self.ema_decay, 0.0, 1.0, "a value in [0, 1], e.g. 0.999")
-        check(isinstance(self.ema_warmup, bool), owner, "ema_warmup", self.ema_warmup, "True or False")
-        check(isinstance(self.validate_with_teacher, bool), owner, "validate_with_teacher",
-              self.validate_with_teacher, "True or False")
+        _check_fields(self)
 
     def beta(self, global_step: int) -> float:
         """The teacher's weight in the targets at ``global_step``.
@@ -105,60 +128,134 @@ class SelfDistillation:
         return self.weight * min(1.0, global_step / self.warmup_steps)
 
 
-def validate_multimix(n_tuples: Optional[int], alpha: float, mode: str, tuple_size: Optional[int],
-                      probability: float, other_batches: Optional[str], mixup_alpha: Optional[float],
-                      clean_loss_weight: float, label_smoothing: float, ignore_index: Optional[int],
-                      head: Optional[str], logit_space: str, dense: Optional[Dense],
-                      distill: Optional[SelfDistillation], sync_batch: bool, seed: Optional[int],
-                      check_every_n_steps: int) -> None:
-    """Raise ``ValueError`` on a bad or inapplicable argument of :class:`~lightning_multimix.MultiMix`."""
-    owner = "MultiMix"
-    check(mode in MODES, owner, "mode", mode, f"one of {MODES}")
-    if n_tuples is not None:
-        check_int(owner, "n_tuples", n_tuples, 1, "the number of interpolated examples per batch, e.g. 1000")
-    check_float(owner, "alpha", alpha, 0.0, math.inf, "a finite value > 0, e.g. alpha=1.0", low_open=True)
-    if tuple_size is not None:
-        check_int(owner, "tuple_size", tuple_size, 2, "None (the whole batch) or an int >= 2")
-    check_float(owner, "probability", probability, 0.0, 1.0, "a probability in [0, 1]")
-    check(other_batches is None or other_batches in OTHER_BATCHES, owner, "other_batches", other_batches,
-          f"None or one of {OTHER_BATCHES}")
-    if mixup_alpha is not None:
-        check_float(owner, "mixup_alpha", mixup_alpha, 0.0, math.inf, "None or a finite value > 0, e.g. 1.0",
-                    low_open=True)
-    check_float(owner, "clean_loss_weight", clean_loss_weight, 0.0, math.inf, "a finite value >= 0")
-    check_float(owner, "label_smoothing", label_smoothing, 0.0, 1.0, "a value in [0, 1)")
-    check(label_smoothing < 1.0, owner, "label_smoothing", label_smoothing, "a value in [0, 1)")
-    check(head is None or (isinstance(head, str) and bool(head)), owner, "head", head, "None or a dotted path")
-    check(logit_space in LOGIT_SPACES, owner, "logit_space", logit_space, f"one of {LOGIT_SPACES}")
-    check(seed is None or (isinstance(seed, int) and not isinstance(seed, bool)), owner, "seed", seed, "None or an int")
-    check(ignore_index is None or (isinstance(ignore_index, int) and not isinstance(ignore_index, bool)
-                                   and ignore_index < 0), owner, "ignore_index", ignore_index,
-          "None or a negative int (a label no class has), e.g. -100")
-    check(isinstance(sync_batch, bool), owner, "sync_batch", sync_batch, "True or False")
-    check_int(owner, "check_every_n_steps", check_every_n_steps, 1, "an int >= 1")
-    for name, value, cls in (("dense", dense, Dense), ("distill", distill, SelfDistillation)):
-        if value is not None and not isinstance(value, cls):
-            raise ValueError(f"MultiMix: `{name}={value!r}`; pass None (off) or a `{cls.__name__}(...)` with its "
-                             f"options, e.g. `MultiMix({name}={cls.__name__}())`.")
-    not_applying = []
-    if mode == "pairs":
-        not_applying += [f"`{n}={v!r}` (mode='pairs' mixes pairs: n = b)" for n, v in
-                         (("n_tuples", n_tuples), ("tuple_size", tuple_size)) if v is not None]
-        if other_batches == "pairs":
-            not_applying.append("`other_batches='pairs'` with mode='pairs' (that is probability=1.0)")
-    if probability == 1.0:
-        not_applying += [f"`{n}={v!r}` (probability=1.0: every batch is mixed by {mode!r})" for n, v in
-                         (("other_batches", other_batches), ("mixup_alpha", mixup_alpha)) if v is not None]
-    elif probability == 0.0:
-        if other_batches == "own_loss":
+def _is(cls: type) -> Callable[[Any], bool]:
+    return lambda v: v is None or isinstance(v, cls)
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiMixOptions:
+    """The options of :class:`~lightning_multimix.MultiMix`, checked, with the defaults left ``None`` filled in.
+
+    A ``None`` default means "not set": an option that does not apply is an error only when it was set.
+
+    Example:
+        >>> MultiMixOptions(mode="pairs").n_tuples is None, MultiMixOptions().n_tuples
+        (True, 1000)
+    """
+
+    n_tuples: Optional[int] = option(
+        None, "`n`, interpolated examples per batch; `None`: 1000. Not with `mode='pairs'` (`n = b`)",
+        _or_none(_int(1)), "the number of interpolated examples per batch, e.g. 1000")
+    alpha: float = option(1.0, "concentration of the Dirichlet (`multimix`) or Beta (`pairs`) distribution; 1 is "
+                          "uniform on the simplex", _real(0.0, low_open=True), "a finite value > 0, e.g. alpha=1.0")
+    mode: Literal["multimix", "pairs"] = option(
+        "multimix", "`multimix`, or `pairs`: last-layer Manifold Mixup (one `lambda ~ Beta(alpha, alpha)` per batch, "
+        "partners by a random permutation), the baseline", _one_of(MODES), f"one of {MODES}")
+    tuple_size: Optional[int] = option(
+        None, "`m`, examples combined by each interpolation (a random subset per tuple); `None`: the whole batch. "
+        "Not with `mode='pairs'`", _or_none(_int(2)), "None (the whole batch) or an int >= 2")
+    probability: float = option(0.5, "chance that a batch is mixed by `mode` at the last layer (the paper's 0.5); the "
+                                "others go as `other_batches`", _real(0.0, 1.0), "a probability in [0, 1]")
+    other_batches: Optional[Literal["input_mixup", "pairs", "own_loss"]] = option(
+        None, "`input_mixup` (`None`, the paper's protocol: the callback mixes the inputs; inputs that cannot be "
+        "interpolated, such as token ids, fall back to `pairs`), `pairs` (last-layer pairs) or `own_loss` (your "
+        "unmixed loss). Not with `probability=1`", _or_none(_one_of(OTHER_BATCHES)),
+        f"None or one of {OTHER_BATCHES}")
+    mixup_alpha: Optional[float] = option(
+        None, "`Beta(mixup_alpha, mixup_alpha)` of the other batches; `None`: 1.0. Not when they are not mixed",
+        _or_none(_real(0.0, low_open=True)), "None or a finite value > 0, e.g. 1.0")
+    clean_loss_weight: float = option(
+        0.0, "adds this times your own loss on the batches mixed at the last layer (the paper trains on mixed "
+        "examples only)", _real(0.0), "a finite value >= 0")
+    label_smoothing: float = option(0.0, "label smoothing of the interpolated targets; `0`: what your loss uses",
+                                    _real(0.0, 1.0, high_open=True), "a value in [0, 1)")
+    ignore_index: Optional[int] = option(
+        -100, "examples with this label are left out of the mixing, as your cross-entropy ignores them; `None`: "
+        "every label must be a class", lambda v: v is None or (_int(-2**63)(v) and v < 0),
+        "None or a negative int (a label no class has), e.g. -100")
+    head: Optional[str] = option(
+        None, "dotted path of the classifier head (`'model.fc'`); `None`: `MultiMixMixin.multimix_head()`, a timm "
+        "model's `get_classifier()`, else found on the first batch", _path, "None or a dotted path")
+    logit_space: Literal["auto", "always", "never"] = option(
+        "auto", "`auto`: interpolate the head's logits when it is an `nn.Linear` (exact, cheaper); `always`: for any "
+        "head (you assert it is affine); `never`: run the head on the interpolated embeddings",
+        _one_of(LOGIT_SPACES), f"one of {LOGIT_SPACES}")
+    dense: Optional[Dense] = option(None, "`Dense(...)`: Dense MultiMix; `None`: off", _is(Dense),
+                                    "None (off) or `Dense(...)` with its options, e.g. `MultiMix(dense=Dense())`")
+    distill: Optional[SelfDistillation] = option(
+        None, "`SelfDistillation(...)`: an EMA teacher's predictions in the targets; `None`: off",
+        _is(SelfDistillation), "None (off) or `SelfDistillation(...)`, e.g. `MultiMix(distill=SelfDistillation())`")
+    sync_batch: bool = option(False, "under DDP, mix the global batch (all processes' embeddings or logits, gathered "
+                              "with gradients); `False`: each process mixes its own, as in the paper", _bool,
+                              "True or False")
+    seed: Optional[int] = option(None, "base seed of the callback's generator; `None`: drawn from torch's global RNG "
+                                 "at `setup` (so `seed_everything` makes runs reproducible)",
+                                 _or_none(_int(-2**63)), "None or an int")
+    check_every_n_steps: int = option(
+        50, "how often the device-side health check (non-finite loss, labels out of range) is read after the first "
+        "batch, besides each epoch's end; a read synchronises the host with the device", _int(1), "an int >= 1")
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        self._check_combinations()
+        fill = {"n_tuples": 1000 if self.mode == "multimix" else None, "other_batches": "input_mixup",
+                "mixup_alpha": 1.0}
+        for name, value in fill.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        for name in ("alpha", "probability", "mixup_alpha", "clean_loss_weight", "label_smoothing"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    def _check_combinations(self) -> None:
+        """Options that do not apply to the others are errors (only when set: ``None`` is "not set")."""
+        mode, p = self.mode, self.probability
+        if p == 0.0 and self.other_batches == "own_loss":
             raise ValueError("MultiMix: `probability=0.0` with `other_batches='own_loss'` mixes no batch at all. "
                              "Remove the callback for plain training, or set probability > 0.")
-        not_applying += [f"`{n}={v!r}` (probability=0.0: no batch is mixed by {mode!r})" for n, v in
-                         (("n_tuples", n_tuples), ("tuple_size", tuple_size), ("dense", dense)) if v is not None]
-    if probability < 1.0 and other_batches == "own_loss" and mixup_alpha is not None:
-        not_applying.append(f"`mixup_alpha={mixup_alpha!r}` (other_batches='own_loss' does not mix them)")
-    if dense is not None and distill is not None and distill.targets == "logits":
-        not_applying.append("`SelfDistillation(targets='logits')` with `Dense` (dense takes targets='probs': the "
-                            "teacher's per-example predictions are the targets every position inherits)")
-    if not_applying:
-        raise ValueError("MultiMix: options that do not apply: " + "; ".join(not_applying) + ". Leave them unset.")
+        rules = [
+            (mode == "pairs", ("n_tuples", "tuple_size"), "mode='pairs' mixes pairs: n = b"),
+            (p == 1.0, ("other_batches", "mixup_alpha"), f"probability=1.0: every batch is mixed by {mode!r}"),
+            (p == 0.0, ("n_tuples", "tuple_size", "dense"), f"probability=0.0: no batch is mixed by {mode!r}"),
+            (p < 1.0 and self.other_batches == "own_loss", ("mixup_alpha",), "other_batches='own_loss' does not mix "
+             "them"),
+        ]
+        wrong = [f"`{name}={getattr(self, name)!r}` ({why})" for applies, names, why in rules if applies
+                 for name in names if getattr(self, name) is not None]
+        if mode == "pairs" and self.other_batches == "pairs":
+            wrong.append("`other_batches='pairs'` with mode='pairs' (that is probability=1.0)")
+        if self.dense is not None and self.distill is not None and self.distill.targets == "logits":
+            wrong.append("`SelfDistillation(targets='logits')` with `Dense` (dense takes targets='probs': the "
+                         "teacher's per-example predictions are the targets every position inherits)")
+        if wrong:
+            raise ValueError("MultiMix: options that do not apply: " + "; ".join(wrong) + ". Leave them unset.")
+
+
+def signature_of(cls: type) -> inspect.Signature:
+    """``__init__(self, *, <every field>)`` of a dataclass of options, for LightningCLI and ``help()``."""
+    hints = typing.get_type_hints(cls)
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
+               for f in dataclasses.fields(cls)]
+    return inspect.Signature(params, return_annotation=None)
+
+
+def args_doc(cls: type, indent: int = 8) -> str:
+    """The ``Args:`` entries of a docstring, one per field, from the fields' meanings."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        text = f.metadata["doc"].replace("`", "``")
+        lines += textwrap.wrap(f"{f.name}: {text}.", width=112, initial_indent=" " * indent,
+                               subsequent_indent=" " * (indent + 4))
+    return "\n".join(lines)
+
+
+def options_table(cls: type = MultiMixOptions) -> str:
+    """The README's table of options (markdown), from the fields' defaults and meanings.
+
+    Example:
+        >>> options_table().splitlines()[2]
+        "| `n_tuples` | `None` | `n`, interpolated examples per batch; `None`: 1000. Not with `mode='pairs'` (`n = b`) |"
+    """
+    rows = ["| option | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{f.name}` | `{f.default!r}` | {f.metadata['doc']} |" for f in dataclasses.fields(cls)]
+    return "\n".join(rows)

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher  # the launcher of spawn, fork, notebook
 from torch import Tensor
 
 KEY = "multimix/batches_seen"
@@ -36,7 +37,7 @@ def register(receive: Callable[[dict[str, Any]], None]) -> str:
 def send_to_main_process(trainer: Any, token: str, state: dict[str, Any]) -> bool:
     """On rank 0 of a fit in spawned or forked processes, put ``state`` among the results Lightning sends back to the
     main process; ``False`` elsewhere (the process that trained is then the main one)."""
-    if type(trainer.strategy.launcher).__name__ != "_MultiProcessingLauncher" or trainer.local_rank != 0:
+    if not isinstance(trainer.strategy.launcher, _MultiProcessingLauncher) or trainer.local_rank != 0:
         return False
     trainer.callback_metrics[KEY] = _Delivery(token, apply_to_collection(state, Tensor, lambda t: t.detach().cpu()))
     return True

@@ -1,10 +1,12 @@
 """One training step under MultiMix: what stands in for the module's ``training_step`` while the callback is installed.
 
 :class:`TrainingStep` decides how the batch is mixed, mixes the inputs for input mixup, runs the user's
-``training_step`` with the captures armed, finds the head on the first batch when nothing named it, and returns the
-objective in place of the user's loss. Its contract with the callback is explicit: it reads :class:`StepOptions`, the
-:class:`~lightning_multimix.sampling.RandomStream` and, when the head is known before the fit, a :class:`HeadPlan`;
-it hands each mixed batch's :class:`StepReport` to ``report``. It never touches the callback itself.
+``training_step`` with the captures armed, has the head found on the first batch when nothing named it
+(:mod:`lightning_multimix.head`), reads the targets once (:func:`~lightning_multimix.targets.read_targets`) and
+returns the objective in place of the user's loss. Its contract with the callback is explicit: it reads
+:class:`~lightning_multimix.options.MultiMixOptions`, the :class:`~lightning_multimix.sampling.RandomStream`, the
+``sample_weights`` hook and, when the head is known before the fit, a :class:`~lightning_multimix.head.HeadPlan`; it
+hands each mixed batch's :class:`StepReport` to ``report``. It never touches the callback itself.
 """
 
 from __future__ import annotations
@@ -18,41 +20,28 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_multimix.batch import InputMixer, check_labels, default_labels, default_mix_inputs
+from lightning_multimix.batch import InputMixer, default_labels, default_mix_inputs
 from lightning_multimix.capture import CallOrder, StepCapture
-from lightning_multimix.checks import check_equal_batch_sizes, check_found_head, check_teacher_entry, check_user_loss
 from lightning_multimix.errors import MultiMixError
-from lightning_multimix.heads import BufferSafeHead, HeadPlan, declared_feature_map, head_plan
+from lightning_multimix.head import (
+    HeadPlan,
+    HeadProbe,
+    check_found_head,
+    declared_feature_map,
+    head_plan,
+    head_tensors,
+    runnable_head,
+)
 from lightning_multimix.objective import TeacherOutputs, mixup_objective, multimix_objective
-from lightning_multimix.options import Dense, SelfDistillation
-from lightning_multimix.probe import HeadProbe
+from lightning_multimix.options import MultiMixOptions
 from lightning_multimix.sampling import RandomStream
-from lightning_multimix.teacher import Distiller
-from lightning_multimix.user_loss import LossFit, explain_loss, plain_cross_entropy
+from lightning_multimix.targets import Targets, class_indices, read_targets
+from lightning_multimix.teacher import Distiller, check_teacher_entry
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 KINDS = ("multimix", "pairs", "input_mixup", "own_loss")
-
-
-@dataclasses.dataclass(frozen=True)
-class StepOptions:
-    """What the step reads of the callback's options (see :class:`~lightning_multimix.MultiMix`)."""
-
-    mode: str
-    probability: float
-    other_batches: str
-    mixup_alpha: float
-    label_smoothing: float
-    clean_loss_weight: float
-    ignore_index: Optional[int]
-    logit_space: str
-    sync_batch: bool
-    dense: Optional[Dense]
-    distill: Optional[SelfDistillation]
-    #: ``(num_examples, kind, generator, keep) -> (m, n)`` weights of a batch mixed at the last layer
-    sample_weights: Callable[..., Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +51,8 @@ class StepReport:
     index: int  #: the batch's index in the random stream
     kind: str  #: how it was mixed (:data:`KINDS`)
     loss: Tensor
-    labels: Tensor  #: on the logits' device, int64
-    num_classes: int  #: the head's outputs
+    batch_size: int
+    targets: Targets  #: what the fit's targets are
     #: ``(b,)`` booleans: labels neither in ``[0, num_classes)`` nor the ignore index (on input-mixup batches only -100
     #: without an ignore index: the cross-entropy raises on the others itself); ``None``: not checked
     unexpected: Optional[Tensor]
@@ -75,29 +64,27 @@ class TrainingStep:
     """Stands in for ``module.training_step`` (the original is ``original``) during one fit; removed in ``teardown``.
 
     It holds the state of the fit that only the step needs: the captures (or, until the head is known, the probe),
-    the generator, what the first batch verified, and :attr:`batch_counts`.
+    the generator, the targets read on the first batch, and :attr:`batch_counts`.
     """
 
-    def __init__(self, module: "pl.LightningModule", original: Any, options: StepOptions, stream: RandomStream,
-                 report: Callable[[StepReport], None], plan: Optional[HeadPlan] = None,
-                 distiller: Optional[Distiller] = None) -> None:
+    def __init__(self, module: "pl.LightningModule", original: Any, options: MultiMixOptions, stream: RandomStream,
+                 sample_weights: Callable[..., Tensor], report: Callable[[StepReport], None],
+                 plan: Optional[HeadPlan] = None, distiller: Optional[Distiller] = None) -> None:
         self.module, self.original, self.options, self.stream = module, original, options, stream
-        self.report, self.plan, self.distiller = report, plan, distiller
+        self.sample_weights, self.report, self.plan, self.distiller = sample_weights, report, plan, distiller
         self.__wrapped__ = original  # what Lightning's `is_overridden` and `inspect` look through
         self.generator = torch.Generator(device=module.device)
         self.capture = self._capture() if plan is not None else None
         self.batch_counts: dict[str, int] = dict.fromkeys(KINDS, 0)
-        self.verified = self.features_verified = self.warned_small_batch = False
-        self.loss_fit: Optional[LossFit] = None  #: how the user's loss relates to the cross-entropy (first batch)
+        self.features_verified = self.warned_small_batch = False
+        self.targets: Optional[Targets] = None  #: read on the first mixed batch
         self.inputs_mixable: Optional[bool] = None
         # whether the batches are gathered across processes (every process then makes the same collective calls)
         self.gathering = options.sync_batch and module.trainer.world_size > 1
         self.read_labels = getattr(module, "multimix_labels", default_labels)
 
     def _capture(self) -> StepCapture:
-        head = self.module.get_submodule(self.plan.head_path)
-        # the head the interpolations run through: one with buffers (batch norm) runs on copies of them
-        self.head = BufferSafeHead(head) if next(head.buffers(), None) is not None else head
+        self.head = runnable_head(self.module.get_submodule(self.plan.head_path))
         return StepCapture.of(self.module, self.plan.head_path, self.plan.feature_spec,
                               inputs=self.options.distill is not None)
 
@@ -132,9 +119,9 @@ class TrainingStep:
         index = self.stream.next_batch()
         kind = self.kind(index, rank)
         batch = args[0] if args else kwargs["batch"]
-        labels = check_labels(self.read_labels(batch))
+        labels = class_indices(self.read_labels(batch))
         if kind != "own_loss" and self.gathering:
-            check_equal_batch_sizes(module, labels.shape[0])  # every process, before any may take another way
+            self._check_equal_batch_sizes(labels.shape[0])  # every process, before any may take another way
         if kind != "own_loss" and labels.shape[0] < 2:
             if not self.warned_small_batch:
                 rank_zero_warn(f"MultiMix: a training batch of {labels.shape[0]} example cannot be mixed; such "
@@ -148,7 +135,7 @@ class TrainingStep:
         self.stream.seed(self.generator, index, rank)
         mixer = InputMixer(options.mixup_alpha, self.generator) if kind == "input_mixup" else None
         if mixer is not None:
-            mixed = self._mix_batch(batch, mixer)
+            mixed = self._mixed_inputs(batch, mixer)
             if mixed is None:
                 kind, mixer = "pairs", None  # the inputs cannot be interpolated: mix this batch at the last layer
             elif args:
@@ -160,7 +147,8 @@ class TrainingStep:
             dense = options.dense
             named_map = declared_feature_map(module, dense.feature_map) if dense is not None else None
             probe = HeadProbe(module, dense=dense is not None, feature_maps=(named_map,) if named_map else ())
-        order = CallOrder(module) if self.distiller is not None and not self.verified else contextlib.nullcontext()
+        first = self.targets is None
+        order = CallOrder(module) if self.distiller is not None and first else contextlib.nullcontext()
         try:
             with probe if probe is not None else self.capture, order:
                 output = self.original(*args, **kwargs)
@@ -176,46 +164,46 @@ class TrainingStep:
                 raise MultiMixError(f"`training_step` returned {type(output).__name__}; MultiMix needs a loss tensor "
                                     "or a dict with 'loss'.")
             capture = self._adopt(probe, user_loss, labels) if probe is not None else self.capture
-            if isinstance(order, CallOrder):
-                check_teacher_entry(module, capture.model_inputs()[0], order)
-            loss, labels, unexpected, num_classes = self._loss(kind, capture, labels, mixer, user_loss)
+            loss, unexpected = self._loss(kind, capture, labels, mixer, user_loss,
+                                          order if isinstance(order, CallOrder) else None)
         finally:
             if probe is not None:
                 probe.remove()
         self.batch_counts[kind] += 1
-        self.report(StepReport(index, kind, loss, labels, num_classes, unexpected, self.plan,
-                               first=not self.verified))
-        self.verified = True
+        self.report(StepReport(index, kind, loss, labels.shape[0], self.targets, unexpected, self.plan, first))
         return {**output, "loss": loss} if isinstance(output, dict) else loss
 
     def _adopt(self, probe: HeadProbe, user_loss: Tensor, labels: Tensor) -> StepCapture:
-        """First batch, no declared head: choose it from what ran, check that it explains the user's loss, and capture
-        it from the next batch on; this batch's tensors come from the probe."""
+        """First batch, no head known: choose it from what ran, check that it explains the user's loss, and capture it
+        from the next batch on; this batch's tensors come from the probe."""
         options = self.options
-        chosen = probe.choose()
+        chosen, source = probe.choose()
         outputs = probe.linear_outputs()
-        if chosen in outputs:  # else the head's shape is wrong, and `head_tensors` says so
-            labels = labels.to(outputs[chosen].device).long()
-            self.loss_fit = check_found_head(chosen, probe.how, outputs, user_loss, labels, options.ignore_index)
-        self.plan = head_plan(self.module, chosen, probe.how, options.dense, options.logit_space)
+        device = outputs[chosen].device if chosen in outputs else labels.device
+        check_found_head(chosen, source, outputs, user_loss, labels.to(device).long(), options.ignore_index)
+        self.plan = head_plan(self.module, chosen, source, options.dense, options.logit_space)
         if self.distiller is not None:
             self.distiller.watch(self.plan.head_path)
         self.capture = self._capture()
-        return probe.step_capture(self.plan.head_path, self.plan.feature_spec)
+        spec = self.plan.feature_spec
+        head, features, inputs = probe.recorded(self.plan.head_path, spec[0] if spec is not None else None)
+        return StepCapture(self.plan.head_path, head, spec, features, inputs)
 
-    def _loss(self, kind: str, capture: StepCapture, labels: Tensor, mixer: Optional[InputMixer],
-              user_loss: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor], int]:
-        """The objective of the batch, and what was read of its labels: ``(loss, labels, unexpected, num_classes)``."""
+    def _loss(self, kind: str, capture: StepCapture, labels: Tensor, mixer: Optional[InputMixer], user_loss: Tensor,
+              order: Optional[CallOrder]) -> tuple[Tensor, Optional[Tensor]]:
+        """The objective of the batch, and its labels that are neither a class nor ignored (``None``: not counted)."""
         options, plan = self.options, self.plan
-        embeddings, logits = capture.head_tensors()
+        embeddings, logits = head_tensors(capture.head, capture.head_path)
         if embeddings.shape[0] != labels.shape[0]:
             raise MultiMixError(f"The head {capture.head_path!r} ran on {embeddings.shape[0]} embeddings but the "
                                 f"batch has {labels.shape[0]} labels. Pass `MultiMix(head='dotted.path')`.")
         labels = labels.to(logits.device).long()
-        if not self.verified:
-            fit = self.loss_fit or explain_loss(user_loss, logits, labels, options.ignore_index)
-            self.loss_fit = check_user_loss(fit, plan.head_path, logits, labels, options.ignore_index,
-                                            options.label_smoothing)
+        if self.targets is None:
+            self.targets, notes = read_targets(user_loss, logits, labels, options.ignore_index,
+                                               options.label_smoothing, plan.head_path)
+            for note in notes:
+                rank_zero_info(note)
+        targets = self.targets
         dense_now = options.dense is not None and kind == options.mode
         features = mask = None
         if options.dense is not None and (dense_now or not self.features_verified):
@@ -223,31 +211,27 @@ class TrainingStep:
             self.features_verified = True  # checked on the first batch, whichever way it is mixed
         teacher = None
         if self.distiller is not None:
+            inputs = check_teacher_entry(self.module, capture.head_path, capture.model_inputs(), order)
             with_embeddings = not plan.logit_space and options.distill.targets == "logits" and mixer is None
-            teacher = self.distiller.outputs(*capture.model_inputs(), self.module.trainer.global_step,
-                                             with_embeddings)
-        num_classes, ignore = logits.shape[-1], options.ignore_index
-        unexpected = None
+            teacher = self.distiller.outputs(*inputs, self.module.trainer.global_step, with_embeddings)
         if mixer is not None:  # F.cross_entropy's terms: a label out of range fails there (the first batch says why)
+            ignore = targets.ignore_index
             loss = mixup_objective(logits, labels, *mixer.draw, teacher=teacher,
                                    ignore_index=ignore if ignore is not None else -100,
-                                   label_smoothing=self.label_smoothing)
-            if ignore is None:  # every label must be a class, but F.cross_entropy's -100 would pass, left out
-                unexpected = labels == -100
+                                   label_smoothing=targets.label_smoothing)
+            # every label must be a class, but F.cross_entropy would leave a -100 out: counted
+            unexpected = labels == -100 if ignore is None else None
         else:  # the objective reads a label out of range as a class in range: counted for the health check
-            keep = labels != ignore if ignore is not None else None
-            in_range = labels.clamp(0, num_classes - 1) == labels
-            unexpected = ~in_range if keep is None else keep > in_range  # booleans: kept and not a class
-            loss = self._last_layer_loss(kind, capture, embeddings, logits, labels, keep,
-                                         features if dense_now else None, mask if dense_now else None, teacher)
+            keep = targets.keep(labels)
+            unexpected = targets.outside(labels, keep)
+            loss = self._last_layer_loss(kind, embeddings, logits, labels, keep, features if dense_now else None,
+                                         mask if dense_now else None, teacher)
             if options.clean_loss_weight > 0:
                 loss = loss + options.clean_loss_weight * user_loss.float()
-        if self.loss_fit.rest:  # the user's other terms: their loss less the cross-entropy MultiMix replaces
-            ce = plain_cross_entropy(logits, labels, options.ignore_index, self.loss_fit.label_smoothing)
-            loss = loss + (user_loss.float() - ce)
-        return loss, labels, unexpected, num_classes
+        other_terms = targets.other_terms(user_loss, logits, labels)
+        return (loss + other_terms if other_terms is not None else loss), unexpected
 
-    def _mix_batch(self, batch: Any, mixer: InputMixer) -> Optional[Any]:
+    def _mixed_inputs(self, batch: Any, mixer: InputMixer) -> Optional[Any]:
         """The batch with its inputs mixed, or ``None`` (said once) when they cannot be interpolated."""
         if self.inputs_mixable is False:
             return None
@@ -266,8 +250,8 @@ class TrainingStep:
         self.inputs_mixable = True
         return mixed
 
-    def _last_layer_loss(self, kind: str, capture: StepCapture, embeddings: Tensor, logits: Tensor, labels: Tensor,
-                         keep: Optional[Tensor], features: Optional[Tensor], mask: Optional[Tensor],
+    def _last_layer_loss(self, kind: str, embeddings: Tensor, logits: Tensor, labels: Tensor, keep: Optional[Tensor],
+                         features: Optional[Tensor], mask: Optional[Tensor],
                          teacher: Optional[TeacherOutputs]) -> Tensor:
         options, plan, module = self.options, self.plan, self.module
         if self.gathering:
@@ -289,19 +273,24 @@ class TrainingStep:
             if teacher is not None:
                 teacher = dataclasses.replace(teacher, logits=gather(teacher.logits),
                                               embeddings=gather(teacher.embeddings))
-        weights = options.sample_weights(labels.shape[0], kind, self.generator, keep)
-        head = self.head
-        common = {"teacher": teacher, "label_smoothing": self.label_smoothing}
+        weights = self.sample_weights(labels.shape[0], kind, self.generator, keep)
+        common = {"teacher": teacher, "label_smoothing": self.targets.label_smoothing}
         if features is not None:
-            return multimix_objective(weights, labels, feature_map=features, head=plan.position_head or head,
+            return multimix_objective(weights, labels, feature_map=features, head=plan.position_head or self.head,
                                       attention=options.dense.attention, position_mask=mask,
                                       affine_head=plan.logit_space, **common)
         if plan.logit_space:
             return multimix_objective(weights, labels, logits=logits, **common)
-        return multimix_objective(weights, labels, embeddings=embeddings, head=head, **common)
+        return multimix_objective(weights, labels, embeddings=embeddings, head=self.head, **common)
 
-    @property
-    def label_smoothing(self) -> float:
-        """The smoothing of the mixed targets: ``MultiMix(label_smoothing=...)``, else what the user's loss uses."""
-        fit = self.loss_fit
-        return self.options.label_smoothing or (fit.label_smoothing if fit is not None else 0.0)
+    def _check_equal_batch_sizes(self, size: int) -> None:
+        """``sync_batch`` gathers tensors of equal shapes: stop with a clear error when the processes' batches differ
+        (gloo would abort the process). One small collective and a host read per step."""
+        module = self.module
+        sizes = module.all_gather(torch.tensor(size, device=module.device)).flatten().tolist()
+        if len(set(sizes)) > 1:
+            raise MultiMixError(
+                f"MultiMix(sync_batch=True) needs batches of equal size on every process; this step's sizes are "
+                f"{sizes}. Use `DataLoader(..., drop_last=True)` (and a sampler that gives each process as many "
+                "examples)."
+            )

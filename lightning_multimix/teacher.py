@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from lightning_multimix.capture import Capture
+from lightning_multimix.capture import CallOrder, Capture, ran_before
+from lightning_multimix.errors import MultiMixError
 from lightning_multimix.objective import TeacherOutputs
 from lightning_multimix.options import SelfDistillation
 
@@ -62,9 +63,10 @@ class EMATeacher:
         """One EMA step towards ``model``'s parameters (no device sync); buffers are copied."""
         teacher_params, student_params = list(self.module.parameters()), list(model.parameters())
         if len(teacher_params) != len(student_params):
-            raise RuntimeError(
+            raise MultiMixError(
                 f"The teacher has {len(teacher_params)} parameter tensors but the model has {len(student_params)}: "
-                "the model's structure changed after MultiMix(distill=True) copied it."
+                "the model's structure changed after self-distillation copied it at the start of the fit. Change the "
+                "model before `trainer.fit`, or train without `MultiMix(distill=...)`."
             )
         floating = [(t, s) for t, s in zip(teacher_params, student_params) if t.is_floating_point()]
         if floating:
@@ -250,3 +252,24 @@ def broadcast_buffers(module: nn.Module) -> None:
         torch.distributed.broadcast(flat, src=0)
         received = flat.split([b.numel() for b in buffers])
         torch._foreach_copy_(buffers, [r.view_as(b) for r, b in zip(received, buffers)])
+
+
+def check_teacher_entry(model: nn.Module, head_path: str, inputs: Optional[tuple[str, tuple, dict]],
+                        order: Optional[CallOrder] = None) -> tuple[str, tuple, dict]:
+    """What the teacher re-runs: ``inputs``, the outermost module on the way to the head that the step called, with
+    its arguments. With the ``order`` the modules ran in (first batch), it must be the model's forward, not a block the
+    step fed with another module's output."""
+    how = ("Call the model through `self(...)` in training_step, with a `forward` that runs the whole model to the "
+           "logits.")
+    if inputs is None:
+        raise MultiMixError("Self-distillation runs the teacher's own forward on the inputs of your model, but the "
+                            f"training step called no module on the way to the head {head_path!r} (it called the head "
+                            f"itself). {how}")
+    before = ran_before(model, inputs[0], order) if order is not None else None
+    if before is not None:
+        raise MultiMixError(
+            f"Self-distillation runs the teacher's own forward on the inputs of your model, but your training_step "
+            f"calls {before!r} and then {inputs[0]!r} itself (not through `forward`), so the teacher would run "
+            f"{inputs[0]!r} alone on the student's features. {how}"
+        )
+    return inputs

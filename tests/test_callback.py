@@ -336,7 +336,7 @@ def test_no_head_found():
 
 
 def test_wrong_head_path():
-    with pytest.raises(ValueError, match="No submodule 'fc'.*\\['body.0', 'head'\\]"):
+    with pytest.raises(MultiMixError, match="No submodule 'fc'.*\\['body.0', 'head'\\]"):
         trainer(callbacks=[MultiMix(head="fc")]).fit(MLP(), data())
 
 
@@ -487,19 +487,20 @@ def test_the_head_input_is_copied_only_when_the_head_could_overwrite_it():
     """An nn.Linear head's input is captured as is (nothing inside it writes in place); a head with an in-place
     layer before its Linear (EfficientNet's classifier) is captured as a copy that keeps the values it was given."""
     from lightning_multimix.capture import StepCapture
+    from lightning_multimix.head import head_tensors
 
     x = torch.randn(4, DIM)
     linear = nn.Sequential(nn.Linear(DIM, NUM_CLASSES))
     step = StepCapture.of(linear, "0")
     with step:
         linear(x)
-    assert step.head_tensors()[0] is x
+    assert head_tensors(step.head, step.head_path)[0] is x
     step.remove()
     with_dropout = nn.Sequential(nn.Sequential(nn.Dropout(0.5, inplace=True), nn.Linear(DIM, NUM_CLASSES)))
     step = StepCapture.of(with_dropout, "0")
     given = x.clone()
     with step:
         with_dropout(given)
-    captured = step.head_tensors()[0]
+    captured = head_tensors(step.head, step.head_path)[0]
     assert not torch.equal(given, x) and torch.equal(captured, x)  # the dropout overwrote its input, not the copy
     step.remove()

@@ -370,14 +370,14 @@ def test_sharded_strategies_are_refused_up_front(strategy):
         MultiMix().setup(fake_trainer, TinyMLP(), "fit")
 
 
-def test_ddp_subclasses_named_for_sharding_are_refused():
-    from lightning.pytorch.strategies import DDPStrategy
+@pytest.mark.parametrize("name", ["DeepSpeedStrategy", "XLAStrategy", "FSDPStrategy", "ModelParallelStrategy"])
+def test_strategies_that_shard_or_replace_parameters_are_refused(name):
+    """Lightning's own classes (DeepSpeed and XLA subclass DDPStrategy), made without their optional dependencies."""
+    import lightning.pytorch.strategies as strategies
 
-    class DeepSpeedStrategy(DDPStrategy):  # what Lightning's DeepSpeedStrategy is: a DDPStrategy subclass
-        pass
-
-    with pytest.raises(MultiMixError, match="got DeepSpeedStrategy"):
-        MultiMix().setup(types.SimpleNamespace(strategy=DeepSpeedStrategy(), world_size=1), TinyMLP(), "fit")
+    cls = getattr(strategies, name)
+    with pytest.raises(MultiMixError, match=f"got {name}"):
+        MultiMix().setup(types.SimpleNamespace(strategy=cls.__new__(cls), world_size=1), TinyMLP(), "fit")
 
 
 def test_labels_named_by_the_mixin_are_not_second_guessed(recwarn):

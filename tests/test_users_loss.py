@@ -12,7 +12,7 @@ from torch import nn
 
 from helpers import DIM, HIDDEN, NUM_CLASSES, TinyMLP, loader, tensors, trainer
 from lightning_multimix import MultiMix, MultiMixError
-from lightning_multimix.user_loss import explain_loss
+from lightning_multimix.targets import explain_loss
 
 F = nn.functional
 
@@ -433,7 +433,7 @@ def test_a_restored_teacher_is_validated_without_a_fit_first():
 
 
 def test_dense_mode_does_not_take_a_block_with_batch_norm_as_the_head():
-    from lightning_multimix.heads import classifier_block
+    from lightning_multimix.head import classifier_block
 
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     net.classifier = nn.Sequential(nn.Dropout(), nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))

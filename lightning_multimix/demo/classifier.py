@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
-from lightning_multimix.heads import find_head, resolve_module
 from lightning_multimix.metrics import EmbeddingAlignment, EmbeddingUniformity
 from lightning_multimix.demo.models import PreActResNet18, SmallCNN
 
@@ -130,11 +129,16 @@ class ImageClassifier(L.LightningModule):
         if not isinstance(self.backbone, nn.Module):
             raise ValueError(f"ImageClassifier: backbone must be a name in {tuple(BACKBONES)} or an nn.Module, got "
                              f"{type(backbone).__name__}.")
-        inner = head if head is not None else find_head(self.backbone)
+        linears = [name for name, m in self.backbone.named_modules() if isinstance(m, nn.Linear)]
+        inner = head if head is not None else (linears[-1] if linears else None)
         if inner is None:
             raise ValueError(f"ImageClassifier: {type(self.backbone).__name__} has no nn.Linear head; pass head= the "
                              "dotted path of the module whose input is the embedding.")
-        resolve_module(self.backbone, inner)
+        try:
+            self.backbone.get_submodule(inner)
+        except AttributeError:
+            raise ValueError(f"ImageClassifier: No submodule {inner!r} in {type(self.backbone).__name__}; its "
+                             f"nn.Linear modules are {linears}.") from None
         self.head_path = f"backbone.{inner}"
 
         self.num_classes = num_classes
@@ -150,7 +154,7 @@ class ImageClassifier(L.LightningModule):
         self.test_ece = MulticlassCalibrationError(n_bins=ece_bins, norm="l1", **metric_kwargs)
         self.test_uniformity = EmbeddingUniformity()
         # needs d: from the head's `in_features` when it has one, else built on the first test batch
-        dim = getattr(resolve_module(self, self.head_path), "in_features", None)
+        dim = getattr(self.get_submodule(self.head_path), "in_features", None)
         self.test_alignment: Optional[EmbeddingAlignment] = (
             EmbeddingAlignment(num_classes, dim) if isinstance(dim, int) else None
         )

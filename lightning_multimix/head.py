@@ -1,0 +1,400 @@
+"""Where the classifier head is (and dense mode's feature map), decided in one place (torch only, no Lightning).
+
+In this order:
+
+1. **declared**: ``MultiMix(head="dotted.path")``, else ``MultiMixMixin.multimix_head()`` (:func:`declared_head`);
+2. **timm**: a timm model's own account of its head, ``get_classifier()`` (:func:`timm_head`);
+3. **found** on the first training batch, when neither named it (:class:`HeadProbe`): the ``nn.Linear`` whose output
+   the model returns, else the last ``nn.Linear`` that ran;
+4. **checked against the user's loss**: a found head must explain it (:func:`check_found_head`), and every head's
+   loss is read once on the first batch (:func:`lightning_multimix.targets.read_targets`).
+
+:func:`head_plan` turns the path into a :class:`HeadPlan` (dense mode's feature map, logit space); every batch checks
+what the head received and gave (:func:`head_tensors`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lightning_multimix.capture import Capture, ancestors, capture_for
+from lightning_multimix.errors import MultiMixError
+from lightning_multimix.feature_maps import TimmPositionHead
+from lightning_multimix.interpolation import is_affine
+from lightning_multimix.targets import LABELS_HOW, explain_loss, kept, outside_classes
+
+HOW_HEAD = ("Pass `MultiMix(head='dotted.path')` naming the classifier head, or add `MultiMixMixin` and override "
+            "`multimix_head()`.")
+POOLING_TYPES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AvgPool1d)
+Source = Literal["declared", "timm", "returned", "last"]
+SOURCES: dict[str, str] = {"declared": "declared", "timm": "the timm model's get_classifier()",
+                           "returned": "the nn.Linear whose output the model returns",
+                           "last": "the last nn.Linear that ran (no nn.Linear output is returned as it is)"}
+
+
+def submodule(root: nn.Module, path: str, what: str = "the classifier head") -> nn.Module:
+    """The submodule of ``root`` at dotted ``path``; :class:`MultiMixError` listing the ``nn.Linear`` modules if none.
+
+    Example:
+        >>> submodule(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 4)), "2")
+        Linear(in_features=3, out_features=4, bias=True)
+    """
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        linears = [name for name, m in root.named_modules() if isinstance(m, nn.Linear)]
+        raise MultiMixError(f"No submodule {path!r} in {type(root).__name__}. Pass the dotted path of {what}; the "
+                            f"model's nn.Linear modules are {linears}.") from None
+
+
+def path_of(root: nn.Module, module: nn.Module, where: str) -> str:
+    """The dotted path of ``module`` inside ``root``; ``where`` names what returned it, for the error."""
+    for name, candidate in root.named_modules():
+        if candidate is module:
+            return name
+    raise MultiMixError(f"`{where}` returned a module that is not a submodule of {type(root).__name__}.")
+
+
+def declared_head(model: nn.Module, head: Optional[str] = None) -> Optional[str]:
+    """The head the user declared: ``head`` (checked to exist), else ``MultiMixMixin.multimix_head()``; else ``None``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 4))
+        >>> declared_head(net, "2"), declared_head(net)
+        ('2', None)
+    """
+    if head is not None:
+        submodule(model, head)
+        return head
+    declared = model.multimix_head() if hasattr(model, "multimix_head") else None
+    return path_of(model, declared, "multimix_head()") if declared is not None else None
+
+
+def is_timm_model(module: nn.Module) -> bool:
+    """Whether ``module`` speaks timm's model API (``forward_features``, ``forward_head``, ``get_classifier``)."""
+    return all(callable(getattr(module, name, None)) for name in ("forward_features", "forward_head", "get_classifier"))
+
+
+def timm_head(model: nn.Module) -> Optional[str]:
+    """The head of the outermost timm model in ``model``, from its ``get_classifier()``; ``None`` if there is none."""
+    for name, module in model.named_modules():  # outermost first
+        if is_timm_model(module):
+            classifier = module.get_classifier()
+            if isinstance(classifier, nn.Module) and not isinstance(classifier, nn.Identity):
+                return path_of(model, classifier, f"{type(module).__name__}.get_classifier()")
+    return None
+
+
+class HeadProbe:
+    """Captures on every head candidate of ``model`` for the first training step, then :meth:`choose` the head;
+    ``dense``: also on classifier blocks, feature-map candidates and the declared ``feature_maps`` paths.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> with HeadProbe(net) as probe:
+        ...     _ = net(torch.randn(5, 3))
+        >>> probe.choose()
+        ('2', 'returned')
+        >>> probe.remove()
+    """
+
+    def __init__(self, model: nn.Module, dense: bool = False, feature_maps: tuple[str, ...] = ()) -> None:
+        self.model = model
+        linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+        self.linears = {path: Capture(model.get_submodule(path)) for path in linears}
+        outer = sorted({p for path in linears for p in ancestors(path)}, key=lambda p: (p.count("."), len(p), p))
+        self.ancestors = {path: Capture(model.get_submodule(path)) for path in outer}
+        self.blocks: dict[str, Capture] = {}
+        self.maps: dict[str, Any] = {}
+        if dense:
+            for path in linears:
+                block = classifier_block(model, path)
+                if block != path:
+                    self.blocks[block] = Capture(model.get_submodule(block), clone_input=True)
+            for spec in [*feature_map_candidates(model), *((path, "output") for path in feature_maps)]:
+                self.maps.setdefault(spec[0], capture_for(model, spec))
+        self.captures = [*self.linears.values(), *self.ancestors.values(), *self.blocks.values(), *self.maps.values()]
+
+    def __enter__(self) -> "HeadProbe":
+        self._stack = contextlib.ExitStack()
+        for capture in self.captures:
+            self._stack.enter_context(capture)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.close()
+
+    def remove(self) -> None:
+        for capture in self.captures:
+            capture.remove()
+
+    def choose(self) -> tuple[str, Source]:
+        """``(path, source)``: the ``nn.Linear`` whose output the model returns (alone, in a tuple, list, dict or as
+        ``logits``), else the last that ran; :class:`MultiMixError` if none ran or several are returned."""
+        ran = {path: c for path, c in self.linears.items() if c.calls > 0}
+        if not ran:
+            raise MultiMixError(f"MultiMix found no classifier head in {type(self.model).__name__}: no nn.Linear ran "
+                                f"in its training step. {HOW_HEAD}")
+        outermost = next((c for c in self.ancestors.values() if c.calls > 0), None)
+        returned = _tensors_in(outermost.output) if outermost is not None else []
+        matches = [path for path, c in ran.items() if any(c.output is t for t in returned)]
+        if len(matches) > 1:
+            raise MultiMixError(
+                f"MultiMix cannot tell the classifier head of {type(self.model).__name__}: its forward returns the "
+                f"outputs of {len(matches)} nn.Linear modules, {matches}. {HOW_HEAD}"
+            )
+        if matches:
+            return matches[0], "returned"
+        return max(ran, key=lambda path: ran[path].order), "last"
+
+    def linear_outputs(self) -> dict[str, Tensor]:
+        """The ``(b, c)`` output of every ``nn.Linear`` that ran, by dotted path (the candidates for the head)."""
+        return {path: c.output for path, c in self.linears.items()
+                if c.calls > 0 and isinstance(c.output, Tensor) and c.output.ndim == 2}
+
+    def recorded(self, head_path: str, feature_path: Optional[str]) -> tuple[Capture, Any, dict[str, Capture]]:
+        """This batch's captures of the chosen head (or dense classifier block), feature map and the head's ancestors."""
+        head = self.linears.get(head_path) or self.blocks[head_path]
+        if feature_path is not None and feature_path not in self.maps:  # a declared map the probe did not record
+            raise MultiMixError(f"Dense MultiMix: the feature map {feature_path!r} was not recorded on the first "
+                                "batch.")
+        inputs = {path: self.ancestors[path] for path in ancestors(head_path) if path in self.ancestors}
+        return head, self.maps.get(feature_path), inputs
+
+
+def _tensors_in(output: Any) -> list[Tensor]:
+    """The tensors in a module's output: itself, in a tuple, list or dict, or a model output's ``logits``."""
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        return [v for v in output.values() if isinstance(v, Tensor)]
+    if isinstance(output, (tuple, list)):
+        return [v for v in output if isinstance(v, Tensor)]
+    logits = getattr(output, "logits", None)
+    return [logits] if isinstance(logits, Tensor) else []
+
+
+def check_found_head(chosen: str, source: Source, outputs: dict[str, Tensor], user_loss: Tensor, labels: Tensor,
+                     ignore_index: Optional[int]) -> None:
+    """A found head must explain the user's loss (``outputs``: the ``(b, c)`` output of every ``nn.Linear`` that ran):
+    else an error that lists the candidates, unless the labels are out of range (the labels' check then says so)."""
+    if chosen not in outputs or explain_loss(user_loss, outputs[chosen], labels, ignore_index) is not None:
+        return  # a head of the wrong shape: `head_tensors` says so
+    fits = [path for path, logits in outputs.items()
+            if logits.shape[-1] >= 2 and explain_loss(user_loss, logits, labels, ignore_index) is not None]
+    if not fits and bool(outside_classes(labels, outputs[chosen].shape[-1], kept(labels, ignore_index)).any()):
+        return
+    seen = ", ".join(f"{path!r} {tuple(out.shape)}" for path, out in outputs.items())
+    hint = (f"Your loss is the cross-entropy of {fits[0]!r}: pass `MultiMix(head={fits[0]!r})`." if len(fits) == 1
+            else f"It is the cross-entropy of several of them, {fits}: name the head." if fits else
+            "No nn.Linear that ran explains it. Your loss may depend on the logits beyond their cross-entropy (class "
+            "weights, a focal or margin loss, a regulariser on the logits, a sum instead of a mean), which MultiMix "
+            f"cannot carry; or use other labels than MultiMix read ({LABELS_HOW}); or come from a classifier that is "
+            "not an nn.Module (`F.linear` with a parameter: it must be wrapped in a module, and named).")
+    raise MultiMixError(
+        f"MultiMix found the head {chosen!r} ({SOURCES[source]}), but your training_step's loss is not the "
+        "cross-entropy of its logits with the batch's labels (plus terms that do not involve them), so it would train "
+        f"the wrong thing. The nn.Linear modules that ran: {seen}. {hint} Or pass `MultiMix(head='dotted.path')` / "
+        "override `MultiMixMixin.multimix_head()`."
+    )
+
+
+def head_tensors(head: Capture, head_path: str) -> tuple[Tensor, Tensor]:
+    """``(embeddings (b, d), logits (b, c))`` the head recorded in a step, checked: it ran exactly once, on the
+    embeddings alone, 2-d in and out, with at least two classes."""
+    if head.calls != 1:
+        raise MultiMixError(f"MultiMix expects the head {head_path!r} to run exactly once per training step, on the "
+                            f"penultimate embeddings; it ran {head.calls} times. {HOW_HEAD}")
+    if len(head.args) > 1 or head.kwargs:
+        raise MultiMixError(
+            f"The head {head_path!r} is called with more than the embeddings ({len(head.args)} positional arguments, "
+            f"keyword arguments {sorted(head.kwargs)}), such as the labels of a margin head; MultiMix runs the head on "
+            f"interpolated embeddings alone. Name as head a module that maps embeddings to logits. {HOW_HEAD}"
+        )
+    embeddings, logits = head.input, head.output
+    shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in (embeddings, logits)]
+    if not (isinstance(embeddings, Tensor) and isinstance(logits, Tensor) and embeddings.ndim == logits.ndim == 2):
+        raise MultiMixError(f"The head {head_path!r} maps {shapes[0]} to {shapes[1]}; MultiMix needs a classifier "
+                            f"head mapping (b, d) embeddings to (b, c) logits. {HOW_HEAD}")
+    if logits.shape[-1] < 2 or embeddings.shape[0] != logits.shape[0]:
+        raise MultiMixError(f"The head {head_path!r} maps {shapes[0]} to {shapes[1]}; a classifier head gives one "
+                            f"output per class (at least 2) for every example. {HOW_HEAD}")
+    return embeddings, logits
+
+
+# ---------------------------------------------------------------- dense mode: the classifier block and the feature map
+
+
+def classifier_block(model: nn.Module, head_path: str) -> str:
+    """Dense mode's module taking the pooled embedding: the ``nn.Sequential`` ending with the head if it has more
+    layers, no pooling and no buffers (batch norm), e.g. EfficientNet's ``Dropout + Linear``; else the head.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        >>> net.classifier = nn.Sequential(nn.Dropout(), nn.Linear(4, 2))
+        >>> classifier_block(net, "classifier.1")
+        'classifier'
+    """
+    if "." not in head_path:
+        return head_path
+    parent_path = head_path.rsplit(".", 1)[0]
+    parent = model.get_submodule(parent_path)
+    if (isinstance(parent, nn.Sequential) and len(parent) > 1 and parent[-1] is model.get_submodule(head_path)
+            and not any(isinstance(m, POOLING_TYPES) for m in parent.modules())
+            and next(parent.buffers(), None) is None):  # batch norm: its statistics belong to the real batch
+        return parent_path
+    return head_path
+
+
+def declared_feature_map(model: nn.Module, feature_map: Optional[str] = None) -> Optional[str]:
+    """The feature map's declared dotted path (``feature_map``, else the mixin's), checked to exist; else ``None``."""
+    if feature_map is not None:
+        submodule(model, feature_map, "the feature map")
+        return feature_map
+    declared = model.multimix_feature_map() if hasattr(model, "multimix_feature_map") else None
+    return path_of(model, declared, "multimix_feature_map()") if declared is not None else None
+
+
+def _hugging_face_encoder(module: nn.Module) -> Optional[str]:
+    """A Hugging Face model's encoder attribute (``base_model_prefix``), ``""`` if it is the encoder, else ``None``."""
+    prefix = getattr(module, "base_model_prefix", None)
+    if not isinstance(prefix, str) or not hasattr(module, "config"):
+        return None
+    return prefix if isinstance(getattr(module, prefix, None), nn.Module) else ""
+
+
+def feature_map_candidates(model: nn.Module) -> list[tuple[str, str]]:
+    """Every ``(path, kind)`` a feature map could be read from: timm, Hugging Face, torchvision ViT, average pooling."""
+    found = []
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        encoder = _hugging_face_encoder(module)
+        if is_timm_model(module):
+            found.append((name, "timm"))
+        elif encoder is not None:
+            path = prefix + encoder if encoder else name
+            if (path, "tokens") not in found:
+                found.append((path, "tokens"))
+        # torchvision's VisionTransformer, by name: torchvision is optional
+        elif type(module).__name__ == "VisionTransformer" and hasattr(module, "encoder") and hasattr(module, "heads"):
+            found.append((prefix + "encoder", "vit"))
+        elif isinstance(module, POOLING_TYPES):
+            found.append((name, "input"))
+    return found
+
+
+def resolve_feature_map(model: nn.Module, head_path: str, feature_map: Optional[str] = None) -> tuple[str, str]:
+    """``(path, kind)`` of dense mode's feature map: declared; else from the timm, Hugging Face or torchvision ViT
+    model holding the head; else the input of the last average pooling registered before the head.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+        >>> resolve_feature_map(net, "3")
+        ('1', 'input')
+    """
+    declared = declared_feature_map(model, feature_map)
+    if declared is not None:
+        return declared, "output"
+    for path, kind in feature_map_candidates(model):
+        owner = path if kind == "timm" else path.rsplit(".", 1)[0] if "." in path else ""
+        inside = head_path.startswith(f"{owner}.") if owner else True  # the head belongs to the map's model
+        if kind == "vit":
+            inside = head_path.startswith(f"{owner}.heads" if owner else "heads")
+        if kind == "tokens":
+            inside = inside and not head_path.startswith(f"{path}.")  # and is not inside the encoder itself
+        if kind in ("timm", "tokens", "vit") and inside:
+            return path, kind
+    pooling = None
+    for name, module in model.named_modules():
+        if name == head_path:
+            break
+        if isinstance(module, POOLING_TYPES):
+            pooling = name
+    if pooling is None:
+        raise MultiMixError(
+            f"Dense MultiMix found no average pooling feeding the head {head_path!r}. Pass "
+            "`Dense(feature_map='dotted.path')` naming the module whose output is the feature map, or override "
+            "`MultiMixMixin.multimix_feature_map()`."
+        )
+    return pooling, "input"
+
+
+# ---------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    """What a fit decided: the head, how, dense mode's feature map, logit space or not, and a timm per-position head."""
+
+    head_path: str
+    source: Source
+    feature_spec: Optional[tuple[str, str]] = None
+    logit_space: bool = False
+    position_head: Optional[Callable[[Tensor], Tensor]] = None
+
+    def describe(self) -> str:
+        space = "logit space (exact for an affine head)" if self.logit_space else "embedding space"
+        where = f", feature map from {self.feature_spec[0]!r}" if self.feature_spec else ""
+        found = "" if self.source == "declared" else f" ({SOURCES[self.source]})"
+        return f"MultiMix: head {self.head_path!r}{found}{where}; interpolating in {space}."
+
+
+def head_plan(model: nn.Module, path: str, source: Source, dense: Any, logit_space: str) -> HeadPlan:
+    """The :class:`HeadPlan` of the head at ``path``; with ``dense`` options, a found head becomes its classifier block.
+
+    Example:
+        >>> head_plan(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 4)), "2", "declared", None, "auto")
+        HeadPlan(head_path='2', source='declared', feature_spec=None, logit_space=True, position_head=None)
+    """
+    if source in ("returned", "last") and dense is not None:
+        path = classifier_block(model, path)
+    in_logit_space = logit_space == "always" or (logit_space == "auto" and is_affine(model.get_submodule(path)))
+    if dense is None:
+        return HeadPlan(path, source, None, in_logit_space)
+    spec = resolve_feature_map(model, path, dense.feature_map)
+    if spec[1] != "timm":
+        return HeadPlan(path, source, spec, in_logit_space)
+    owner = model.get_submodule(spec[0])  # the head at every position: the timm model's own forward_head
+    position_head = TimmPositionHead(owner, hasattr(owner, "num_prefix_tokens"))
+    return HeadPlan(path, source, spec, logit_space == "always", position_head)
+
+
+def plan_before_fit(model: nn.Module, head: Optional[str], dense: Any, logit_space: str) -> Optional[HeadPlan]:
+    """At ``setup``: the plan of a declared head, else of a timm model's; ``None``: the first batch finds it. A
+    declared feature map that does not exist fails here, before any training."""
+    if dense is not None:
+        declared_feature_map(model, dense.feature_map)
+    path = declared_head(model, head)
+    if path is not None:
+        return head_plan(model, path, "declared", dense, logit_space)
+    path = timm_head(model)
+    return head_plan(model, path, "timm", dense, logit_space) if path is not None else None
+
+
+class BufferSafeHead:
+    """Runs ``head`` on copies of its buffers, so interpolations leave batch-norm running statistics untouched.
+
+    Example:
+        >>> head = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+        >>> _ = BufferSafeHead(head)(torch.randn(8, 3))
+        >>> head[1].running_mean
+        tensor([0., 0., 0., 0.])
+    """
+
+    def __init__(self, head: nn.Module) -> None:
+        self.head = head
+
+    def __call__(self, x: Tensor) -> Tensor:
+        buffers = {name: b.clone() for name, b in self.head.named_buffers()}
+        return torch.func.functional_call(self.head, buffers, (x,))
+
+
+def runnable_head(head: nn.Module) -> Callable[[Tensor], Tensor]:
+    """The head the interpolations run through: one with buffers (batch norm) runs on copies of them."""
+    return BufferSafeHead(head) if next(head.buffers(), None) is not None else head
