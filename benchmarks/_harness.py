@@ -1,20 +1,14 @@
-"""The benchmarks' harness: machine description, statistics, tables, CSV and results files, a process pool.
-
-Every script answers one question, prints a table, and writes its results files under ``benchmarks/results/``, each
-beginning with (or, for CSV, beside a ``.md`` that states) the command, the date and the machine.
-"""
+"""The benchmarks' harness: machine, statistics, tables, results files (command, date, machine first), a pool."""
 
 from __future__ import annotations
 
 import csv
 import datetime
-import json
 import logging
 import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -23,12 +17,8 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import torch
-
-from benchmarks._timing import set_clock
-
-#: where every script writes its results by default (``--out``)
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: every script's default ``--out``, ignored by git (the committed results: ``--out benchmarks/results``)
+OUT_DIR = Path(__file__).resolve().parent / "out"
 
 
 def cpu_model() -> str:
@@ -46,6 +36,7 @@ def cpu_model() -> str:
 def machine_info(device: str) -> dict[str, str]:
     """What a reader needs to compare numbers across machines: date, CPU, cores, threads, load, versions, GPU."""
     import lightning
+    import torch
 
     try:
         import torchvision
@@ -53,18 +44,12 @@ def machine_info(device: str) -> dict[str, str]:
         torchvision_version = torchvision.__version__
     except ImportError:
         torchvision_version = "not installed"
-
     info = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": cpu_model(),
-        "cores": str(os.cpu_count()),
-        "torch_threads": str(torch.get_num_threads()),
+        "cpu": cpu_model(), "cores": str(os.cpu_count()), "torch_threads": str(torch.get_num_threads()),
         "load_avg_1m": f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision_version,
-        "lightning": lightning.__version__,
-        "device": device,
+        "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision_version,
+        "lightning": lightning.__version__, "device": device,
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
@@ -73,11 +58,6 @@ def machine_info(device: str) -> dict[str, str]:
 
 def print_machine(info: dict[str, str]) -> None:
     print("machine: " + ", ".join(f"{key}={value}" for key, value in info.items()))
-
-
-def median(values: Sequence[float]) -> float:
-    """Median, ``nan`` for no values."""
-    return statistics.median(values) if values else float("nan")
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -98,20 +78,6 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: O
     return "\n".join(lines)
 
 
-def write_csv(path: Path, headers: Sequence[str], rows: Sequence[Sequence[Any]], preamble: str = "") -> None:
-    """A CSV file; ``preamble`` (e.g. :func:`results_header`) goes first as ``# `` comment lines."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        handle.write(_comment(preamble))
-        writer = csv.writer(handle)
-        writer.writerow(headers)
-        writer.writerows(rows)
-
-
-def _comment(text: str) -> str:
-    return "".join(f"# {line}\n" for line in text.splitlines())
-
-
 def command_line() -> str:
     """The command that is running, as a reader can paste it (``python benchmarks/x.py --flag``)."""
     script = Path(sys.argv[0])
@@ -129,8 +95,7 @@ def results_header(info: dict[str, str], settings: str) -> str:
 
 
 def write_report(out_dir: str, name: str, info: dict[str, str], settings: str, body: str) -> Optional[Path]:
-    """Write ``out_dir/name``: the results header (:func:`results_header`) and ``body`` in a code block; say where.
-    An empty ``out_dir`` writes nothing."""
+    """Write ``out_dir/name``: the results header and ``body`` in a code block; an empty ``out_dir`` writes nothing."""
     if not out_dir:
         return None
     path = Path(out_dir) / name
@@ -140,14 +105,60 @@ def write_report(out_dir: str, name: str, info: dict[str, str], settings: str, b
     return path
 
 
-def one_cpu_thread() -> dict[str, str]:
-    """Set up a CPU micro-benchmark: one intra-op thread timed by its CPU time (``benchmarks._timing.set_clock``);
-    print and return the machine (:func:`machine_info`)."""
-    torch.set_num_threads(1)
-    set_clock("cpu")
-    info = machine_info("cpu")
-    print_machine(info)
-    return info
+def _comment(text: str) -> str:
+    return "".join(f"# {line}\n" for line in text.splitlines())
+
+
+def write_csv(path: Path, headers: Sequence[str], rows: Sequence[Sequence[Any]], preamble: str = "") -> None:
+    """A CSV file; ``preamble`` (e.g. :func:`results_header`) goes first as ``# `` comment lines."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        handle.write(_comment(preamble))
+        writer = csv.writer(handle)
+        writer.writerow(headers)
+        writer.writerows(rows)
+
+
+def append_csv(path: Path, headers: Sequence[str], row: Iterable[Any], preamble: str = "") -> None:
+    """Append one row (partial results survive a crash), writing ``preamble`` and the header first to a new file."""
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        if new:
+            handle.write(_comment(preamble))
+            writer.writerow(headers)
+        writer.writerow(list(row))
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """Rows of a CSV file with a header (after its ``# `` comment lines), or none if it does not exist."""
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(line for line in handle if not line.startswith("# ")))
+
+
+def read_preamble(path: Path) -> dict[str, str]:
+    """The ``# key: value`` comment lines at the top of a results CSV (command, date, machine, settings)."""
+    found: dict[str, str] = {}
+    if path.exists():
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                if not line.startswith("# "):
+                    break
+                key, _, value = line[2:].rstrip("\n").partition(": ")
+                found[key] = value
+    return found
+
+
+def resumed_note(path: Path, kept: int) -> str:
+    """Said in the settings of a resumed run: how many runs came from the invocation that started the file."""
+    if not kept:
+        return ""
+    first = read_preamble(path)
+    return (f"; {kept} run(s) from earlier invocation(s), the first `{first.get('command', '?')}` started "
+            f"{first.get('date', '?')}")
 
 
 def quiet() -> None:
@@ -161,8 +172,7 @@ def quiet() -> None:
 
 def run_tasks(fn: Callable[..., dict[str, Any]], tasks: Sequence[tuple], jobs: int,
               initializer: Optional[Callable[..., None]] = None, initargs: tuple = ()) -> Iterator[dict[str, Any]]:
-    """``fn(*task)`` for every task, in ``jobs`` processes (spawned, so each imports the package afresh) or in this
-    one; yields results as they finish (in task order with one job)."""
+    """``fn(*task)`` for every task, in ``jobs`` spawned processes or in this one; yields results as they finish."""
     if jobs <= 1:
         if initializer is not None:
             initializer(*initargs)
@@ -171,60 +181,5 @@ def run_tasks(fn: Callable[..., dict[str, Any]], tasks: Sequence[tuple], jobs: i
         return
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=initializer,
                              initargs=initargs) as pool:
-        futures = [pool.submit(fn, *task) for task in tasks]
-        for future in as_completed(futures):
+        for future in as_completed([pool.submit(fn, *task) for task in tasks]):
             yield future.result()
-
-
-def run_child(script: str, *args: Any) -> Any:
-    """Run ``python script --child *args`` in a fresh process and return the JSON its last output line holds.
-
-    Micro-benchmarks whose time moves with where a process's buffers land (up to 2x here for the same code) run each
-    measurement in several fresh processes and report the median over them."""
-    done = subprocess.run([sys.executable, script, "--child", *map(str, args)], capture_output=True, text=True,
-                          check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    """Rows of a CSV file with a header (after its ``# `` comment lines), or none if it does not exist."""
-    if not path.exists():
-        return []
-    with open(path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(line for line in handle if not line.startswith("# ")))
-
-
-def read_preamble(path: Path) -> dict[str, str]:
-    """The ``# key: value`` comment lines at the top of a results CSV (command, date, machine, settings)."""
-    if not path.exists():
-        return {}
-    found = {}
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if not line.startswith("# "):
-                break
-            key, _, value = line[2:].rstrip("\n").partition(": ")
-            found[key] = value
-    return found
-
-
-def resumed_note(path: Path, kept: int) -> str:
-    """Said in the settings of a resumed run: how many runs came from the invocation that started the file."""
-    if not kept:
-        return ""
-    first = read_preamble(path)
-    return (f"; {kept} run(s) from earlier invocation(s), the first `{first.get('command', '?')}` started "
-            f"{first.get('date', '?')}")
-
-
-def append_csv(path: Path, headers: Sequence[str], row: Iterable[Any], preamble: str = "") -> None:
-    """Append one row, writing ``preamble`` (comment lines) and the header first when the file is new (partial
-    results survive a crash)."""
-    new = not path.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        if new:
-            handle.write(_comment(preamble))
-            writer.writerow(headers)
-        writer.writerow(list(row))

@@ -1,38 +1,18 @@
 """Does MultiMix make the demo's model better? Every method, three regimes, mean +- std over seeds.
 
-What is measured
-----------------
-Every method trains the demo's SmallCNN through :func:`lightning_multimix.demo.training.run_method` (same initial
-weights and batch order for a given seed; SGD lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4, cosine schedule,
-batch 128) and is tested on the 2,000 test images shipped in the package (always clean). Methods
-(``lightning_multimix.demo.training.METHODS``): ``erm``, ``mixup`` and ``cutmix`` (torchvision's ``v2.MixUp`` /
-``v2.CutMix``, alpha 1, every batch), ``switch`` (``v2.RandomChoice`` of the two: one of them on each batch, the
-switch timm and torchvision users pick), ``pairs`` (``MultiMix(mode="pairs")``), ``multimix`` (``MultiMix()``: the
-paper's protocol), ``multimix_every`` (``MultiMix(probability=1.0)``), ``dense`` and ``distill`` (with the protocol).
-Regimes (``REGIMES``): ``clean`` (all 10,000 images, 30 epochs: the shortest run after which training longer raises
-neither ERM's nor input mixup's last-epoch accuracy by more than 0.3 points, from the ``--epochs E --curves`` runs in
-``results/clean_epochs_erm.md``), ``low_data`` (100 images per class, 100 epochs), ``noisy`` (300 images per class,
-40% of their labels replaced by random ones, 60 epochs).
-
-How to read the output
-----------------------
-One line per run as it finishes, then one table per regime: test accuracy after the last epoch (the number to
-compare) and the best over epochs (model selection on the test set: optimistic, shown because mixup papers report
-it), ECE (15 bins, lower is better calibrated), alignment and uniformity of the test embeddings (lower is tighter /
-more uniform), training seconds per epoch. Then the goal: MultiMix's defaults within 1 point of input mixup in every
-regime, and ahead of both ERM and input mixup with noisy labels.
-
-Files written into ``--out`` (default ``benchmarks/results``): ``accuracy_runs.csv`` (one row per run, appended as
-runs finish; ``--resume`` skips the runs already there; ``--report`` trains nothing and tabulates them),
-``accuracy_summary.csv``, ``accuracy.md`` (command, date, machine, the tables) and ``accuracy.png``; with ``--curves``
-also ``accuracy_curves.csv`` (test accuracy after every epoch of every run), and the curves as tables in
-``accuracy.md``.
+Every method of the demo's ``METHODS`` trains its SmallCNN through ``run_method`` (same initial weights, batches and
+label noise per seed) in the demo's ``REGIMES`` and is tested on the 2,000 clean test images shipped in the package.
+A table per regime: last-epoch test accuracy (the number to compare), the best epoch's (chosen on the test set), ECE,
+alignment and uniformity of the test embeddings, seconds per epoch; then MultiMix()'s goal against input mixup and
+ERM. Files in ``--out`` (default ``benchmarks/out``, ignored by git; ``--out benchmarks/results`` for the committed
+ones): ``accuracy_runs.csv`` (appended as runs finish; ``--resume`` keeps its runs, ``--report`` only tabulates
+them), ``accuracy_summary.csv``, ``accuracy.md``, ``accuracy.png``; with ``--curves``, ``accuracy_curves.csv``.
 
 Examples::
 
-    python benchmarks/accuracy.py --quick --out /tmp/acc          # CI smoke run: one seed, two steps per run
-    python benchmarks/accuracy.py --jobs 2                         # the README's table (about 3 hours on 2 cores)
-    python benchmarks/accuracy.py --regimes noisy --methods erm,mixup,multimix --seeds 0
+    python benchmarks/accuracy.py --quick                         # smoke run: one seed, two steps per run
+    python benchmarks/accuracy.py --jobs 2                        # every run (about 2.5 hours on 2 cores)
+    python benchmarks/accuracy.py --report --out benchmarks/results   # re-tabulate the committed runs
     python benchmarks/accuracy.py --regimes clean --methods erm --seeds 0 --epochs 40 --curves  # how long is enough?
 """
 
@@ -52,79 +32,51 @@ if __package__ in (None, ""):
 
 import torch
 
-from benchmarks._harness import (
-    RESULTS_DIR,
-    append_csv,
-    format_table,
-    machine_info,
-    mean_std,
-    print_machine,
-    quiet,
-    read_csv,
-    results_header,
-    resumed_note,
-    run_tasks,
-    write_csv,
-)
+from benchmarks._harness import (OUT_DIR, append_csv, format_table, machine_info, mean_std, print_machine, quiet,
+                                 read_csv, results_header, resumed_note, run_tasks, write_csv)
 from lightning_multimix.demo.data import load_fashion_mnist
 from lightning_multimix.demo.training import BENCHMARK_REGIMES, METHODS, REGIMES, Regime, run_method
 
 RUN_KEYS = ("regime", "method", "seed", "test_acc", "best_acc", "best_epoch", "ece", "alignment", "uniformity",
             "sec_per_epoch", "epochs", "steps", "wall_seconds")
-#: the columns of ``accuracy_curves.csv`` (``--curves``): test accuracy after every epoch of every run
 CURVE_KEYS = ("regime", "method", "seed", "epoch", "test_acc")
 #: (column title, run key, scale, format) of the summary tables
-MEASURES: tuple[tuple[str, str, float, str], ...] = (
-    ("last acc %", "test_acc", 100.0, "{:.2f}"),
-    ("best acc %", "best_acc", 100.0, "{:.2f}"),
-    ("ECE", "ece", 1.0, "{:.3f}"),
-    ("alignment", "alignment", 1.0, "{:.3f}"),
-    ("uniformity", "uniformity", 1.0, "{:.3f}"),
-    ("s/epoch", "sec_per_epoch", 1.0, "{:.1f}"),
-)
+MEASURES = (("last acc %", "test_acc", 100.0, "{:.2f}"), ("best acc %", "best_acc", 100.0, "{:.2f}"),
+            ("ECE", "ece", 1.0, "{:.3f}"), ("alignment", "alignment", 1.0, "{:.3f}"),
+            ("uniformity", "uniformity", 1.0, "{:.3f}"), ("s/epoch", "sec_per_epoch", 1.0, "{:.1f}"))
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--regimes", default=",".join(BENCHMARK_REGIMES),
-                        help="comma-separated, from " + ",".join(REGIMES))
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ",".join(METHODS))
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    parser.add_argument("--data-dir", default=None, help="folder with the full Fashion-MNIST (default: the subset "
-                                                         "shipped in the package)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each (default 1)")
-    parser.add_argument("--out", default=str(RESULTS_DIR), help="output folder")
+    parser.add_argument("--regimes", default=",".join(BENCHMARK_REGIMES), help="from " + ",".join(REGIMES))
+    parser.add_argument("--methods", default=",".join(METHODS), help="from " + ",".join(METHODS))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--data-dir", default=None, help="the full Fashion-MNIST (default: the shipped subset)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each")
+    parser.add_argument("--out", default=str(OUT_DIR), help="output folder (default %(default)s)")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in accuracy_runs.csv")
-    parser.add_argument("--report", action="store_true",
-                        help="train nothing: the tables of the runs already in accuracy_runs.csv (merged from "
-                             "several invocations or machines; a regime and method with no run is left out)")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="train every regime for this many epochs instead of its own (to choose them)")
-    parser.add_argument("--curves", action="store_true",
-                        help="also print and save the test accuracy after every epoch (accuracy_curves.csv)")
-    parser.add_argument("--quick", action="store_true", help="CI smoke run: seed 0, 2 steps per run, tiny data")
+    parser.add_argument("--report", action="store_true", help="train nothing: tabulate the runs in --out")
+    parser.add_argument("--epochs", type=int, default=None, help="train every regime this long instead of its own")
+    parser.add_argument("--curves", action="store_true", help="also record test accuracy after every epoch")
+    parser.add_argument("--quick", action="store_true", help="smoke run: seed 0, 2 steps per run, tiny data")
     args = parser.parse_args(argv)
     for name, known in (("regimes", REGIMES), ("methods", METHODS)):
         unknown = set(getattr(args, name).split(",")) - set(known)
         if unknown:
             parser.error(f"--{name}: unknown {sorted(unknown)}; expected names from {tuple(known)}")
-    if args.jobs < 1 or args.threads < 0:
-        parser.error("--jobs must be >= 1 and --threads >= 0")
-    if args.epochs is not None and args.epochs < 1:
-        parser.error("--epochs must be >= 1")
+    if args.jobs < 1 or args.threads < 0 or (args.epochs is not None and args.epochs < 1):
+        parser.error("--jobs and --epochs must be >= 1, --threads >= 0")
     if args.quick:
         args.seeds = "0"
     return args
 
 
-# ---------------------------------------------------------------------------------------------------- one run
-
 _DATA: Optional[tuple[Any, Any]] = None
 
 
-def _init_worker(data_dir: Optional[str], threads: int, quick: bool) -> None:
+def init_worker(data_dir: Optional[str], threads: int, quick: bool) -> None:
     global _DATA
     quiet()
     if threads > 0:
@@ -141,30 +93,31 @@ def _regime(name: str, quick: bool, epochs: Optional[int] = None) -> Regime:
     return dataclasses.replace(regime, epochs=epochs) if epochs is not None else regime
 
 
-def run_one(regime_name: str, method: str, seed: int, quick: bool, epochs: Optional[int] = None) -> dict[str, Any]:
-    """One training run (``epochs``: instead of the regime's); only scalars and the curve travel back."""
-    assert _DATA is not None, "call _init_worker first"
-    train, test = _DATA
+def train(regime_name: str, method: str, seed: int, quick: bool, epochs: Optional[int] = None,
+          multimix_options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """One training run: ``run_method``'s result, with ``regime``, ``wall_seconds`` and ``curve``."""
+    assert _DATA is not None, "call init_worker first"
     regime = _regime(regime_name, quick, epochs)
     started = time.perf_counter()
-    result = run_method(method, train_data=regime.training_set(train, seed), test_data=test, epochs=regime.epochs,
-                        seed=seed, max_steps=2 if quick else -1, progress=False)
-    result.update(regime=regime_name, wall_seconds=time.perf_counter() - started)
-    return {**{key: result[key] for key in RUN_KEYS}, "curve": curve(result["history"])}
+    result = run_method(method, train_data=regime.training_set(_DATA[0], seed), test_data=_DATA[1],
+                        epochs=regime.epochs, seed=seed, multimix_options=multimix_options,
+                        max_steps=2 if quick else -1, progress=False)
+    return {**result, "regime": regime_name, "wall_seconds": time.perf_counter() - started,
+            "curve": curve(result["history"])}
+
+
+def run_one(regime_name: str, method: str, seed: int, quick: bool, epochs: Optional[int] = None) -> dict[str, Any]:
+    result = train(regime_name, method, seed, quick, epochs)  # only scalars and the curve travel back
+    return {**{key: result[key] for key in RUN_KEYS}, "curve": result["curve"]}
 
 
 def curve(history: Sequence[dict[str, Any]]) -> list[tuple[int, float]]:
-    """``(epoch, test accuracy)`` of every tested epoch of a run's history."""
     return [(h["epoch"], h["val_acc"]) for h in history if h["val_acc"] is not None]
-
-
-# ---------------------------------------------------------------------------------------------------- files
 
 
 def previous_runs(runs_path: Path, curves_path: Path, resume: bool, regimes: Sequence[str], methods: Sequence[str],
                   seeds: Sequence[int]) -> list[dict[str, Any]]:
-    """``resume``: the runs of ``runs_path`` among these regimes, methods and seeds (said on stdout); else none, and
-    the runs and curves files are removed (a fresh start)."""
+    """``resume``: the runs of ``runs_path`` among these; else none, and a fresh start."""
     if not resume:
         for path in (runs_path, curves_path):
             path.unlink(missing_ok=True)
@@ -176,19 +129,15 @@ def previous_runs(runs_path: Path, curves_path: Path, resume: bool, regimes: Seq
 
 
 def record_run(run: dict[str, Any], runs_path: Path, curves_path: Optional[Path], header: str) -> None:
-    """Append a finished run to ``runs_path`` (and its curve to ``curves_path``), and print its line."""
     append_csv(runs_path, RUN_KEYS, [run[key] for key in RUN_KEYS], preamble=header)
-    if curves_path is not None:
-        for epoch, acc in run["curve"]:
-            append_csv(curves_path, CURVE_KEYS, [run["regime"], run["method"], run["seed"], epoch, acc],
-                       preamble=header)
+    for epoch, acc in run["curve"] if curves_path is not None else ():
+        append_csv(curves_path, CURVE_KEYS, [run["regime"], run["method"], run["seed"], epoch, acc], preamble=header)
     print(f"  {run['regime']:>8} {run['method']:>14} seed {run['seed']}: last {100 * float(run['test_acc']):.2f}%"
           f"  best {100 * float(run['best_acc']):.2f}%  ECE {float(run['ece']):.3f}  "
           f"({float(run['wall_seconds']):.0f} s)", flush=True)
 
 
 def write_summary(out: Path, stem: str, summary: Sequence[dict[str, Any]], report: str, header: str) -> list[Path]:
-    """``<stem>_summary.csv`` (the rows of :func:`summarise`) and ``<stem>.md`` (``header`` and ``report``)."""
     keys = ["regime", "method", "runs"] + [f"{key}_{s}" for _, key, _, _ in MEASURES for s in ("mean", "std")]
     paths = [out / f"{stem}_summary.csv", out / f"{stem}.md"]
     write_csv(paths[0], keys, [[row[k] for k in keys] for row in summary], preamble=header)
@@ -196,27 +145,21 @@ def write_summary(out: Path, stem: str, summary: Sequence[dict[str, Any]], repor
     return paths
 
 
-# ---------------------------------------------------------------------------------------------------- summary
-
-
 def summarise(runs: Sequence[dict[str, Any]], regimes: Sequence[str], methods: Sequence[str]) -> list[dict[str, Any]]:
-    """Mean and sample standard deviation over seeds of every measure, per regime and method."""
     rows = []
     for regime in regimes:
         for method in methods:
             mine = [r for r in runs if r["regime"] == regime and r["method"] == method]
-            if not mine:
-                continue
-            row: dict[str, Any] = {"regime": regime, "method": method, "runs": len(mine)}
-            for _, key, scale, _ in MEASURES:
-                values = [scale * float(r[key]) for r in mine if not math.isnan(float(r[key]))]
-                row[f"{key}_mean"], row[f"{key}_std"] = mean_std(values)
-            rows.append(row)
+            if mine:
+                row: dict[str, Any] = {"regime": regime, "method": method, "runs": len(mine)}
+                for _, key, scale, _ in MEASURES:
+                    values = [scale * float(r[key]) for r in mine if not math.isnan(float(r[key]))]
+                    row[f"{key}_mean"], row[f"{key}_std"] = mean_std(values)
+                rows.append(row)
     return rows
 
 
 def regime_table(summary: Sequence[dict[str, Any]], regime: str, description: Optional[str] = None) -> str:
-    """The summary of one regime (``description``: the title's, default the regime's), one row per method."""
     headers = ("method", "runs", *(title for title, *_ in MEASURES))
     rows = [[row["method"], row["runs"], *(f"{fmt.format(row[f'{key}_mean'])} +- {fmt.format(row[f'{key}_std'])}"
                                            for _, key, _, fmt in MEASURES)]
@@ -226,38 +169,34 @@ def regime_table(summary: Sequence[dict[str, Any]], regime: str, description: Op
 
 
 def curve_table(curves: Sequence[dict[str, Any]], regime: str) -> str:
-    """Test accuracy (%) after every tested epoch: one row per epoch, one column per run (method and seed)."""
     mine = [c for c in curves if c["regime"] == regime]
     runs = list(dict.fromkeys((c["method"], int(c["seed"])) for c in mine))
     acc = {(c["method"], int(c["seed"]), int(c["epoch"])): 100.0 * float(c["test_acc"]) for c in mine}
-    epochs = sorted({int(c["epoch"]) for c in mine})
     rows = [[epoch, *(f"{acc[(m, s, epoch)]:.2f}" if (m, s, epoch) in acc else "" for m, s in runs)]
-            for epoch in epochs]
+            for epoch in sorted({int(c["epoch"]) for c in mine})]
     return format_table(("epoch", *(f"{m} seed {s}" for m, s in runs)), rows,
                         title=f"== {regime}: test accuracy % after every epoch ==")
 
 
 def goal_table(summary: Sequence[dict[str, Any]], regimes: Sequence[str]) -> Optional[str]:
-    """MultiMix's defaults against input mixup and ERM (last-epoch accuracy, points), per regime."""
-    by = {(r["regime"], r["method"]): r for r in summary}
+    """MultiMix()'s goal: within 1 point of input mixup, and ahead of it and of ERM with noisy labels."""
+    by = {(r["regime"], r["method"]): r["test_acc_mean"] for r in summary}
     rows = []
     for regime in regimes:
-        if not all((regime, m) in by for m in ("erm", "mixup", "multimix")):
-            continue
-        acc = {m: by[(regime, m)]["test_acc_mean"] for m in ("erm", "mixup", "multimix")}
-        gap = acc["multimix"] - acc["mixup"]
-        goal = gap > 0 and acc["multimix"] > acc["erm"] if regime == "noisy" else gap >= -1.0
-        rows.append([regime, f"{acc['erm']:.2f}", f"{acc['mixup']:.2f}", f"{acc['multimix']:.2f}", f"{gap:+.2f}",
-                     f"{acc['multimix'] - acc['erm']:+.2f}",
-                     ("ahead of both: " if regime == "noisy" else "within 1 point: ") + ("yes" if goal else "NO")])
-    if not rows:
-        return None
+        if all((regime, m) in by for m in ("erm", "mixup", "multimix")):
+            erm, mixup, multimix = (by[(regime, m)] for m in ("erm", "mixup", "multimix"))
+            noisy = regime == "noisy"
+            goal = (multimix > mixup and multimix > erm) if noisy else multimix - mixup >= -1.0
+            rows.append([regime, f"{erm:.2f}", f"{mixup:.2f}", f"{multimix:.2f}", f"{multimix - mixup:+.2f}",
+                         f"{multimix - erm:+.2f}",
+                         ("ahead of both: " if noisy else "within 1 point: ") + ("yes" if goal else "NO")])
     headers = ("regime", "ERM", "input mixup", "MultiMix()", "vs mixup", "vs ERM", "goal")
-    return format_table(headers, rows, title="== the goal (last-epoch test accuracy %, means over seeds) ==")
+    return format_table(headers, rows, title="== the goal (last-epoch test accuracy %, means over seeds) ==") \
+        if rows else None
 
 
 def plot(summary: Sequence[dict[str, Any]], regimes: Sequence[str], path: Path, title: str,
-         descriptions: Optional[dict[str, str]] = None) -> Path:
+         descriptions: dict[str, str]) -> Path:
     """Per regime: last-epoch accuracy (bars, +- std) with the best epoch's (dots), and ECE."""
     import matplotlib
 
@@ -269,35 +208,30 @@ def plot(summary: Sequence[dict[str, Any]], regimes: Sequence[str], path: Path, 
         rows = [r for r in summary if r["regime"] == regime]
         names = [r["method"] for r in rows]
         colors = [plt.get_cmap("tab10")(i % 10) for i in range(len(rows))]
-        ax = axes[0][column]
-        ax.bar(names, [r["test_acc_mean"] for r in rows], yerr=[r["test_acc_std"] for r in rows], color=colors,
-               capsize=3)
-        ax.plot(names, [r["best_acc_mean"] for r in rows], "k.", label="best epoch")
-        top = max(r["best_acc_mean"] for r in rows)
-        # the axis starts below every method within 30 points of the best; a collapsed one (further below) would
-        # flatten the others: its bar is cut and its value written at the bottom instead
-        low = max(0.0, min(r["test_acc_mean"] for r in rows if r["test_acc_mean"] > top - 30.0) - 5.0)
-        ax.set_ylim(low, min(100.0, top + 2.0))
+        top, bottom = axes[0][column], axes[1][column]
+        top.bar(names, [r["test_acc_mean"] for r in rows], yerr=[r["test_acc_std"] for r in rows], color=colors,
+                capsize=3)
+        top.plot(names, [r["best_acc_mean"] for r in rows], "k.", label="best epoch")
+        best = max(r["best_acc_mean"] for r in rows)
+        # a collapsed method (more than 30 points below the best) would flatten the others: its bar is cut
+        low = max(0.0, min(r["test_acc_mean"] for r in rows if r["test_acc_mean"] > best - 30.0) - 5.0)
+        top.set_ylim(low, min(100.0, best + 2.0))
         for i, r in enumerate(rows):
             if r["test_acc_mean"] < low:
-                ax.annotate(f"{r['test_acc_mean']:.1f}\n(below)", (i, low), xytext=(0, 4), textcoords="offset points",
-                            ha="center", fontsize=7)
-        ax.set_title(f"{regime}: {(descriptions or {}).get(regime) or REGIMES[regime].description}", fontsize=8)
-        ax.set_ylabel("test accuracy % (last epoch; dot: best)")
-        ax.tick_params(axis="x", rotation=45, labelsize=7)
-        ax = axes[1][column]
-        ax.bar(names, [r["ece_mean"] for r in rows], yerr=[r["ece_std"] for r in rows], color=colors, capsize=3)
-        ax.set_ylabel("ECE (lower is better)")
-        ax.tick_params(axis="x", rotation=45, labelsize=7)
+                top.annotate(f"{r['test_acc_mean']:.1f}\n(below)", (i, low), xytext=(0, 4),
+                             textcoords="offset points", ha="center", fontsize=7)
+        top.set_title(f"{regime}: {descriptions[regime]}", fontsize=8)
+        top.set_ylabel("test accuracy % (last epoch; dot: best)")
+        bottom.bar(names, [r["ece_mean"] for r in rows], yerr=[r["ece_std"] for r in rows], color=colors, capsize=3)
+        bottom.set_ylabel("ECE (lower is better)")
+        for ax in (top, bottom):
+            ax.tick_params(axis="x", rotation=45, labelsize=7)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-# ---------------------------------------------------------------------------------------------------- main
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -309,7 +243,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs_path, curves_path = out / "accuracy_runs.csv", out / "accuracy_curves.csv"
-    _init_worker(args.data_dir, args.threads, args.quick)  # a bad --data-dir fails here, before any training
+    init_worker(args.data_dir, args.threads, args.quick)  # a bad --data-dir fails here, before any training
     info = machine_info("cpu")
     print_machine(info)
     source = "the subset shipped in the package" if args.data_dir is None else args.data_dir
@@ -319,18 +253,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("settings: " + settings, flush=True)
 
     done = previous_runs(runs_path, curves_path, args.resume or args.report, regimes, methods, seeds)
-    settings += resumed_note(runs_path, len(done))
-    settings += "; --report: none trained by this invocation" if args.report else ""
+    settings += resumed_note(runs_path, len(done)) + ("; --report: none trained by this invocation"
+                                                      if args.report else "")
     finished = {(row["regime"], row["method"], int(row["seed"])) for row in done}
     # seed-major, then the long regimes first: partial results stay balanced and the pool ends on short runs
     order = sorted(regimes, key=lambda r: -REGIMES[r].epochs * (REGIMES[r].train_per_class or 1000))
     tasks = [(regime, method, seed, args.quick, args.epochs) for seed in seeds for regime in order
              for method in methods if (regime, method, seed) not in finished and not args.report]
     started = time.perf_counter()
-    for run in run_tasks(run_one, tasks, args.jobs, _init_worker, (args.data_dir, args.threads, args.quick)):
+    for run in run_tasks(run_one, tasks, args.jobs, init_worker, (args.data_dir, args.threads, args.quick)):
         record_run(run, runs_path, curves_path if args.curves else None, results_header(info, settings))
         done.append(run)
-    total = time.perf_counter() - started
 
     summary = summarise(done, regimes, methods)
     described = {r: _regime(r, args.quick, args.epochs).description + (f"; run for {args.epochs} epochs instead"
@@ -340,9 +273,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         curves = [c for c in read_csv(curves_path) if c["regime"] in regimes and c["method"] in methods
                   and int(c["seed"]) in seeds]
         tables += [curve_table(curves, regime) for regime in regimes]
-    goal = goal_table(summary, regimes)
-    report = "\n\n".join(tables + ([goal] if goal else []))
-    print("\n" + report + f"\n\nwall time of this invocation: {total / 60:.1f} min")
+    report = "\n\n".join(tables + [goal_table(summary, regimes) or ""]).rstrip()
+    print("\n" + report + f"\n\nwall time of this invocation: {(time.perf_counter() - started) / 60:.1f} min")
     written = write_summary(out, "accuracy", summary, report, results_header(info, settings))
     png = plot(summary, regimes, out / "accuracy.png", f"{settings}\n{info['date']}, {info['cpu']}", described)
     print(f"wrote {runs_path}, {', '.join(map(str, written))}, {png}")

@@ -1,39 +1,17 @@
-"""The paper's CIFAR setting, for a machine with the CIFAR files and a GPU: PreActResNet-18, b = 128, 2000 epochs.
+"""The papers' CIFAR setting, for a machine with the CIFAR files and a GPU: PreActResNet-18, b = 128, 2000 epochs.
 
-What is run
------------
-The CIFAR-10/100 protocol of the MultiMix papers (``../shared/MULTIMIX.md``): PreActResNet-18
-(:class:`lightning_multimix.demo.models.PreActResNet18`), mini-batches of b = 128 (per device), MultiMix with its
-defaults. The papers do not print their schedule; this is AlignMixup's (the same authors' CIFAR code,
-github.com/shashankvkt/AlignMixup_CVPR22, ``cifar10_100/main.py``): SGD with learning rate 0.1, momentum 0.9, weight
-decay 1e-4, 2000 epochs, the learning rate multiplied by 0.1 after epochs 500, 1000 and 1500 (after a quarter, half
-and three quarters of ``--epochs`` for a shorter run); random crop (32, padding 4) and horizontal flip, AlignMixup's
-normalisation. Every method trains through :func:`lightning_multimix.demo.training.run_method` (same initial weights
-and batch order for a given seed) and is tested on the test split after every epoch.
-
-Methods (``lightning_multimix.demo.training.METHODS``; default ``erm,mixup,cutmix,switch,multimix,dense``): ERM,
-torchvision's input mixup, CutMix and the per-batch switch between them (alpha 1), ``MultiMix()`` (the paper's
-protocol: MultiMix with n = 1000 on half the batches, input mixup on the others) and ``MultiMix(dense=Dense())``.
-
-How to read the output
-----------------------
-The format of ``benchmarks/accuracy.py`` (the ``regime`` column holds the data set): one line per run as it
-finishes, then a table of test accuracy after the last epoch (the number to compare), the best over epochs (what the
-mixup papers report: model selection on the test set, optimistic), ECE, alignment, uniformity and training seconds
-per epoch, mean +- std over seeds.
-
-Files written into ``--out`` (default ``benchmarks/results``), ``<stem>`` being ``paper_<dataset>`` (with
-``_synthetic`` for ``--synthetic``): ``<stem>_runs.csv`` (one row per run, appended as runs finish; ``--resume``
-keeps those already there), ``<stem>_curves.csv`` (test accuracy after every epoch of every run),
-``<stem>_summary.csv`` and ``<stem>.md`` (command, date, machine, the table).
+PreActResNet-18, b = 128 per device, MultiMix's defaults, AlignMixup's CIFAR schedule (the same authors'; the papers
+print none): SGD lr 0.1, momentum 0.9, weight decay 1e-4, lr x0.1 after epochs 500, 1000 and 1500 (a quarter, half
+and three quarters of ``--epochs``), random crop and flip; every method through the demo's ``run_method``, tested
+after every epoch. Output as ``accuracy.py``'s (``regime``: the data set). Files in ``--out`` (default
+``benchmarks/out``, ignored by git): ``paper_<dataset>[_synthetic]`` + ``_runs.csv`` (``--resume`` keeps its runs),
+``_curves.csv``, ``_summary.csv``, ``.md``.
 
 Examples::
 
-    # the paper's setting: 2000 epochs, 6 methods, 3 seeds; DIR holds cifar-10-batches-py/ (the "python version")
+    # DIR holds cifar-10-batches-py/ or cifar-100-python/ (the "python version"; nothing is downloaded)
     python benchmarks/paper_protocol.py --data-dir DIR --dataset cifar10 --accelerator gpu
-    python benchmarks/paper_protocol.py --data-dir DIR --dataset cifar100 --accelerator gpu --resume
-    # CPU smoke run on generated images
-    python benchmarks/paper_protocol.py --synthetic --epochs 1 --width 8 --methods erm,multimix --out /tmp/paper
+    python benchmarks/paper_protocol.py --synthetic --epochs 1 --width 8 --methods erm,multimix   # CPU smoke run
 """
 
 from __future__ import annotations
@@ -52,7 +30,7 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from benchmarks._harness import RESULTS_DIR, machine_info, print_machine, quiet, results_header, resumed_note
+from benchmarks._harness import OUT_DIR, machine_info, print_machine, quiet, results_header, resumed_note
 from benchmarks.accuracy import RUN_KEYS, curve, previous_runs, record_run, regime_table, summarise, write_summary
 from lightning_multimix.demo.data import CIFAR_MEAN, CIFAR_STD, ImageSet, load_cifar
 from lightning_multimix.demo.models import PreActResNet18
@@ -67,26 +45,14 @@ SYNTHETIC_TRAIN, SYNTHETIC_TEST = 256, 128
 
 
 def recipe(epochs: int) -> dict[str, Any]:
-    """The optimisation arguments of ``ImageClassifier`` in the protocol: AlignMixup's SGD and step schedule, its
-    milestones scaled from 2000 epochs to ``epochs``.
-
-    Example:
-        >>> recipe(2000)["milestones"], recipe(200)["milestones"], recipe(2)["milestones"]
-        ([500, 1000, 1500], [50, 100, 150], [1, 2])
-    """
+    """AlignMixup's SGD and step schedule (``ImageClassifier``'s arguments), milestones scaled to ``epochs``."""
     milestones = sorted({max(1, round(epochs * m / PAPER_EPOCHS)) for m in PAPER_MILESTONES})
     return {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": False, "schedule": "step",
             "milestones": milestones, "gamma": 0.1}
 
 
 def synthetic_cifar(num_classes: int, seed: int = 0) -> tuple[ImageSet, ImageSet]:
-    """Random 32x32 RGB images with random labels (a few hundred), shaped and normalised as CIFAR: a smoke test.
-
-    Example:
-        >>> train, test = synthetic_cifar(10)
-        >>> len(train), len(test), tuple(train[0][0].shape), train.num_classes
-        (256, 128, (3, 32, 32), 10)
-    """
+    """Random 32x32 RGB images with random labels, shaped and normalised as CIFAR: a smoke test."""
     g = torch.Generator().manual_seed(seed)
     classes = tuple(f"class_{i}" for i in range(num_classes))
     sets = [ImageSet(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
@@ -98,26 +64,19 @@ def synthetic_cifar(num_classes: int, seed: int = 0) -> tuple[ImageSet, ImageSet
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--data-dir", default=None,
-                        help="folder holding cifar-10-batches-py/ or cifar-100-python/ (read offline, never "
-                             "downloaded)")
+    parser.add_argument("--data-dir", default=None, help="folder holding the CIFAR files (never downloaded)")
     parser.add_argument("--dataset", default="cifar10", choices=tuple(DATASETS))
-    parser.add_argument("--synthetic", action="store_true",
-                        help=f"generated random images ({SYNTHETIC_TRAIN} training, {SYNTHETIC_TEST} test) instead "
-                             "of CIFAR: a smoke test")
-    parser.add_argument("--skip-checksums", action="store_true",
-                        help="read CIFAR files that differ from the official release (no md5 check)")
-    parser.add_argument("--epochs", type=int, default=PAPER_EPOCHS, help=f"default the paper's {PAPER_EPOCHS}")
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated, from "
-                                                                             + ",".join(METHODS))
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument("--synthetic", action="store_true", help="generated random images instead: a smoke test")
+    parser.add_argument("--skip-checksums", action="store_true", help="no md5 check of the CIFAR files")
+    parser.add_argument("--epochs", type=int, default=PAPER_EPOCHS, help="default the paper's %(default)s")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="from " + ",".join(METHODS))
+    parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--batch-size", type=int, default=128, help="per device (default the paper's 128)")
-    parser.add_argument("--width", type=int, default=64, help="PreActResNet-18's first width (default 64; smaller "
-                                                              "only for smoke tests)")
+    parser.add_argument("--width", type=int, default=64, help="PreActResNet-18's first width (smaller: smoke tests)")
     parser.add_argument("--accelerator", default="auto", help="the Trainer's (cpu, gpu, auto...)")
     parser.add_argument("--devices", type=int, default=1, help="the Trainer's; b and MultiMix's n are per device")
     parser.add_argument("--workers", type=int, default=4, help="DataLoader workers for the training set")
-    parser.add_argument("--out", default=str(RESULTS_DIR), help="output folder")
+    parser.add_argument("--out", default=str(OUT_DIR), help="output folder (default %(default)s)")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in <stem>_runs.csv")
     args = parser.parse_args(argv)
     unknown = set(args.methods.split(",")) - set(METHODS)
@@ -125,11 +84,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--methods: unknown {sorted(unknown)}; expected names from {tuple(METHODS)}")
     if args.data_dir is None and not args.synthetic:
         parser.error("--data-dir is required (the folder holding the CIFAR python-version files), or --synthetic")
-    for name in ("epochs", "batch_size", "width", "devices"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.workers < 0:
-        parser.error("--workers must be >= 0")
+    if min(args.epochs, args.batch_size, args.width, args.devices) < 1 or args.workers < 0:
+        parser.error("--epochs, --batch-size, --width and --devices must be >= 1, --workers >= 0")
     return args
 
 

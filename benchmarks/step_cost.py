@@ -1,69 +1,32 @@
 """What host work does each method add to a training step? Operations dispatched and Python calls, counted exactly.
 
-What is measured
-----------------
-Two counts per training step, exact and free of noise (nothing is timed), through a real ``lightning.Trainer`` on
-CPU (``logger=False``, no checkpointing, progress bar or model summary), batch 128, random batches made here
-beforehand and handed over as they are by the ``DataLoader`` (``batch_size=None``: no collation in the counts, as
-with a GPU fed by loader workers):
-
-* **operations dispatched**: every operator call that reaches a ``TorchDispatchMode`` wrapped around the whole
-  ``trainer.fit`` (forward, loss, backward, optimizer, Lightning's and the callback's own work), counted by name
-  (``aten::addmm``, ...). On a GPU each one is a kernel launch or more: host work the GPU waits for at small step
-  times. ``host reads`` are the ``aten::_local_scalar_dense`` among them (``.item()``, ``bool(t)``, ``float(t)``: on
-  a GPU each one synchronises the host with the device), ``detach`` the ``aten::detach``.
-* **Python function calls**: the ``'call'`` events of ``sys.setprofile`` over the same fit (a separate one, so that
-  neither count sees the other's machinery), attributed by the file of the called function: ``package``
-  (``lightning_multimix/``), ``lightning`` (the ``lightning`` package: the Trainer, ``self.log``) or ``other`` (torch,
-  the user's module, the data loader, torchvision).
-
-Every method is fitted twice, for ``S`` and ``2S`` steps (data of exactly that many batches, one epoch, the same
-seeds), and a count per step is ``(count(2S) - count(S)) / S``: what is done once (the Trainer's start and end, the
-first batch's checks, the head's discovery) cancels, and work done every 50 steps (the callback's health read,
-Lightning's ``log_every_n_steps``) counts at its average when ``S`` is a multiple of 50. The garbage collector is
-off during a counted fit (its finalizers would add calls at random places). The methods:
-
-* ``mlp`` rows: ``nn.Sequential(Linear(16, 16), ReLU, Linear(16, 10))`` on 16 features. ``none``: cross-entropy,
-  no mixing; ``Callback()``: ``none`` with a ``lightning.Callback`` that does nothing (what Lightning's dispatch of
-  the six per-step hooks costs any callback, which no callback can avoid); ``MultiMix()``: the defaults (half the batches MultiMix with n = 1000, half input mixup; ``seed=0``);
-  ``multimix-N``: ``MultiMix(n_tuples=N, probability=1.0)``; ``input-mixup``: ``MultiMix(probability=0.0)``;
-  ``pairs``: ``MultiMix(mode="pairs", probability=1.0)``; ``distill-1000``: ``multimix-1000`` with
-  ``distill=SelfDistillation()``; ``tv-mixup``: torchvision's ``v2.MixUp(num_classes=10)`` in the module's own
-  ``training_step`` (it takes 4-d batches only: its row includes the two ``view`` ops that give it one).
-* ``cnn`` rows, for what needs images: ``Conv2d(3, 8, 3, padding=1), ReLU, AdaptiveAvgPool2d(1), Flatten,
-  Linear(8, 10)`` on 3x8x8 images, with its own ``none``: ``dense-1000`` (``multimix-1000`` with ``dense=Dense()``,
-  the 8x8 feature map) and ``tv-cutmix`` (``v2.CutMix(num_classes=10)`` in the step).
-
-Every module logs its own loss with ``self.log("train/loss", loss, on_step=True)``, as users do.
-
-How to read the output
-----------------------
-``ops/step`` and ``calls/step`` are a method's totals per step; every ``extra`` column is the method's count per
-step less the ``none`` of its own model (the ``none`` rows: 0). A fraction is an average over steps that differ:
-``MultiMix()`` mixes some batches one way and some the other, and some work is done every 50 steps. Then, for
-``MultiMix()`` and ``input-mixup``, the 10 operations they add most, by name, per step beyond ``none``. Last, the
-objective alone, eager and ``torch.compile``d, by ``torch.profiler``'s count of top-level operations (one fused
-kernel counts once; the dispatch counter cannot see compile's fusion).
-
-Files written into ``--out`` (default ``benchmarks/results``; a ``--quick`` run writes only where ``--out`` says):
-``step_cost_tiny_cpu.md`` (command, date, machine, the tables).
+Nothing is timed. Each method is fitted through a real ``Trainer`` on CPU (batch 128, random batches handed over as
+they are) for ``S`` and ``2S`` steps; a count per step is the difference over ``S``, so what is done once cancels and
+work done every 50 steps counts at its average. Counted: the operations reaching a ``TorchDispatchMode`` around the
+whole fit, by name (on a GPU each is a kernel launch or more; ``host reads``, ``aten::_local_scalar_dense``, are
+synchronisations there), and, in a separate fit, the Python calls (``sys.setprofile``) by the called function's file:
+``package``, ``lightning`` or ``other``. Models: a tiny ``mlp`` and, for dense and CutMix, a tiny ``cnn``, each with
+its own ``none``; ``Callback()`` is a callback that does nothing; ``tv-*`` is torchvision's transform in the step.
+Last, the objective's top-level operations eager and ``torch.compile``d (``torch.profiler``: a fused kernel counts
+once). Files in ``--out`` (default ``benchmarks/out``, ignored by git): ``step_cost_tiny_cpu.md``.
 
 Examples::
 
-    python benchmarks/step_cost.py                          # every method, S = 100: the README's table
-    python benchmarks/step_cost.py --quick --out /tmp/cost  # CI smoke run: four methods, S = 5, seconds
+    python benchmarks/step_cost.py            # every method, S = 100: the published table (2-4 minutes)
+    python benchmarks/step_cost.py --quick    # smoke run: five methods, S = 5, seconds
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import os
 import sys
 import warnings
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -77,9 +40,8 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
-import lightning_multimix
-from benchmarks._harness import RESULTS_DIR, format_table, machine_info, print_machine, quiet, write_report
-from lightning_multimix import Dense, MultiMix, SelfDistillation
+from benchmarks._harness import OUT_DIR, format_table, machine_info, print_machine, quiet, write_report
+from lightning_multimix import Dense, MultiMix, SelfDistillation, multimix_objective
 
 NUM_CLASSES, BATCH = 10, 128
 HOST_READ, DETACH = "aten::_local_scalar_dense", "aten::detach"
@@ -94,7 +56,6 @@ class Method:
     callback: Optional[dict[str, Any]] = None  # MultiMix's arguments; None: no callback
     transform: Optional[str] = None  # torchvision's "mixup" / "cutmix" in the module's training_step
     empty_callback: bool = False  # a Callback that does nothing: what Lightning costs for any callback
-    options: dict[str, Any] = field(default_factory=dict)
 
 
 METHODS: tuple[Method, ...] = (
@@ -129,8 +90,7 @@ INPUT_SHAPES = {"mlp": (16,), "cnn": (3, 8, 8)}
 
 
 class CostModule(L.LightningModule):
-    """A typical classification module: cross-entropy, the loss logged every step; with ``transform``, torchvision's
-    ``v2.MixUp`` / ``v2.CutMix`` on the batch in ``training_step`` (a 2-d batch viewed as ``(b, d, 1, 1)`` for it)."""
+    """Cross-entropy, the loss logged every step; with ``transform``, torchvision's ``v2.MixUp`` / ``v2.CutMix``."""
 
     def __init__(self, net: nn.Module, transform: Optional[str] = None) -> None:
         super().__init__()
@@ -161,8 +121,6 @@ class CostModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
 
 
-# ------------------------------------------------------------------------------------------------------- counters
-
 
 class OpCounter(TorchDispatchMode):
     """Counts every operator call dispatched while active, by ``namespace::name`` (overloads together)."""
@@ -177,10 +135,9 @@ class OpCounter(TorchDispatchMode):
 
 
 class CallCounter:
-    """Counts the Python function calls (``sys.setprofile``'s ``'call'`` events) while active, by where the called
-    function lives: ``package``, ``lightning`` or ``other``."""
+    """Counts the Python function calls while active, by where the called function lives."""
 
-    ROOTS = (("package", os.path.dirname(lightning_multimix.__file__) + os.sep),
+    ROOTS = (("package", importlib.util.find_spec("lightning_multimix").submodule_search_locations[0] + os.sep),
              ("lightning", os.path.dirname(L.__file__) + os.sep))
 
     def __init__(self) -> None:
@@ -241,13 +198,9 @@ def per_step(method: Method, steps: int, counter: str) -> dict[str, float]:
 
 
 def objective_ops(compiled: bool) -> int:
-    """Top-level aten operations (``torch.profiler``: those not called by another aten op) of one forward and backward
-    of ``multimix_objective`` in logit space (b = 128, n = 1000, c = 10), eager or ``torch.compile``d: the dispatch
-    counter above cannot see compile's fusion (an active dispatch mode runs the compiled function's operations one by
-    one), the profiler sees the fused kernels as one call each."""
+    """Top-level aten operations of one forward and backward of ``multimix_objective`` (b = 128, n = 1000, c = 10),
+    eager or compiled (a dispatch mode would run the compiled function's operations one by one)."""
     from torch.profiler import ProfilerActivity, profile
-
-    from lightning_multimix import multimix_objective
 
     objective = torch.compile(multimix_objective) if compiled else multimix_objective
     g = torch.Generator().manual_seed(0)
@@ -255,17 +208,11 @@ def objective_ops(compiled: bool) -> int:
     labels = torch.randint(0, NUM_CLASSES, (BATCH,), generator=g)
     weights = torch.distributions.Dirichlet(torch.ones(BATCH)).sample((1000,)).T
 
-    def run() -> None:
-        objective(weights, labels, logits=logits).backward()
-
-    run()  # compiles
+    objective(weights, labels, logits=logits).backward()  # compiles
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        run()
+        objective(weights, labels, logits=logits).backward()
     return sum(1 for e in prof.events() if e.name.startswith("aten::")
                and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
-
-
-# ---------------------------------------------------------------------------------------------------------- report
 
 
 def number(value: float) -> str:
@@ -329,19 +276,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="methods: " + ", ".join(key(m) for m in METHODS))
-    parser.add_argument("--steps", type=int, default=100,
-                        help="S: every method is fitted for S and 2S steps (a multiple of 50 counts the work done "
-                             "every 50 steps at its average)")
-    parser.add_argument("--methods", default=None,
-                        help="comma-separated NAME/MODEL (see below; the none of each model is always run); "
-                             "default: all")
-    parser.add_argument("--out", default=None,
-                        help=f"directory of the results file (default {RESULTS_DIR}; a --quick run writes nothing "
-                             "unless given)")
-    parser.add_argument("--no-compile", action="store_true",
-                        help="skip the eager / torch.compile comparison of the objective alone")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"CI smoke run: S=5, methods {','.join(QUICK_METHODS)}, seconds")
+    parser.add_argument("--steps", type=int, default=100, help="S: every method is fitted for S and 2S steps")
+    parser.add_argument("--methods", default=None, help="comma-separated NAME/MODEL (below; default all)")
+    parser.add_argument("--out", default=str(OUT_DIR), help="output folder (default %(default)s)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the objective's eager / compiled counts")
+    parser.add_argument("--quick", action="store_true", help=f"smoke run: S=5, {','.join(QUICK_METHODS)}")
     args = parser.parse_args(argv)
     steps = 5 if args.quick else args.steps
     chosen = (args.methods.split(",") if args.methods else list(QUICK_METHODS) if args.quick
@@ -351,7 +290,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--methods: unknown {sorted(set(chosen) - known)}; choose among {sorted(known)}")
     needed = set(chosen) | {f"none/{name.split('/')[1]}" for name in chosen}
     methods = [m for m in METHODS if key(m) in needed]
-    out = args.out if args.out is not None else ("" if args.quick else str(RESULTS_DIR))
 
     quiet()
     warnings.simplefilter("ignore")
@@ -365,13 +303,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             eager, fused = objective_ops(False), objective_ops(True)
             body += ("\n\n" + format_table(
                 ("objective", "top-level aten ops"), [["eager", eager], ["torch.compile", fused]],
-                title="== multimix_objective alone, logit space, b=128, n=1000, forward + backward (torch.profiler) =="))
+                title="== multimix_objective alone, logit space, b=128, n=1000, forward + backward "
+                      "(torch.profiler) =="))
         except Exception as error:  # no compiler on this machine: said, not fatal
             body += f"\n\ntorch.compile of the objective failed here: {type(error).__name__}: {error}"
     print(body)
     settings = (f"batch {BATCH}, CPU, one thread; every method fitted for {steps} and {2 * steps} steps, counts per "
                 f"step = difference / {steps}; methods {', '.join(key(m) for m in methods)}")
-    write_report(out, "step_cost_tiny_cpu.md", info, settings, body)
+    write_report(args.out, "step_cost_tiny_cpu.md", info, settings, body)
     return 0
 
 

@@ -1,29 +1,15 @@
 """Which MultiMix settings help? One factor at a time around the paper's protocol, mean +- std over seeds.
 
-What is measured
-----------------
-``MultiMix()`` (alpha 1, the whole batch, n = 1000, probability 0.5, input mixup on the other batches) trained as in
-``benchmarks/accuracy.py`` in one regime (default ``noisy``: 300 images per class, 40% random labels, 60 epochs), and
-the same with one setting changed: ``alpha`` in (0.1, 0.5, 2), ``tuple_size`` in (2, 4, 8), ``n_tuples`` in (100,
-10000), ``probability`` in (0.25, 0.75, 1.0). Same seeds, so every configuration starts from the same weights, batches
-and label noise.
-
-How to read the output
-----------------------
-A table of last-epoch and best-epoch test accuracy, ECE, and the last-epoch difference to the default with the
-standard deviation of the per-seed (paired) differences. ``beats default`` is "yes" when a configuration's mean
-last-epoch accuracy exceeds the default's by more than two standard deviations (the larger of the two
-configurations' standard deviations over seeds): only then would the README recommend it. The defaults stay the
-paper's.
-
-Files written into ``--out`` (default ``benchmarks/results``): ``sweep_<regime>_runs.csv`` (one row per run, appended
-as runs finish; ``--resume`` skips those already there) and ``sweep_<regime>.md`` (command, date, machine, table).
+``MultiMix()`` (alpha 1, the whole batch, n = 1000, probability 0.5) trained as in ``accuracy.py`` in one regime, and
+the same with one setting changed (``CONFIGS``), same seeds. The table: last- and best-epoch accuracy, ECE, the
+difference to the default (mean +- std of per-seed differences) and ``beats default``: the mean exceeds the default's
+by more than two standard deviations. Files in ``--out`` (default ``benchmarks/out``, ignored by git):
+``sweep_<regime>_runs.csv`` (``--resume`` keeps its runs) and ``sweep_<regime>.md``.
 
 Examples::
 
-    python benchmarks/sweep.py --quick --out /tmp/sweep      # CI smoke run
-    python benchmarks/sweep.py --jobs 2                       # the README's table (about 40 minutes on 2 cores)
-    python benchmarks/sweep.py --regime low_data --configs default,alpha=0.5
+    python benchmarks/sweep.py --quick                       # smoke run
+    python benchmarks/sweep.py --regime noisy --jobs 2       # every configuration, 3 seeds (hours on 2 cores)
 """
 
 from __future__ import annotations
@@ -40,34 +26,16 @@ if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import accuracy
-from benchmarks._harness import (
-    RESULTS_DIR,
-    append_csv,
-    format_table,
-    machine_info,
-    mean_std,
-    print_machine,
-    quiet,
-    read_csv,
-    results_header,
-    resumed_note,
-    run_tasks,
-)
-from lightning_multimix.demo.training import REGIMES, run_method
+from benchmarks._harness import (OUT_DIR, append_csv, format_table, machine_info, mean_std, print_machine, quiet,
+                                 read_csv, results_header, resumed_note, run_tasks)
+from lightning_multimix.demo.training import REGIMES
 
 #: configuration name -> MultiMix arguments changed from the defaults
 CONFIGS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "alpha=0.1": {"alpha": 0.1},
-    "alpha=0.5": {"alpha": 0.5},
-    "alpha=2": {"alpha": 2.0},
-    "tuple_size=2": {"tuple_size": 2},
-    "tuple_size=4": {"tuple_size": 4},
-    "tuple_size=8": {"tuple_size": 8},
-    "n_tuples=100": {"n_tuples": 100},
-    "n_tuples=10000": {"n_tuples": 10000},
-    "probability=0.25": {"probability": 0.25},
-    "probability=0.75": {"probability": 0.75},
+    "default": {}, "alpha=0.1": {"alpha": 0.1}, "alpha=0.5": {"alpha": 0.5}, "alpha=2": {"alpha": 2.0},
+    "tuple_size=2": {"tuple_size": 2}, "tuple_size=4": {"tuple_size": 4}, "tuple_size=8": {"tuple_size": 8},
+    "n_tuples=100": {"n_tuples": 100}, "n_tuples=10000": {"n_tuples": 10000},
+    "probability=0.25": {"probability": 0.25}, "probability=0.75": {"probability": 0.75},
     "probability=1": {"probability": 1.0},
 }
 RUN_KEYS = ("config", "seed", "test_acc", "best_acc", "best_epoch", "ece", "sec_per_epoch", "steps", "wall_seconds")
@@ -77,13 +45,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--regime", default="noisy", choices=list(REGIMES))
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated, from " + ",".join(CONFIGS))
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="from " + ",".join(CONFIGS))
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each (default 1)")
-    parser.add_argument("--out", default=str(RESULTS_DIR), help="output folder")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each")
+    parser.add_argument("--out", default=str(OUT_DIR), help="output folder (default %(default)s)")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the runs CSV")
-    parser.add_argument("--quick", action="store_true", help="CI smoke run: seed 0, 2 steps per run, tiny data")
+    parser.add_argument("--quick", action="store_true", help="smoke run: seed 0, 2 steps per run, tiny data")
     args = parser.parse_args(argv)
     unknown = set(args.configs.split(",")) - set(CONFIGS)
     if unknown:
@@ -93,22 +61,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def run_one(regime_name: str, config: str, seed: int, quick: bool) -> dict[str, Any]:
-    assert accuracy._DATA is not None, "call accuracy._init_worker first"
-    train, test = accuracy._DATA
-    regime = accuracy._regime(regime_name, quick)
-    started = time.perf_counter()
-    result = run_method("multimix", train_data=regime.training_set(train, seed), test_data=test,
-                        epochs=regime.epochs, seed=seed, multimix_options=CONFIGS[config],
-                        max_steps=2 if quick else -1, progress=False)
-    result.update(config=config, wall_seconds=time.perf_counter() - started)
-    return {key: result[key] for key in RUN_KEYS}
+def run_one(regime: str, config: str, seed: int, quick: bool) -> dict[str, Any]:
+    result = accuracy.train(regime, "multimix", seed, quick, multimix_options=CONFIGS[config])
+    return {key: result[key] for key in RUN_KEYS if key != "config"} | {"config": config}
 
 
 def report(runs: Sequence[dict[str, Any]], configs: Sequence[str], regime: str) -> str:
     by_config = {c: {int(r["seed"]): r for r in runs if r["config"] == c} for c in configs}
     base = by_config.get("default", {})
-    base_acc = [100 * float(r["test_acc"]) for r in base.values()]
+    base_std = mean_std([100 * float(r["test_acc"]) for r in base.values()])[1]
     rows = []
     for config in configs:
         mine = by_config[config]
@@ -116,15 +77,14 @@ def report(runs: Sequence[dict[str, Any]], configs: Sequence[str], regime: str) 
             continue
         stats = {key: mean_std([scale * float(r[key]) for r in mine.values()])
                  for key, scale in (("test_acc", 100), ("best_acc", 100), ("ece", 1))}
-        row = [config, len(mine), *(f"{m:.2f} +- {s:.2f}" if key != "ece" else f"{m:.3f} +- {s:.3f}"
+        row = [config, len(mine), *(f"{m:.3f} +- {s:.3f}" if key == "ece" else f"{m:.2f} +- {s:.2f}"
                                     for key, (m, s) in stats.items())]
         paired = [100 * (float(mine[s]["test_acc"]) - float(base[s]["test_acc"])) for s in mine if s in base]
         if config == "default" or not paired:
             row += ["", ""]
         else:
             spread = statistics.stdev(paired) if len(paired) > 1 else 0.0
-            threshold = 2 * max(stats["test_acc"][1], mean_std(base_acc)[1])
-            better = statistics.fmean(paired) > threshold and len(paired) > 1
+            better = len(paired) > 1 and statistics.fmean(paired) > 2 * max(stats["test_acc"][1], base_std)
             row += [f"{statistics.fmean(paired):+.2f} +- {spread:.2f}", "yes" if better else "no"]
         rows.append(row)
     headers = ("config", "runs", "last acc %", "best acc %", "ECE", "vs default (paired)", "beats default")
@@ -139,7 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs_path = out / f"sweep_{args.regime}_runs.csv"
-    accuracy._init_worker(None, args.threads, args.quick)
+    accuracy.init_worker(None, args.threads, args.quick)
     info = machine_info("cpu")
     print_machine(info)
     settings = (f"MultiMix() and one-factor changes, SmallCNN on the Fashion-MNIST subset shipped in the package"
@@ -150,13 +110,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.resume:
         done = [r for r in read_csv(runs_path) if r["config"] in configs and int(r["seed"]) in seeds]
         settings += resumed_note(runs_path, len(done))
-    elif runs_path.exists():
-        runs_path.unlink()
+    else:
+        runs_path.unlink(missing_ok=True)
     finished = {(r["config"], int(r["seed"])) for r in done}
     tasks = [(args.regime, config, seed, args.quick) for seed in seeds for config in configs
              if (config, seed) not in finished]
     started = time.perf_counter()
-    for run in run_tasks(run_one, tasks, args.jobs, accuracy._init_worker, (None, args.threads, args.quick)):
+    for run in run_tasks(run_one, tasks, args.jobs, accuracy.init_worker, (None, args.threads, args.quick)):
         append_csv(runs_path, RUN_KEYS, [run[key] for key in RUN_KEYS], preamble=results_header(info, settings))
         done.append(run)
         print(f"  {run['config']:>16} seed {run['seed']}: last {100 * float(run['test_acc']):.2f}%  best "

@@ -20,8 +20,7 @@ Under a thin Lightning layer:
 - :mod:`~lightning_multimix.feature_maps`: reading dense mode's feature map and checking it feeds the head;
 - :mod:`~lightning_multimix.batch`: the labels and inputs of a batch, and input mixup;
 - :mod:`~lightning_multimix.teacher`: the EMA teacher of self-distillation;
-- :mod:`~lightning_multimix.health`: the device-side health check (non-finite loss, labels out of range);
-- :mod:`~lightning_multimix.loss_log`: logging the optimised loss;
+- :mod:`~lightning_multimix.monitor`: the optimised loss, logged and checked on the device (non-finite, labels);
 - :mod:`~lightning_multimix.spawn`: the callback's state back from spawned processes;
 - :mod:`~lightning_multimix.mixin`: :class:`MultiMixMixin`, where a module says where things are;
 - :mod:`~lightning_multimix.metrics`: embedding alignment and uniformity.

@@ -19,43 +19,28 @@ INPUT_KEYS = ("image", "images", "img", "input", "inputs", "x", "pixel_values", 
 
 def default_labels(batch: Any) -> Tensor:
     """Labels of a batch: ``batch[1]`` of an ``(inputs, labels)`` pair, or the first of ``LABEL_KEYS`` in a dict;
-    anything else (a longer tuple included) raises :class:`MultiMixError` (name them with the mixin).
-
-    Example:
-        >>> default_labels({"image": torch.zeros(2, 3), "label": torch.tensor([2, 2])})
-        tensor([2, 2])
-    """
+    anything else (a longer tuple included) raises :class:`MultiMixError` (name them with the mixin)."""
+    how = "Add `MultiMixMixin` to your LightningModule and override `multimix_labels(batch)`"
     if isinstance(batch, Mapping):
         for key in LABEL_KEYS:
             if key in batch:
                 return batch[key]
-        raise MultiMixError(
-            f"MultiMix found no labels in the batch dict (keys {sorted(map(str, batch))}); it looks for {LABEL_KEYS}. "
-            "Add `MultiMixMixin` to your LightningModule and override `multimix_labels(batch)`."
-        )
-    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) == 2:
+        raise MultiMixError(f"MultiMix found no labels in the batch dict (keys {sorted(map(str, batch))}); it looks "
+                            f"for {LABEL_KEYS}. {how}.")
+    sequence = isinstance(batch, Sequence) and not isinstance(batch, (str, bytes))
+    if sequence and len(batch) == 2:
         return batch[1]
-    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) > 2:
-        raise MultiMixError(
-            f"MultiMix reads the labels of `(inputs, labels)` batches from `batch[1]`, but this batch has {len(batch)} "
-            "elements, so which one holds the labels is a guess it will not make. Add `MultiMixMixin` to your "
-            "LightningModule and return them from `multimix_labels(batch)` (e.g. `return batch[2]`)."
-        )
-    raise MultiMixError(
-        f"MultiMix cannot find labels in a batch of type {type(batch).__name__}: it expects (inputs, labels) or a "
-        f"dict with one of {LABEL_KEYS}. Add `MultiMixMixin` to your LightningModule and override "
-        "`multimix_labels(batch)`."
-    )
+    if sequence and len(batch) > 2:
+        raise MultiMixError("MultiMix reads the labels of `(inputs, labels)` batches from `batch[1]`, but this "
+                            f"batch has {len(batch)} elements, so which one holds the labels is a guess it will not "
+                            f"make. {how} (e.g. `return batch[2]`).")
+    raise MultiMixError(f"MultiMix cannot find labels in a batch of type {type(batch).__name__}: it expects (inputs, "
+                        f"labels) or a dict with one of {LABEL_KEYS}. {how}.")
 
 
 def default_mix_inputs(batch: Any, mix: Callable[[Tensor], Tensor]) -> Optional[Any]:
     """A copy of the batch with its inputs (``batch[0]``, or the first of ``INPUT_KEYS`` in a dict) mixed by ``mix``;
-    ``None`` for integer inputs (token ids) or none found: the batch is then mixed at the last layer.
-
-    Example:
-        >>> default_mix_inputs((torch.ones(1, 2), torch.tensor([1])), lambda t: t / 2)[0]
-        tensor([[0.5000, 0.5000]])
-    """
+    ``None`` for integer inputs (token ids) or none found: the batch is then mixed at the last layer."""
     if isinstance(batch, Mapping):
         key = next((k for k in INPUT_KEYS if k in batch), None)
         if key is None or not _floating(batch[key]):
@@ -65,14 +50,12 @@ def default_mix_inputs(batch: Any, mix: Callable[[Tensor], Tensor]) -> Optional[
             mixed[key] = mix(batch[key])
             return mixed
         return {**batch, key: mix(batch[key])}
-    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 1:
-        if not _floating(batch[0]):
-            return None
-        first = mix(batch[0])
-        if isinstance(batch, tuple) and hasattr(batch, "_replace"):  # a namedtuple
-            return batch._replace(**{batch._fields[0]: first})
-        return type(batch)([first, *batch[1:]]) if isinstance(batch, (tuple, list)) else [first, *batch[1:]]
-    return None
+    if not isinstance(batch, Sequence) or isinstance(batch, (str, bytes)) or len(batch) < 1 or not _floating(batch[0]):
+        return None
+    first = mix(batch[0])
+    if isinstance(batch, tuple) and hasattr(batch, "_replace"):  # a namedtuple
+        return batch._replace(**{batch._fields[0]: first})
+    return type(batch)([first, *batch[1:]]) if isinstance(batch, (tuple, list)) else [first, *batch[1:]]
 
 
 def _floating(value: Any) -> bool:
@@ -97,18 +80,15 @@ class InputMixer:
     def __call__(self, inputs: Tensor) -> Tensor:
         if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
             what = f"dtype {inputs.dtype}" if isinstance(inputs, Tensor) else type(inputs).__name__
-            raise MultiMixError(
-                f"MultiMix: `multimix_mix_inputs` asked to interpolate {what}; only floating-point tensors can be "
-                "mixed. Return None from `multimix_mix_inputs` for inputs that cannot be (such batches are then "
-                "mixed at the last layer), or pass `MultiMix(other_batches='pairs')`."
-            )
+            raise MultiMixError(f"MultiMix: `multimix_mix_inputs` asked to interpolate {what}; only floating-point "
+                                "tensors can be mixed. Return None from `multimix_mix_inputs` for inputs that "
+                                "cannot be (such batches are then mixed at the last layer), or pass "
+                                "`MultiMix(other_batches='pairs')`.")
         if self.draw is None:
             self.draw = mixup_pairing(inputs.shape[0], self.alpha, generator=self.generator,
                                       device=self.generator.device)
         lam, partner = self.draw
         if partner.shape[0] != inputs.shape[0]:
-            raise MultiMixError(
-                f"MultiMix: `multimix_mix_inputs` asked to mix tensors of {partner.shape[0]} and {inputs.shape[0]} "
-                "rows in one batch; every mixed tensor needs one row per example."
-            )
+            raise MultiMixError(f"MultiMix: `multimix_mix_inputs` asked to mix tensors of {partner.shape[0]} and "
+                                f"{inputs.shape[0]} rows in one batch; every mixed tensor needs one row per example.")
         return mix_with_partner(inputs, lam.to(inputs.device), partner.to(inputs.device))

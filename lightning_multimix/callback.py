@@ -11,21 +11,15 @@ from typing import Any, Literal, Optional
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BatchSizeFinder, Callback, LearningRateFinder
-from lightning.pytorch.strategies import (
-    DDPStrategy,
-    DeepSpeedStrategy,
-    SingleDeviceStrategy,
-    SingleDeviceXLAStrategy,
-    XLAStrategy,
-)
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import SingleDeviceXLAStrategy, XLAStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_multimix.errors import MultiMixError
 from lightning_multimix.head import HeadPlan, plan_before_fit
-from lightning_multimix.health import HealthFlag
-from lightning_multimix.loss_log import LossLog
+from lightning_multimix.monitor import HealthFlag, LossLog
 from lightning_multimix.options import MultiMixOptions, args_doc, signature_of
 from lightning_multimix.sampling import RandomStream, dirichlet_weights, pair_weights
 from lightning_multimix.spawn import register, send_to_main_process
@@ -197,7 +191,7 @@ class MultiMix(Callback):
         self._uninstall(pl_module)
 
     def _swap(self, pl_module: pl.LightningModule, swapped: bool) -> None:
-        if self._distiller is not None:
+        if self._distiller is not None:  # validation with the teacher's weights, swapped back on every exit path
             self._distiller.swap(pl_module, swapped=swapped)
 
     @override
@@ -265,7 +259,7 @@ class MultiMix(Callback):
             rank_zero_info(report.plan.describe())
         if report.unexpected is not None:
             self._health.update(report.unexpected, report.targets.num_classes)
-        self._loss_log.add(report.loss)  # logged as the mean since the last log (`lightning_multimix.loss_log`)
+        self._loss_log.add(report.loss)  # logged as the mean since the last log
         trainer, module = self._wrapped.trainer, self._wrapped
         if report.first or self._health.read_due(report.index):
             self._read_health(trainer.global_step)
@@ -292,7 +286,7 @@ class MultiMix(Callback):
                                             self.head_path)
 
 
-MultiMix.__doc__ += args_doc(MultiMixOptions) + "\n"
+MultiMix.__doc__ = MultiMix.__doc__.rstrip(" ") + args_doc(MultiMixOptions) + "\n"
 MultiMix.__init__.__signature__ = signature_of(MultiMixOptions)  # what LightningCLI and help() read
 for _option in dataclasses.fields(MultiMixOptions):  # callback.n_tuples: the option in force
     setattr(MultiMix, _option.name, property(operator.attrgetter(f"options.{_option.name}"),

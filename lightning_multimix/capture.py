@@ -1,11 +1,9 @@
 """Forward hooks that record what flows through a model during a training step (torch only, no Lightning).
 
-A :class:`Capture` is armed for the duration of the user's ``training_step`` and disarmed before the callback computes
-its loss, so the callback's own calls to the head are never recorded. Its hooks are small objects that ignore every
-module but their own and that a deep copy or a pickle of the model turns into no-ops, so ``copy.deepcopy(model)``
-during training copies none of the callback's machinery; :meth:`Capture.remove` leaves the module exactly as it was.
-:class:`StepCapture` holds the captures of one step (the head, the feature map of dense mode, the modules on the way
-to the head whose arguments the teacher re-runs). Captures only record: what they recorded is checked by their users.
+A :class:`Capture` is armed during the user's ``training_step`` only, so the callback's own calls to the head are never
+recorded. Its hooks ignore every module but their own, and a deep copy or a pickle of the model turns them into no-ops:
+``copy.deepcopy(model)`` copies none of the callback's machinery; :meth:`Capture.remove` leaves the module as it was.
+Captures only record; what they recorded is checked by their users.
 """
 
 from __future__ import annotations
@@ -101,41 +99,12 @@ class Capture:
         self.reset()
 
 
-class StepCapture:
-    """The captures of one model for a training step: the head's input and output, the feature map (dense mode:
-    ``feature_spec = (path, kind)``) and, with ``inputs=True``, the arguments of every module on the way from the model
-    down to the head (the teacher re-runs the outermost one that was called).
+class Captures:
+    """Captures armed, disarmed and removed together (``captures``)."""
 
-    Example:
-        >>> import torch
-        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-        >>> step = StepCapture.of(net, "2")
-        >>> with step:
-        ...     _ = net(torch.randn(5, 3))
-        >>> tuple(step.head.input.shape), tuple(step.head.output.shape)
-        ((5, 4), (5, 2))
-        >>> step.remove()
-    """
+    captures: list
 
-    def __init__(self, head_path: str, head: Capture, feature_spec: Optional[tuple[str, str]] = None,
-                 features: Optional[Any] = None, inputs: Optional[dict[str, Capture]] = None) -> None:
-        self.head_path, self.head = head_path, head
-        self.feature_spec, self.features = feature_spec, features
-        self.inputs = inputs or {}  # path -> capture, outermost first
-        self.first_token = False  # a "tokens" feature map whose head reads the first token (found on the first batch)
-        self.captures = (head, *([features] if features is not None else []), *self.inputs.values())
-
-    @classmethod
-    def of(cls, model: nn.Module, head_path: str, feature_spec: Optional[tuple[str, str]] = None,
-           inputs: bool = False) -> "StepCapture":
-        """New captures on ``model`` for the head at ``head_path`` (and the feature map, and the inputs)."""
-        features = capture_for(model, feature_spec) if feature_spec is not None else None
-        head = model.get_submodule(head_path)
-        # a copy of the head's input guards against an in-place layer inside the head; an affine map has none
-        return cls(head_path, Capture(head, clone_input=not is_affine(head)), feature_spec, features,
-                   {path: Capture(model.get_submodule(path)) for path in ancestors(head_path)} if inputs else None)
-
-    def __enter__(self) -> "StepCapture":
+    def __enter__(self) -> "Captures":
         for capture in self.captures:
             capture.__enter__()  # arming cannot fail: no capture to undo
         return self
@@ -147,6 +116,30 @@ class StepCapture:
     def remove(self) -> None:
         for capture in self.captures:
             capture.remove()
+
+
+class StepCapture(Captures):
+    """The captures of one model for a training step: the head's input and output, the feature map (dense mode:
+    ``feature_spec = (path, kind)``) and, with ``inputs=True``, the arguments of every module on the way from the model
+    down to the head (the teacher re-runs the outermost one that was called)."""
+
+    def __init__(self, head_path: str, head: Capture, feature_spec: Optional[tuple[str, str]] = None,
+                 features: Optional[Any] = None, inputs: Optional[dict[str, Capture]] = None) -> None:
+        self.head_path, self.head = head_path, head
+        self.feature_spec, self.features = feature_spec, features
+        self.inputs = inputs or {}  # path -> capture, outermost first
+        self.first_token = False  # a "tokens" feature map whose head reads the first token (found on the first batch)
+        self.captures = [head, *([features] if features is not None else []), *self.inputs.values()]
+
+    @classmethod
+    def of(cls, model: nn.Module, head_path: str, feature_spec: Optional[tuple[str, str]] = None,
+           inputs: bool = False) -> "StepCapture":
+        """New captures on ``model`` for the head at ``head_path`` (and the feature map, and the inputs)."""
+        features = capture_for(model, feature_spec) if feature_spec is not None else None
+        head = model.get_submodule(head_path)
+        # a copy of the head's input guards against an in-place layer inside the head; an affine map has none
+        return cls(head_path, Capture(head, clone_input=not is_affine(head)), feature_spec, features,
+                   {path: Capture(model.get_submodule(path)) for path in ancestors(head_path)} if inputs else None)
 
     def feature_map(self, embeddings: Tensor, verify: bool) -> tuple[Tensor, Optional[Tensor]]:
         """The captured feature map as ``(b, r, d)``, and its ``(b, r)`` padding mask (``None``: no padding); with
@@ -166,16 +159,7 @@ class StepCapture:
 
 class CallOrder:
     """While entered, the order in which the modules of ``model`` first run, by module identity (a forward pre-hook
-    on each: a global one would make ``torch.compile`` warn).
-
-    Example:
-        >>> import torch
-        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
-        >>> with CallOrder(net) as order:
-        ...     _ = net(torch.randn(2, 3))
-        >>> [order.first[id(m)] for m in (net, net[0], net[1])]
-        [0, 1, 2]
-    """
+    on each: a global one would make ``torch.compile`` warn)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -196,16 +180,7 @@ class CallOrder:
 def ran_before(model: nn.Module, entry: str, order: CallOrder) -> Optional[str]:
     """A module that ran before ``entry`` (the module the teacher re-runs) outside it and outside its ancestors,
     such as a backbone whose output the step handed to the head's block: then re-running ``entry`` alone is not the
-    model's forward. ``None`` when there is none.
-
-    Example:
-        >>> import torch
-        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
-        >>> with CallOrder(net) as order:
-        ...     _ = net[1](net[0](torch.randn(2, 3)))
-        >>> ran_before(net, "1", order), ran_before(net, "0", order)
-        ('0', None)
-    """
+    model's forward. ``None`` when there is none."""
     parts = entry.split(".") if entry else []
     start = order.first.get(id(model.get_submodule(entry)), -1)
     for depth in range(len(parts)):
@@ -223,11 +198,6 @@ def capture_for(model: nn.Module, spec: tuple[str, str]) -> Any:
 
 
 def ancestors(path: str) -> list[str]:
-    """The dotted paths from the model (``""``) down to, not including, ``path``: outermost first.
-
-    Example:
-        >>> ancestors("backbone.head.fc")
-        ['', 'backbone', 'backbone.head']
-    """
+    """The dotted paths from the model (``""``) down to, not including, ``path``: outermost first."""
     parts = path.split(".")
     return [".".join(parts[:i]) for i in range(len(parts))]

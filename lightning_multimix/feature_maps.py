@@ -36,19 +36,10 @@ class _CapturingMethod:
 
 
 class MethodCapture:
-    """Records the output of ``owner.<name>()`` (timm's ``forward_features``) while armed; :meth:`remove` undoes it.
-
-    Example:
-        >>> net = nn.Identity()
-        >>> with MethodCapture(net, "forward") as capture:
-        ...     _ = net(Tensor([2.0]))
-        >>> capture.output
-        tensor([2.])
-    """
+    """Records the output of ``owner.<name>()`` (timm's ``forward_features``) while armed; :meth:`remove` undoes it."""
 
     def __init__(self, owner: nn.Module, name: str) -> None:
-        self.owner, self.name, self.module = owner, name, owner
-        self.armed = False
+        self.owner, self.name, self.module, self.armed = owner, name, owner, False
         self.reset()
         owner.__dict__[name] = _CapturingMethod(self, getattr(owner, name))
 
@@ -71,20 +62,10 @@ class MethodCapture:
 
 
 class TimmPositionHead:
-    """A timm model's ``forward_head`` on each ``(N, d)`` row, given as a one-position CNN map or all-equal tokens.
-
-    Example:
-        >>> import torch
-        >>> class Tiny(nn.Linear):
-        ...     def forward_head(self, x):  # a timm CNN head: average pooling, then the classifier
-        ...         return self(x.mean((2, 3)))
-        >>> TimmPositionHead(Tiny(4, 3), tokens=False)(torch.randn(5, 4)).shape
-        torch.Size([5, 3])
-    """
+    """A timm model's ``forward_head`` on each ``(N, d)`` row, given as a one-position CNN map or all-equal tokens."""
 
     def __init__(self, model: nn.Module, tokens: bool) -> None:
-        self.model, self.tokens = model, tokens
-        self.prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+        self.model, self.tokens, self.prefix = model, tokens, _prefix_tokens(model)
 
     def __call__(self, rows: Tensor) -> Tensor:
         if self.tokens:
@@ -109,22 +90,17 @@ def read_feature_map(capture: Any, spec: tuple[str, str], embeddings: Tensor, ve
         shape = tuple(raw.shape) if isinstance(raw, Tensor) else type(raw).__name__
         raise MultiMixError(f"Dense MultiMix expected a (b, d, h, w) or (b, r, d) feature map from {path!r}, got "
                             f"{shape} ({capture.calls} calls). {HOW_MAP}")
-    if kind == "timm" and raw.ndim == 3:
-        prefix = int(getattr(capture.owner, "num_prefix_tokens", 0) or 0)
-        features, summary = raw[:, prefix:], None
-    elif kind == "timm":
-        features, summary = raw.flatten(2).transpose(1, 2), None
+    if kind == "timm":  # the head pools itself: nothing to check
+        summary = None
+        features = raw[:, _prefix_tokens(capture.owner):] if raw.ndim == 3 else raw.flatten(2).transpose(1, 2)
     elif kind == "vit":
         summary, features = raw[:, 0], raw[:, 1:]
     else:
         # a pooling's input is channels-first, (b, d, h, w) or (b, d, l); a declared 3-d map is (b, r, d) tokens
         features = raw.flatten(2).transpose(1, 2) if raw.ndim == 4 or kind == "input" else raw
         mask = mask.bool() if mask is not None else None
-        if mask is None:
-            summary = features.mean(1)
-        else:
-            weights = mask.to(features.dtype).unsqueeze(-1)
-            summary = (features * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        kept = mask.to(features.dtype).unsqueeze(-1) if mask is not None else None  # the mean skips padding
+        summary = features.mean(1) if kept is None else (features * kept).sum(1) / kept.sum(1).clamp_min(1.0)
     if verify:
         first_token = _verify(path, kind, features, summary, embeddings, raw)
     if first_token:  # the head reads the first token: the others are mixed
@@ -137,28 +113,29 @@ def _verify(path: str, kind: str, features: Tensor, summary: Optional[Tensor], e
     """Raise unless the map feeds the head; return whether a ``"tokens"`` head reads the first token."""
     for name, tensor in (("feature map", features), ("head's input", embeddings)):
         if not bool(tensor.detach().isfinite().all()):
-            raise MultiMixError(
-                f"Dense MultiMix: the {name} of the first training batch holds NaN or inf, so it cannot be checked "
-                "against the head; look at the inputs and the model (learning rate, precision)."
-            )
+            raise MultiMixError(f"Dense MultiMix: the {name} of the first training batch holds NaN or inf, so it "
+                                "cannot be checked against the head; look at the inputs and the model (learning "
+                                "rate, precision).")
     if summary is None or _close(summary, embeddings):
         return False
     if kind == "tokens" and _close(raw[:, 0], embeddings):
         return True
     if kind == "tokens":
-        raise MultiMixError(
-            f"Dense MultiMix: the classifier head reads neither the mean of the token states of {path!r} nor its "
-            "first token (a pooler output, e.g. BERT's tanh(W h_CLS), or dropout in between), so no per-token "
-            "interpolation matches what it reads. Dense mode needs a head on the mean of the token states (or on a "
-            "token): use MultiMix without `dense`, or give the model such a head."
-        )
+        raise MultiMixError("Dense MultiMix: the classifier head reads neither the mean of the token states of "
+                            f"{path!r} nor its first token (a pooler output, e.g. BERT's tanh(W h_CLS), or dropout "
+                            "in between), so no per-token interpolation matches what it reads. Dense mode needs a "
+                            "head on the mean of the token states (or on a token): use MultiMix without `dense`, or "
+                            "give the model such a head.")
     what = "its class token" if kind == "vit" else "its mean over positions"
-    raise MultiMixError(
-        f"Dense MultiMix: the feature map from {path!r} ({tuple(features.shape)} as (b, r, d)) does not match the "
-        f"head's input {tuple(embeddings.shape)} through {what}, so it is not the map that feeds the head. {HOW_MAP} "
-        "If the map is right but layers (dropout, an MLP) sit between the pooling and the head, name as head the "
-        "module that takes the pooled embedding, e.g. `MultiMix(head='model.classifier')`."
-    )
+    raise MultiMixError(f"Dense MultiMix: the feature map from {path!r} ({tuple(features.shape)} as (b, r, d)) does "
+                        f"not match the head's input {tuple(embeddings.shape)} through {what}, so it is not the map "
+                        f"that feeds the head. {HOW_MAP} If the map is right but layers (dropout, an MLP) sit "
+                        "between the pooling and the head, name as head the module that takes the pooled embedding, "
+                        "e.g. `MultiMix(head='model.classifier')`.")
+
+
+def _prefix_tokens(model: nn.Module) -> int:
+    return int(getattr(model, "num_prefix_tokens", 0) or 0)
 
 
 def _close(a: Tensor, b: Tensor) -> bool:

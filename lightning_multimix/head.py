@@ -1,21 +1,14 @@
 """Where the classifier head is (and dense mode's feature map), decided in one place (torch only, no Lightning).
 
-In this order:
-
-1. **declared**: ``MultiMix(head="dotted.path")``, else ``MultiMixMixin.multimix_head()`` (:func:`declared_head`);
-2. **timm**: a timm model's own account of its head, ``get_classifier()`` (:func:`timm_head`);
-3. **found** on the first training batch, when neither named it (:class:`HeadProbe`): the ``nn.Linear`` whose output
-   the model returns, else the last ``nn.Linear`` that ran;
-4. **checked against the user's loss**: a found head must explain it (:func:`check_found_head`), and every head's
-   loss is read once on the first batch (:func:`lightning_multimix.targets.read_targets`).
-
-:func:`head_plan` turns the path into a :class:`HeadPlan` (dense mode's feature map, logit space); every batch checks
-what the head received and gave (:func:`head_tensors`).
+In this order: 1. **declared**, ``MultiMix(head=...)`` or ``MultiMixMixin.multimix_head()`` (:func:`declared_head`);
+2. **timm**'s account of its head, ``get_classifier()`` (:func:`timm_head`); 3. **found** on the first training batch
+(:class:`HeadProbe`): the ``nn.Linear`` whose output the model returns, else the last that ran; 4. a found head is
+**checked against the user's loss** (:func:`check_found_head`). :func:`head_plan` makes the :class:`HeadPlan` (dense
+mode's feature map, logit space); every batch checks what the head received and gave (:func:`head_tensors`).
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional
@@ -23,7 +16,7 @@ from typing import Any, Callable, Literal, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_multimix.capture import Capture, ancestors, capture_for
+from lightning_multimix.capture import Capture, Captures, ancestors, capture_for
 from lightning_multimix.errors import MultiMixError
 from lightning_multimix.feature_maps import TimmPositionHead
 from lightning_multimix.interpolation import is_affine
@@ -39,12 +32,7 @@ SOURCES: dict[str, str] = {"declared": "declared", "timm": "the timm model's get
 
 
 def submodule(root: nn.Module, path: str, what: str = "the classifier head") -> nn.Module:
-    """The submodule of ``root`` at dotted ``path``; :class:`MultiMixError` listing the ``nn.Linear`` modules if none.
-
-    Example:
-        >>> submodule(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 4)), "2")
-        Linear(in_features=3, out_features=4, bias=True)
-    """
+    """The submodule of ``root`` at dotted ``path``; :class:`MultiMixError` listing the ``nn.Linear`` modules if none."""
     try:
         return root.get_submodule(path)
     except AttributeError:
@@ -62,13 +50,7 @@ def path_of(root: nn.Module, module: nn.Module, where: str) -> str:
 
 
 def declared_head(model: nn.Module, head: Optional[str] = None) -> Optional[str]:
-    """The head the user declared: ``head`` (checked to exist), else ``MultiMixMixin.multimix_head()``; else ``None``.
-
-    Example:
-        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 4))
-        >>> declared_head(net, "2"), declared_head(net)
-        ('2', None)
-    """
+    """The head the user declared: ``head`` (checked to exist), else ``MultiMixMixin.multimix_head()``; else ``None``."""
     if head is not None:
         submodule(model, head)
         return head
@@ -91,18 +73,9 @@ def timm_head(model: nn.Module) -> Optional[str]:
     return None
 
 
-class HeadProbe:
+class HeadProbe(Captures):
     """Captures on every head candidate of ``model`` for the first training step, then :meth:`choose` the head;
-    ``dense``: also on classifier blocks, feature-map candidates and the declared ``feature_maps`` paths.
-
-    Example:
-        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-        >>> with HeadProbe(net) as probe:
-        ...     _ = net(torch.randn(5, 3))
-        >>> probe.choose()
-        ('2', 'returned')
-        >>> probe.remove()
-    """
+    ``dense``: also on classifier blocks, feature-map candidates and the declared ``feature_maps`` paths."""
 
     def __init__(self, model: nn.Module, dense: bool = False, feature_maps: tuple[str, ...] = ()) -> None:
         self.model = model
@@ -120,19 +93,6 @@ class HeadProbe:
             for spec in [*feature_map_candidates(model), *((path, "output") for path in feature_maps)]:
                 self.maps.setdefault(spec[0], capture_for(model, spec))
         self.captures = [*self.linears.values(), *self.ancestors.values(), *self.blocks.values(), *self.maps.values()]
-
-    def __enter__(self) -> "HeadProbe":
-        self._stack = contextlib.ExitStack()
-        for capture in self.captures:
-            self._stack.enter_context(capture)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stack.close()
-
-    def remove(self) -> None:
-        for capture in self.captures:
-            capture.remove()
 
     def choose(self) -> tuple[str, Source]:
         """``(path, source)``: the ``nn.Linear`` whose output the model returns (alone, in a tuple, list, dict or as
@@ -233,14 +193,7 @@ def head_tensors(head: Capture, head_path: str) -> tuple[Tensor, Tensor]:
 
 def classifier_block(model: nn.Module, head_path: str) -> str:
     """Dense mode's module taking the pooled embedding: the ``nn.Sequential`` ending with the head if it has more
-    layers, no pooling and no buffers (batch norm), e.g. EfficientNet's ``Dropout + Linear``; else the head.
-
-    Example:
-        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        >>> net.classifier = nn.Sequential(nn.Dropout(), nn.Linear(4, 2))
-        >>> classifier_block(net, "classifier.1")
-        'classifier'
-    """
+    layers, no pooling and no buffers (batch norm), e.g. EfficientNet's ``Dropout + Linear``; else the head."""
     if "." not in head_path:
         return head_path
     parent_path = head_path.rsplit(".", 1)[0]
@@ -291,13 +244,7 @@ def feature_map_candidates(model: nn.Module) -> list[tuple[str, str]]:
 
 def resolve_feature_map(model: nn.Module, head_path: str, feature_map: Optional[str] = None) -> tuple[str, str]:
     """``(path, kind)`` of dense mode's feature map: declared; else from the timm, Hugging Face or torchvision ViT
-    model holding the head; else the input of the last average pooling registered before the head.
-
-    Example:
-        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
-        >>> resolve_feature_map(net, "3")
-        ('1', 'input')
-    """
+    model holding the head; else the input of the last average pooling registered before the head."""
     declared = declared_feature_map(model, feature_map)
     if declared is not None:
         return declared, "output"
@@ -346,12 +293,7 @@ class HeadPlan:
 
 
 def head_plan(model: nn.Module, path: str, source: Source, dense: Any, logit_space: str) -> HeadPlan:
-    """The :class:`HeadPlan` of the head at ``path``; with ``dense`` options, a found head becomes its classifier block.
-
-    Example:
-        >>> head_plan(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 4)), "2", "declared", None, "auto")
-        HeadPlan(head_path='2', source='declared', feature_spec=None, logit_space=True, position_head=None)
-    """
+    """The :class:`HeadPlan` of the head at ``path``; with ``dense`` options, a found head becomes its classifier block."""
     if source in ("returned", "last") and dense is not None:
         path = classifier_block(model, path)
     in_logit_space = logit_space == "always" or (logit_space == "auto" and is_affine(model.get_submodule(path)))
@@ -377,24 +319,16 @@ def plan_before_fit(model: nn.Module, head: Optional[str], dense: Any, logit_spa
     return head_plan(model, path, "timm", dense, logit_space) if path is not None else None
 
 
-class BufferSafeHead:
-    """Runs ``head`` on copies of its buffers, so interpolations leave batch-norm running statistics untouched.
+def runnable_head(head: nn.Module) -> Callable[[Tensor], Tensor]:
+    """The head the interpolations run through: one with buffers (batch norm) runs on copies of them, so that
+    interpolations leave its running statistics as the real batch left them.
 
     Example:
         >>> head = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
-        >>> _ = BufferSafeHead(head)(torch.randn(8, 3))
+        >>> _ = runnable_head(head)(torch.randn(8, 3))
         >>> head[1].running_mean
         tensor([0., 0., 0., 0.])
     """
-
-    def __init__(self, head: nn.Module) -> None:
-        self.head = head
-
-    def __call__(self, x: Tensor) -> Tensor:
-        buffers = {name: b.clone() for name, b in self.head.named_buffers()}
-        return torch.func.functional_call(self.head, buffers, (x,))
-
-
-def runnable_head(head: nn.Module) -> Callable[[Tensor], Tensor]:
-    """The head the interpolations run through: one with buffers (batch norm) runs on copies of them."""
-    return BufferSafeHead(head) if next(head.buffers(), None) is not None else head
+    if next(head.buffers(), None) is None:
+        return head
+    return lambda x: torch.func.functional_call(head, {n: b.clone() for n, b in head.named_buffers()}, (x,))

@@ -11,13 +11,7 @@ from torch import Tensor
 
 
 def full_precision(tensor: Tensor) -> contextlib.AbstractContextManager:
-    """Autocast off on ``tensor``'s device, so interpolations stay float32 (in 16 bits weights no longer sum to one).
-
-    Example:
-        >>> with torch.autocast("cpu", dtype=torch.bfloat16), full_precision(torch.zeros(1)):
-        ...     (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
-        torch.float32
-    """
+    """Autocast off on ``tensor``'s device, so interpolations stay float32 (in 16 bits weights no longer sum to one)."""
     device = tensor.device.type
     try:
         enabled = torch.is_autocast_enabled(device)
@@ -27,13 +21,8 @@ def full_precision(tensor: Tensor) -> contextlib.AbstractContextManager:
 
 
 def is_affine(module: Any) -> bool:
-    """Whether ``module`` is known to be affine, so that interpolating its outputs equals running it on the
-    interpolations (weights that sum to one): the test that allows logit space.
-
-    Example:
-        >>> is_affine(torch.nn.Linear(2, 3)), is_affine(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU()))
-        (True, False)
-    """
+    """Whether ``module`` is known to be affine (an ``nn.Linear``), so that interpolating its outputs equals running it
+    on the interpolations (weights that sum to one): the test that allows logit space."""
     return isinstance(module, torch.nn.Linear)
 
 
@@ -46,10 +35,8 @@ def interpolate(values: Tensor, weights: Tensor) -> Tensor:
                 [1.0000, 0.0000]])
     """
     if values.shape[0] != weights.shape[0]:
-        raise ValueError(
-            f"`values` has {values.shape[0]} rows but `weights` has {weights.shape[0]}: weights must be (m, n) for m "
-            "rows."
-        )
+        raise ValueError(f"`values` has {values.shape[0]} rows but `weights` has {weights.shape[0]}: weights must be "
+                         "(m, n) for m rows.")
     flat = (values if values.ndim == 2 else values.reshape(values.shape[0], -1)).to(weights.dtype)
     with full_precision(values):
         mixed = weights.T @ flat

@@ -150,10 +150,9 @@ class EmbeddingAlignment(Metric):
             raise ValueError(f"EmbeddingAlignment: embeddings have {embeddings.shape[1]} dimensions, the metric was "
                              f"built with embedding_dim={self.embedding_dim}.")
         _check_labels(labels, embeddings.shape[0], self.num_classes, "EmbeddingAlignment")
-        counts, sums, squares = _alignment_update(embeddings, labels, self.num_classes)
-        self.counts += counts.to(self.counts.dtype)
-        self.sums += sums.to(self.sums.dtype)
-        self.squares += squares.to(self.squares.dtype)
+        for state, batch in zip((self.counts, self.sums, self.squares),
+                                _alignment_update(embeddings, labels, self.num_classes)):
+            state += batch.to(state.dtype)
 
     def compute(self) -> Tensor:
         return _alignment_compute(self.counts, self.sums, self.squares)

@@ -7,20 +7,12 @@ from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from lightning_multimix.dense import (
-    attention_from_scores,
-    class_scores,
-    dense_multimix_loss,
-    dense_weights,
-    factorised_dense_logit_loss,
-    masked_dense_weights,
-    per_position,
-    position_linear,
-)
+from lightning_multimix.dense import (attention_from_scores, class_scores, dense_multimix_loss, dense_weights,
+                                     factorised_dense_logit_loss, per_position, position_linear)
 from lightning_multimix.interpolation import full_precision, interpolate, is_affine
-from lightning_multimix.options import ATTENTION_KINDS, DISTILL_TARGETS
+from lightning_multimix.options import DISTILL_TARGETS
 from lightning_multimix.targets import mixed_one_hot, one_hot, smooth_
 
 Head = Callable[[Tensor], Tensor]
@@ -65,20 +57,11 @@ class TeacherOutputs:
         return torch.softmax(logits.detach().float() / self.temperature, dim=dim)
 
 
-def multimix_objective(
-    weights: Tensor,
-    labels: Tensor,
-    *,
-    logits: Optional[Tensor] = None,
-    embeddings: Optional[Tensor] = None,
-    head: Optional[Head] = None,
-    feature_map: Optional[Tensor] = None,
-    attention: Literal["cam", "softmax", "uniform"] = "cam",
-    position_mask: Optional[Tensor] = None,
-    affine_head: Optional[bool] = None,
-    teacher: Optional[TeacherOutputs] = None,
-    label_smoothing: float = 0.0,
-) -> Tensor:
+def multimix_objective(weights: Tensor, labels: Tensor, *, logits: Optional[Tensor] = None,
+                       embeddings: Optional[Tensor] = None, head: Optional[Head] = None,
+                       feature_map: Optional[Tensor] = None, attention: Literal["cam", "softmax", "uniform"] = "cam",
+                       position_mask: Optional[Tensor] = None, affine_head: Optional[bool] = None,
+                       teacher: Optional[TeacherOutputs] = None, label_smoothing: float = 0.0) -> Tensor:
     r"""The float32 MultiMix loss, ``mean_k CE(g(Z lambda_k), Y lambda_k)`` over the columns of ``weights``.
 
     Pass ``logits`` ``(m, c)`` (logit space: exact for an affine head, cheapest), or ``head`` ``(N, d) -> (N, c)``
@@ -100,7 +83,11 @@ def multimix_objective(
         ...                    multimix_objective(w, y, embeddings=z, head=head), atol=1e-5))
         True
     """
-    _check_weights_and_labels(weights, labels)
+    if weights.ndim != 2:
+        raise ValueError(f"multimix_objective: `weights` must be (m, n), got {tuple(weights.shape)}.")
+    if labels.ndim != 1 or labels.is_floating_point() or labels.shape[0] != weights.shape[0]:
+        raise ValueError(f"multimix_objective: `labels` must be ({weights.shape[0]},) integers, one per row of "
+                         f"`weights`, got {labels.dtype} {tuple(labels.shape)}.")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"multimix_objective: expected `label_smoothing` in [0, 1), got {label_smoothing!r}.")
     if feature_map is not None:
@@ -116,6 +103,7 @@ def multimix_objective(
         raise ValueError("multimix_objective: pass `logits` (logit space) or `embeddings` and `head` (embedding "
                          "space), not both.")
     class_major = logits is not None  # (c, n): the logits' product is wide, the softmax runs along n
+    _check_rows("logits" if class_major else "embeddings", logits if class_major else embeddings, labels)
 
     def mix(values: Tensor) -> Tensor:
         """``(m, c)`` values of the examples, interpolated into the layout of the mixed logits."""
@@ -124,12 +112,10 @@ def multimix_objective(
         with full_precision(values):
             return values.to(weights.dtype).T @ weights
 
-    if class_major:
-        _check_rows("logits", logits, labels)
-        mixed_logits = mix(logits)
-    else:
-        _check_rows("embeddings", embeddings, labels)
-        mixed_logits = head(interpolate(embeddings, weights).to(embeddings.dtype))
+    def head_on_mixed(head: Head, embeddings: Tensor) -> Tensor:  # (n, c)
+        return head(interpolate(embeddings, weights).to(embeddings.dtype))
+
+    mixed_logits = mix(logits) if class_major else head_on_mixed(head, embeddings)
     class_dim = 0 if class_major else -1
     log_probs = torch.log_softmax(mixed_logits.float(), dim=class_dim)
     num_classes, n = log_probs.shape[class_dim], weights.shape[1]
@@ -144,23 +130,16 @@ def multimix_objective(
             elif teacher.head is None:
                 mixed_teacher = teacher.probs(dim=class_dim, logits=mix(teacher.logits))
             else:
-                mixed = teacher.head(interpolate(teacher.embeddings, weights).to(teacher.embeddings.dtype))
+                mixed = head_on_mixed(teacher.head, teacher.embeddings)
                 mixed_teacher = teacher.probs(dim=class_dim, logits=mixed.T if class_major else mixed)
             targets.add_(mixed_teacher, alpha=-beta / n)
         smooth_(targets, label_smoothing, num_classes, mass=-1.0 / n)
     return (targets * log_probs).sum()
 
 
-def mixup_objective(
-    logits: Tensor,
-    labels: Tensor,
-    lam: Tensor,
-    partner: Tensor,
-    *,
-    teacher: Optional[TeacherOutputs] = None,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-) -> Tensor:
+def mixup_objective(logits: Tensor, labels: Tensor, lam: Tensor, partner: Tensor, *,
+                    teacher: Optional[TeacherOutputs] = None, ignore_index: int = -100,
+                    label_smoothing: float = 0.0) -> Tensor:
     r"""Input-mixup loss of the ``(b, c)`` logits of ``lam x + (1 - lam) x[partner]``: ``lam CE(logits, labels) +
     (1 - lam) CE(logits, labels[partner])``, each term ``F.cross_entropy`` (which leaves out ``ignore_index``; a batch
     with every label ignored has no loss: NaN, as there); ``teacher``: its logits on the same inputs.
@@ -188,19 +167,9 @@ def mixup_objective(
     return loss
 
 
-def _targets(labels: Tensor, num_classes: int, teacher: Optional[TeacherOutputs], label_smoothing: float) -> Tensor:
-    """Per-example targets ``(m, c)``: one-hot, with ``"probs"`` distillation mixed with the teacher's, smoothed."""
-    targets = one_hot(labels, num_classes)
-    if teacher is not None and teacher.targets == "probs":
-        targets = (1.0 - teacher.weight) * targets + teacher.weight * teacher.probs()
-    return smooth_(targets, label_smoothing, num_classes)
-
-
 def _dense_objective(weights: Tensor, labels: Tensor, features: Tensor, head: Head, attention: str,
                      affine_head: Optional[bool], teacher: Optional[TeacherOutputs], label_smoothing: float,
                      mask: Optional[Tensor]) -> Tensor:
-    if attention not in ATTENTION_KINDS:
-        raise ValueError(f"multimix_objective: attention={attention!r}; expected one of {ATTENTION_KINDS}.")
     if features.ndim != 3:
         raise ValueError(f"multimix_objective: `feature_map` must be (m, r, d), got {tuple(features.shape)}.")
     if teacher is not None and teacher.targets != "probs":
@@ -217,32 +186,25 @@ def _dense_objective(weights: Tensor, labels: Tensor, features: Tensor, head: He
             per_position(head, features)
     with torch.no_grad():
         readable = labels.clamp_min(0)  # a left-out example (ignore index) has weight 0: any class's scores do
-        own_class = readable.view(-1, 1, 1).expand(-1, features.shape[1], 1)
-        if linear and position_logits is not None:  # F_ij . W[y_i]: the logit without its bias, as in CAM
-            scores = position_logits.detach().float().gather(-1, own_class)[..., 0]
-            scores = scores - head.bias[readable, None].float() if head.bias is not None else scores
-        elif linear:
-            scores = class_scores(features, head.weight, readable)
+        if linear and position_logits is None:
+            scores, num_classes = class_scores(features, head.weight, readable), head.out_features
         else:
             logits_here = position_logits if position_logits is not None else per_position(head, features)
-            scores = logits_here.detach().float().gather(-1, own_class)[..., 0]
-        num_classes = head.out_features if linear else logits_here.shape[-1]
+            own_class = readable.view(-1, 1, 1).expand(-1, features.shape[1], 1)
+            scores, num_classes = logits_here.detach().float().gather(-1, own_class)[..., 0], logits_here.shape[-1]
+            if linear and head.bias is not None:  # F_ij . W[y_i]: the logit without its bias, as in CAM
+                scores = scores - head.bias[readable, None].float()
         weights_per_position = attention_from_scores(scores, attention, mask)
-    targets = _targets(labels, num_classes, teacher, label_smoothing)
+    # per-example targets (m, c): one-hot, mixed with the teacher's predictions, smoothed
+    targets = one_hot(labels, num_classes)
+    if teacher is not None:
+        targets = (1.0 - teacher.weight) * targets + teacher.weight * teacher.probs()
+    targets = smooth_(targets, label_smoothing, num_classes)
     if position_logits is not None:
         return factorised_dense_logit_loss(position_logits, targets, weights, weights_per_position, mask)
-    if mask is None:
-        return dense_multimix_loss(features, targets, dense_weights(weights, weights_per_position), head)
-    per_position_weights, valid = masked_dense_weights(weights, weights_per_position, mask)
+    per_position_weights = dense_weights(weights, weights_per_position, mask)
+    valid = per_position_weights.sum(0) > 0 if mask is not None else None  # the mixed positions not all padding
     return dense_multimix_loss(features, targets, per_position_weights, head, valid)
-
-
-def _check_weights_and_labels(weights: Tensor, labels: Tensor) -> None:
-    if weights.ndim != 2:
-        raise ValueError(f"multimix_objective: `weights` must be (m, n), got {tuple(weights.shape)}.")
-    if labels.ndim != 1 or labels.is_floating_point() or labels.shape[0] != weights.shape[0]:
-        raise ValueError(f"multimix_objective: `labels` must be ({weights.shape[0]},) integers, one per row of "
-                         f"`weights`, got {labels.dtype} {tuple(labels.shape)}.")
 
 
 def _check_rows(name: str, values: Tensor, labels: Tensor) -> None:

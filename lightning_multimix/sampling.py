@@ -11,17 +11,17 @@ Device = Union[torch.device, str, None]
 _MASK64 = (1 << 64) - 1
 
 
-def _validate(num_examples: int, alpha: float, *, min_examples: int = 1) -> None:
-    if not isinstance(num_examples, int) or num_examples < min_examples:
-        raise ValueError(f"Expected `num_examples` to be an int >= {min_examples}, got {num_examples!r}.")
+def _validate(alpha: float, minimum: int = 1, **counts: int) -> None:
+    """Raise unless ``alpha > 0`` and every count is an int ``>= minimum``."""
     if not alpha > 0:  # also rejects NaN
         raise ValueError(f"Expected `alpha` > 0 (the Dirichlet/Beta concentration), got {alpha!r}. Use e.g. alpha=1.0.")
+    for name, value in counts.items():
+        if not isinstance(value, int) or value < minimum:
+            raise ValueError(f"Expected `{name}` to be an int >= {minimum}, got {value!r}.")
 
 
 def _device(device: Device, generator: Optional[torch.Generator]) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return generator.device if generator is not None else torch.device("cpu")
+    return torch.device(device if device is not None else generator.device if generator is not None else "cpu")
 
 
 def _uniform(shape: tuple[int, ...], generator: Optional[torch.Generator], device: torch.device,
@@ -32,12 +32,7 @@ def _uniform(shape: tuple[int, ...], generator: Optional[torch.Generator], devic
 
 def log_gamma(concentration: float, shape: tuple[int, ...], *, generator: Optional[torch.Generator] = None,
               device: Device = None, dtype: torch.dtype = torch.float32) -> Tensor:
-    r"""Logarithms of ``Gamma(concentration, 1)`` draws, finite even where a small concentration's draws underflow.
-
-    Example:
-        >>> bool(log_gamma(1e-3, (1000,), generator=torch.Generator().manual_seed(0)).isfinite().all())
-        True
-    """
+    r"""Logarithms of ``Gamma(concentration, 1)`` draws, finite even where a small concentration's draws underflow."""
     if not concentration > 0:
         raise ValueError(f"Expected `concentration` > 0, got {concentration!r}.")
     device = _device(device, generator)
@@ -46,17 +41,9 @@ def log_gamma(concentration: float, shape: tuple[int, ...], *, generator: Option
     return boosted.log_().add_(_uniform(shape, generator, device, dtype).log_(), alpha=1.0 / concentration)
 
 
-def dirichlet_weights(
-    num_examples: int,
-    n_tuples: int,
-    alpha: float = 1.0,
-    *,
-    tuple_size: Optional[int] = None,
-    keep: Optional[Tensor] = None,
-    generator: Optional[torch.Generator] = None,
-    device: Device = None,
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
+def dirichlet_weights(num_examples: int, n_tuples: int, alpha: float = 1.0, *, tuple_size: Optional[int] = None,
+                      keep: Optional[Tensor] = None, generator: Optional[torch.Generator] = None, device: Device = None,
+                      dtype: torch.dtype = torch.float32) -> Tensor:
     r"""MultiMix weights ``(num_examples, n_tuples)``, columns i.i.d. ``Dirichlet(alpha * 1)`` (``alpha=1``: uniform).
 
     Args:
@@ -70,11 +57,7 @@ def dirichlet_weights(
         >>> w.shape, torch.allclose(w.sum(0), torch.ones(1000))
         (torch.Size([4, 1000]), True)
     """
-    _validate(num_examples, alpha)
-    if not isinstance(n_tuples, int) or n_tuples < 1:
-        raise ValueError(f"Expected `n_tuples` to be an int >= 1, got {n_tuples!r}.")
-    if tuple_size is not None and (not isinstance(tuple_size, int) or tuple_size < 1):
-        raise ValueError(f"Expected `tuple_size` to be None or an int >= 1, got {tuple_size!r}.")
+    _validate(alpha, num_examples=num_examples, n_tuples=n_tuples, tuple_size=1 if tuple_size is None else tuple_size)
     device = _device(device, generator)
     subset = tuple_size is not None and tuple_size < num_examples
     rows = tuple_size if subset else num_examples
@@ -100,14 +83,8 @@ def dirichlet_weights(
     return weights.div_(total.clamp_max_(-tiny) if alpha == 1.0 else total.clamp_min_(tiny))
 
 
-def mixup_pairing(
-    num_examples: int,
-    alpha: float = 1.0,
-    *,
-    generator: Optional[torch.Generator] = None,
-    device: Device = None,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[Tensor, Tensor]:
+def mixup_pairing(num_examples: int, alpha: float = 1.0, *, generator: Optional[torch.Generator] = None,
+                  device: Device = None, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     r"""Mixup's draw for a batch of two or more: a 0-dim ``lambda ~ Beta(alpha, alpha)`` and a partner permutation.
 
     Example:
@@ -115,7 +92,7 @@ def mixup_pairing(
         >>> lam.shape, bool(0 <= lam <= 1), sorted(partner.tolist())
         (torch.Size([]), True, [0, 1, 2, 3, 4])
     """
-    _validate(num_examples, alpha, min_examples=2)
+    _validate(alpha, minimum=2, num_examples=num_examples)
     device = _device(device, generator)
     if alpha == 1.0:  # Beta(1, 1) is Uniform(0, 1): one draw
         lam = torch.rand((), generator=generator, device=device, dtype=dtype)
@@ -126,15 +103,9 @@ def mixup_pairing(
     return lam, partner
 
 
-def pair_weights(
-    num_examples: int,
-    alpha: float = 1.0,
-    *,
-    keep: Optional[Tensor] = None,
-    generator: Optional[torch.Generator] = None,
-    device: Device = None,
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
+def pair_weights(num_examples: int, alpha: float = 1.0, *, keep: Optional[Tensor] = None,
+                 generator: Optional[torch.Generator] = None, device: Device = None,
+                 dtype: torch.dtype = torch.float32) -> Tensor:
     r"""Manifold-mixup weights ``(m, m)`` from :func:`mixup_pairing`: column ``k`` is ``lambda e_k + (1 - lambda)
     e_partner[k]``. With ``keep``, left-out rows are zero and columns renormalised (uniform over the kept if empty).
 
@@ -158,13 +129,7 @@ def pair_weights(
 
 
 class RandomStream:
-    """Batch ``i`` of process ``r`` draws from ``step_seed(base_seed, r, i)``: resumed runs draw as uninterrupted ones.
-
-    Example:
-        >>> stream = RandomStream(base_seed=0)
-        >>> stream.next_batch(), stream.next_batch(), stream.batches_seen
-        (0, 1, 2)
-    """
+    """Batch ``i`` of process ``r`` draws from ``step_seed(base_seed, r, i)``: resumed runs draw as unbroken ones."""
 
     def __init__(self, base_seed: int, batches_seen: int = 0) -> None:
         self.base_seed, self.batches_seen = base_seed, batches_seen
@@ -184,12 +149,7 @@ class RandomStream:
 
 
 def step_seed(base_seed: int, rank: int, step: int) -> int:
-    """A 63-bit seed for one step of one process, mixed from ``(base_seed, rank, step)`` by splitmix64.
-
-    Example:
-        >>> step_seed(0, 0, 1) != step_seed(0, 1, 0)
-        True
-    """
+    """A 63-bit seed for one step of one process, mixed from ``(base_seed, rank, step)`` by splitmix64."""
     state = 0
     for value in (base_seed, rank, step):
         state = _splitmix64(state + value)
@@ -197,12 +157,7 @@ def step_seed(base_seed: int, rank: int, step: int) -> int:
 
 
 def seed_uniform(seed: int) -> float:
-    """A number in ``[0, 1)``, a pure function of ``seed`` computed on the host (a step's coin).
-
-    Example:
-        >>> 0.0 <= seed_uniform(step_seed(0, 0, 7)) < 1.0
-        True
-    """
+    """A number in ``[0, 1)``, a pure function of ``seed`` computed on the host (a step's coin)."""
     return (_splitmix64(seed) >> 11) * 2.0**-53
 
 

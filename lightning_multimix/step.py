@@ -1,12 +1,9 @@
 """One training step under MultiMix: what stands in for the module's ``training_step`` while the callback is installed.
 
-:class:`TrainingStep` decides how the batch is mixed, mixes the inputs for input mixup, runs the user's
-``training_step`` with the captures armed, has the head found on the first batch when nothing named it
-(:mod:`lightning_multimix.head`), reads the targets once (:func:`~lightning_multimix.targets.read_targets`) and
-returns the objective in place of the user's loss. Its contract with the callback is explicit: it reads
-:class:`~lightning_multimix.options.MultiMixOptions`, the :class:`~lightning_multimix.sampling.RandomStream`, the
-``sample_weights`` hook and, when the head is known before the fit, a :class:`~lightning_multimix.head.HeadPlan`; it
-hands each mixed batch's :class:`StepReport` to ``report``. It never touches the callback itself.
+:class:`TrainingStep` decides how the batch is mixed, mixes the inputs for input mixup, runs the user's step with the
+captures armed, has the head found (:mod:`~lightning_multimix.head`) and the targets read on the first batch, and returns
+the objective in place of the user's loss. It reads the options, the random stream, the ``sample_weights`` hook and the
+head's plan, and hands each mixed batch's :class:`StepReport` to ``report``; it never touches the callback itself.
 """
 
 from __future__ import annotations
@@ -23,15 +20,8 @@ from torch import Tensor
 from lightning_multimix.batch import InputMixer, default_labels, default_mix_inputs
 from lightning_multimix.capture import CallOrder, StepCapture
 from lightning_multimix.errors import MultiMixError
-from lightning_multimix.head import (
-    HeadPlan,
-    HeadProbe,
-    check_found_head,
-    declared_feature_map,
-    head_plan,
-    head_tensors,
-    runnable_head,
-)
+from lightning_multimix.head import HeadPlan, HeadProbe, check_found_head, declared_feature_map, head_plan
+from lightning_multimix.head import head_tensors, runnable_head
 from lightning_multimix.objective import TeacherOutputs, mixup_objective, multimix_objective
 from lightning_multimix.options import MultiMixOptions
 from lightning_multimix.sampling import RandomStream
@@ -62,10 +52,7 @@ class StepReport:
 
 class TrainingStep:
     """Stands in for ``module.training_step`` (the original is ``original``) during one fit; removed in ``teardown``.
-
-    It holds the state of the fit that only the step needs: the captures (or, until the head is known, the probe),
-    the generator, the targets read on the first batch, and :attr:`batch_counts`.
-    """
+    It holds what only the step needs: the captures, the generator, the targets and :attr:`batch_counts`."""
 
     def __init__(self, module: "pl.LightningModule", original: Any, options: MultiMixOptions, stream: RandomStream,
                  sample_weights: Callable[..., Tensor], report: Callable[[StepReport], None],

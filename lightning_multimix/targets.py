@@ -1,12 +1,10 @@
-"""What a fit's targets are, decided once, and the rules that build them (torch only, no Lightning).
+"""What a fit's targets are, decided once on the first batch, and the rules that build them (torch only).
 
-On the first batch :func:`read_targets` reads the labels and the user's loss and returns :class:`Targets`: integer
-classes, which label is ignored, the number of classes, the label smoothing of the mixed targets and whether the user's
-loss has other terms. It flows down to the objective; nothing below re-derives it. The user's loss ``U`` is read
-through its gradient with respect to the logits (by value where the logits are not in the graph of ``U``, as with a
-compiled forward): it is explained when ``dU/dlogits`` equals the gradient of ``F.cross_entropy(logits, labels,
-label_smoothing=eps)`` for some ``eps`` in ``[0, 1)``. Then ``U - CE_eps`` does not depend on the logits (a
-regulariser, an auxiliary task: kept beside the MultiMix loss), and ``eps`` is carried into the mixed targets.
+:func:`read_targets` reads the labels and the user's loss ``U`` into :class:`Targets`, which flows down to the
+objective. ``U`` is explained when ``dU/dlogits`` equals the gradient of ``F.cross_entropy(logits, labels,
+label_smoothing=eps)`` for some ``eps`` in ``[0, 1)`` (compared by value where the logits are not in the graph of
+``U``, as with a compiled forward): ``U - CE_eps`` then does not involve the logits (a regulariser, an auxiliary task:
+kept beside the MultiMix loss) and ``eps`` is carried into the mixed targets.
 """
 
 from __future__ import annotations
@@ -32,15 +30,11 @@ def class_indices(labels: Any) -> Tensor:
         >>> class_indices(torch.tensor([2, 0]))
         tensor([2, 0])
     """
-    if not isinstance(labels, Tensor):
-        raise MultiMixError(f"MultiMix needs integer class labels as a tensor, got {type(labels).__name__}. Return "
-                            "them from `MultiMixMixin.multimix_labels(batch)`.")
-    if labels.dtype not in _INTEGER_DTYPES or labels.ndim != 1:
-        raise MultiMixError(
-            f"MultiMix needs integer class labels of shape (b,), got dtype {labels.dtype} and shape "
-            f"{tuple(labels.shape)} (one-hot or soft targets are not supported). Return class indices from "
-            "`MultiMixMixin.multimix_labels(batch)`."
-        )
+    if not isinstance(labels, Tensor) or labels.dtype not in _INTEGER_DTYPES or labels.ndim != 1:
+        what = f"dtype {labels.dtype} and shape {tuple(labels.shape)}" if isinstance(labels, Tensor) else \
+            type(labels).__name__
+        raise MultiMixError(f"MultiMix needs integer class labels of shape (b,), got {what} (one-hot or soft targets "
+                            "are not supported). Return class indices from `MultiMixMixin.multimix_labels(batch)`.")
     return labels
 
 

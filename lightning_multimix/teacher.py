@@ -19,15 +19,8 @@ _COMPILED_METHODS = ("forward", "training_step", "validation_step", "test_step",
 
 
 def ema_decay_at(step: int, decay: float, warmup: bool = True) -> float:
-    """The EMA decay after optimizer step ``step``: ``min(decay, (1 + step) / (10 + step))``, or ``decay`` unwarmed.
-
-    Example:
-        >>> ema_decay_at(0, 0.999), ema_decay_at(0, 0.999, warmup=False), ema_decay_at(100_000, 0.999)
-        (0.1, 0.999, 0.999)
-    """
-    if not warmup:
-        return decay
-    return min(decay, (1.0 + step) / (10.0 + step))
+    """The EMA decay after optimizer step ``step``: ``min(decay, (1 + step) / (10 + step))``, or ``decay`` unwarmed."""
+    return min(decay, (1.0 + step) / (10.0 + step)) if warmup else decay
 
 
 class EMATeacher:
@@ -46,32 +39,24 @@ class EMATeacher:
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True) -> None:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"Expected `ema_decay` in [0, 1], got {decay!r}.")
-        self.decay = decay
-        self.warmup = warmup
-        self.num_updates = 0
+        self.decay, self.warmup, self.num_updates = decay, warmup, 0
         #: float32 masters of half-precision parameters, which the EMA moves
         self.masters: Optional[list[Tensor]] = None
-        self.module = copy.deepcopy(model)
-        self.module.requires_grad_(False)
-        self.module.eval()
-
-    def decay_now(self) -> float:
-        return ema_decay_at(self.num_updates, self.decay, self.warmup)
+        self.module = copy.deepcopy(model).requires_grad_(False).eval()
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """One EMA step towards ``model``'s parameters (no device sync); buffers are copied."""
         teacher_params, student_params = list(self.module.parameters()), list(model.parameters())
         if len(teacher_params) != len(student_params):
-            raise MultiMixError(
-                f"The teacher has {len(teacher_params)} parameter tensors but the model has {len(student_params)}: "
-                "the model's structure changed after self-distillation copied it at the start of the fit. Change the "
-                "model before `trainer.fit`, or train without `MultiMix(distill=...)`."
-            )
+            raise MultiMixError(f"The teacher has {len(teacher_params)} parameter tensors but the model has "
+                                f"{len(student_params)}: the model's structure changed after self-distillation "
+                                "copied it at the start of the fit. Change the model before `trainer.fit`, or train "
+                                "without `MultiMix(distill=...)`.")
         floating = [(t, s) for t, s in zip(teacher_params, student_params) if t.is_floating_point()]
         if floating:
             teachers, students = map(list, zip(*floating))
-            average = get_ema_multi_avg_fn(self.decay_now())
+            average = get_ema_multi_avg_fn(ema_decay_at(self.num_updates, self.decay, self.warmup))
             if self.masters is None and any(t.dtype in (torch.float16, torch.bfloat16) for t in teachers):
                 # in 16 bits a step (1 - decay) * (student - teacher) is below the teacher's last bit: use masters
                 self.masters = [t.float().clone() for t in teachers]
@@ -134,7 +119,8 @@ class Distiller:
         self._pending: Optional[dict[str, Any]] = None
         self._head: Optional[Capture] = None
         self.last_update_step = 0
-        self._swapped = False
+        #: whether the module holds the teacher's weights right now (during validation with the teacher)
+        self.swapped = False
 
     def attach(self, module: nn.Module, device: torch.device) -> None:
         """Make (or keep, when fitting the same module again) the teacher; call before hooking ``module``."""
@@ -172,11 +158,10 @@ class Distiller:
         assert self.teacher is not None and self._head is not None, "attach() and watch() first"
         with torch.no_grad(), self._head:
             self.teacher.module.get_submodule(source)(*args, **kwargs)
-        head = self._head.module if with_embeddings else None
-        return TeacherOutputs(
-            logits=self._head.output, weight=self.beta(global_step), temperature=self.options.temperature,
-            targets=self.options.targets, embeddings=self._head.input if with_embeddings else None, head=head,
-        )
+        head = self._head
+        return TeacherOutputs(logits=head.output, weight=self.beta(global_step), temperature=self.options.temperature,
+                              targets=self.options.targets, embeddings=head.input if with_embeddings else None,
+                              head=head.module if with_embeddings else None)
 
     def start(self, global_step: int) -> None:
         """A fit starts (or resumes) at ``global_step``: the next optimizer step updates the teacher."""
@@ -191,19 +176,14 @@ class Distiller:
         if world_size > 1:
             broadcast_buffers(self.teacher.module)
 
-    @property
-    def swapped(self) -> bool:
-        """Whether the module holds the teacher's weights right now (during validation with the teacher)."""
-        return self._swapped
-
     def swap(self, module: nn.Module, swapped: bool) -> None:
         """Put the teacher's weights into ``module`` (``swapped=True``) or back; idempotent. A teacher restored from a
         state but not built by a fit yet is built first."""
         if self.options.validate_with_teacher and swapped and self.teacher is None and self._pending is not None:
             self.attach(module, next(module.parameters()).device)
-        if self.options.validate_with_teacher and self.teacher is not None and self._swapped != swapped:
+        if self.options.validate_with_teacher and self.teacher is not None and self.swapped != swapped:
             self.teacher.swap_weights(module)
-            self._swapped = swapped
+            self.swapped = swapped
 
     def state_dict(self) -> dict[str, Any]:
         teacher = self.teacher.state_dict() if self.teacher is not None else self._pending
@@ -214,7 +194,7 @@ class Distiller:
         if not self.options.validate_with_teacher or self.teacher is None:
             return
         ours, theirs = module.state_dict(), self.teacher.module.state_dict()
-        teacher, student = (ours, theirs) if self._swapped else (theirs, ours)
+        teacher, student = (ours, theirs) if self.swapped else (theirs, ours)
         checkpoint["state_dict"] = teacher
         if "callbacks" in checkpoint:  # not in a weights-only checkpoint
             checkpoint["callbacks"][key]["student"] = student
@@ -259,17 +239,14 @@ def check_teacher_entry(model: nn.Module, head_path: str, inputs: Optional[tuple
     """What the teacher re-runs: ``inputs``, the outermost module on the way to the head that the step called, with
     its arguments. With the ``order`` the modules ran in (first batch), it must be the model's forward, not a block the
     step fed with another module's output."""
-    how = ("Call the model through `self(...)` in training_step, with a `forward` that runs the whole model to the "
-           "logits.")
+    why = "Self-distillation runs the teacher's own forward on the inputs of your model, but"
+    how = "Call the model through `self(...)` in training_step, with a `forward` running the whole model to the logits."
     if inputs is None:
-        raise MultiMixError("Self-distillation runs the teacher's own forward on the inputs of your model, but the "
-                            f"training step called no module on the way to the head {head_path!r} (it called the head "
-                            f"itself). {how}")
+        raise MultiMixError(f"{why} the training step called no module on the way to the head {head_path!r} (it called "
+                            f"the head itself). {how}")
     before = ran_before(model, inputs[0], order) if order is not None else None
     if before is not None:
-        raise MultiMixError(
-            f"Self-distillation runs the teacher's own forward on the inputs of your model, but your training_step "
-            f"calls {before!r} and then {inputs[0]!r} itself (not through `forward`), so the teacher would run "
-            f"{inputs[0]!r} alone on the student's features. {how}"
-        )
+        raise MultiMixError(f"{why} your training_step calls {before!r} and then {inputs[0]!r} itself (not through "
+                            f"`forward`), so the teacher would run {inputs[0]!r} alone on the student's features. "
+                            f"{how}")
     return inputs

@@ -5,6 +5,8 @@ Kept apart from ``helpers.py`` (the DDP and production-training tests') so that 
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Callable, Optional
 
 import lightning as L
@@ -12,14 +14,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from helpers import trainer
 from lightning_multimix import MultiMix
 
 
-def quiet_trainer(callbacks: Any = (), **kwargs: Any) -> L.Trainer:
-    """A CPU trainer without logger, checkpoints, progress bar, summary or sanity check unless asked for."""
-    defaults = dict(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, accelerator="cpu", devices=1, num_sanity_val_steps=0)
-    return L.Trainer(callbacks=list(callbacks), **{**defaults, **kwargs})
+#: the tests' quiet CPU trainer, without the sanity check
+quiet_trainer = functools.partial(trainer, num_sanity_val_steps=0)
 
 
 def loader(x: Tensor, y: Tensor, batch_size: int) -> DataLoader:

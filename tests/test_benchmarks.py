@@ -1,11 +1,13 @@
-"""Smoke tests of the benchmark scripts: they run end to end (``--quick``) and report every method.
+"""Smoke tests of the benchmark scripts: they run end to end (``--quick``) and report every method; by default they
+write into a folder git ignores; they use only the library's stable public names.
 
-No timing or accuracy is asserted: the numbers of a quick run on a CI machine mean nothing. The tests are end-to-end
-runs of the scripts (several Trainers for some, up to a few minutes each on 2 CPU cores), hence ``slow``.
+No timing or accuracy is asserted: the numbers of a quick run on a CI machine mean nothing. The end-to-end runs start
+several Trainers each (up to a few minutes on 2 CPU cores), hence ``slow``.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import os
 import re
@@ -17,13 +19,19 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks._harness import read_csv  # noqa: E402
+from benchmarks._harness import OUT_DIR, read_csv  # noqa: E402
+
 OVERHEAD_METHODS = ("none", "mixup", "cutmix", "input-mixup", "input-mixup-in-step", "pairs", "multimix-1000",
                     "multimix-1000-in-step", "multimix-10000", "protocol-1000", "dense-1000", "dense-10000",
                     "distill-1000")
 ACCURACY_METHODS = ("erm", "mixup", "cutmix", "switch", "pairs", "multimix", "multimix_every", "dense", "distill")
 REGIMES = ("clean", "low_data", "noisy")
-SAMPLING_WAYS = ("package", "standard_gamma", "distributions.Dirichlet")
+#: the library names a benchmark may import: module -> names (None: the module itself, or anything of the demo)
+PUBLIC = {"lightning_multimix": {"MultiMix", "Dense", "SelfDistillation", "multimix_objective", "mixup_objective",
+                                 "TeacherOutputs"},
+          "lightning_multimix.sampling": {"dirichlet_weights", "mixup_pairing", "pair_weights"},
+          "lightning_multimix.interpolation": {"mix_with_partner"}, "lightning_multimix.batch": {"InputMixer"},
+          "lightning_multimix.teacher": {"Distiller"}}
 SWEEP_CONFIGS = ("default", "alpha=0.1", "alpha=0.5", "alpha=2", "tuple_size=2", "tuple_size=4", "tuple_size=8",
                  "n_tuples=100", "n_tuples=10000", "probability=0.25", "probability=0.75", "probability=1")
 
@@ -57,49 +65,14 @@ def test_overhead_quick_prints_every_method_and_writes_files(tmp_path: Path) -> 
     core = _table_rows(stdout, "== Where the time goes")
     assert [row[0] for row in core] == [m for m in OVERHEAD_METHODS
                                         if m not in ("none", "mixup", "cutmix") and not m.endswith("-in-step")]
+    # sample, teacher, objective, backward, total, the callback's own: only distillation has a teacher stage
+    assert all(len(row) == (7 if row[0] == "distill-1000" else 6) for row in core)
+    assert all(float(cell) > 0 for row in core for cell in row[1:-1])
     header = (tmp_path / "overhead_smallcnn_cpu.md").read_text().splitlines()
     assert header[0].startswith("command: python benchmarks/overhead.py --quick") and header[1].startswith("date: ")
     with open(tmp_path / "overhead_smallcnn_cpu.csv", newline="") as handle:
         lines = handle.read().splitlines()
     assert lines[0].startswith("# command: ") and [line.split(",")[0] for line in lines[5:]] == list(OVERHEAD_METHODS)
-
-
-@pytest.mark.slow
-def test_cross_entropy_script_reports_every_layout(tmp_path: Path) -> None:
-    stdout = _run("benchmarks/cross_entropy.py", "--repeats", "3", "--processes", "2", "--out", str(tmp_path))
-    rows = _table_rows(stdout, "== soft cross-entropy")
-    assert [row[-7] for row in rows] == ["1000x10", "10x1000", "10x10000", "49x10x1000"]
-    assert all(float(row[-2]) < 1e-5 and float(row[-1]) < 1e-6 for row in rows)  # same loss, same gradient
-    assert "2 fresh processes per layout" in (tmp_path / "cross_entropy.md").read_text()
-
-
-@pytest.mark.slow
-def test_sampling_quick_compares_every_way_and_writes_its_results_file(tmp_path: Path) -> None:
-    stdout = _run("benchmarks/sampling.py", "--quick", "--out", str(tmp_path))
-    assert "machine: " in stdout and "torch_threads=1" in stdout
-    expected = [[alpha, "128", "x", n, way] for alpha in ("1", "0.5") for n in ("100", "1000", "10000")
-                for way in SAMPLING_WAYS]
-    title = "== Dirichlet weights, one thread"
-    rows = _table_rows(stdout, title)
-    assert [row[:5] for row in rows] == expected
-    for row in rows:
-        assert float(row[5]) > 0 and float(row[6]) > 0 and (row[4] != "package" or row[6] == "1.00")  # vs package
-        assert 0.8 < float(row[7]) < 1.2  # the variance of a Dirichlet: every way draws the same distribution
-    text = (tmp_path / "sampling.md").read_text()
-    header = text.splitlines()
-    assert header[0] == f"command: python benchmarks/sampling.py --quick --out {tmp_path}"
-    assert header[1].startswith("date: ") and header[2].startswith("machine: ") and "torch_threads=1" in header[2]
-    assert header[3].startswith("settings: m=128, n=100,1000,10000, alpha=1,0.5, 3 interleaved calls")
-    assert [row[:5] for row in _table_rows(text.split("```")[1], title)] == expected  # the printed table
-
-
-def test_sampling_quick_run_never_replaces_the_recorded_results() -> None:
-    from benchmarks._harness import RESULTS_DIR
-    from benchmarks.sampling import results_dir
-
-    assert results_dir(None, quick=True) == ""
-    assert results_dir(None, quick=False) == str(RESULTS_DIR)
-    assert results_dir("/tmp/x", quick=True) == "/tmp/x"
 
 
 @pytest.mark.slow
@@ -159,41 +132,42 @@ def test_sweep_quick_reports_every_configuration(tmp_path: Path) -> None:
     stdout = _run("benchmarks/sweep.py", "--quick", "--out", str(tmp_path))
     rows = _table_rows(stdout, "== MultiMix settings, noisy")
     assert [row[0] for row in rows] == list(SWEEP_CONFIGS)
+    assert all(row[-1] == "no" for row in rows[1:])  # one seed: no standard deviation, nothing "beats default"
     assert (tmp_path / "sweep_noisy.md").read_text().startswith("command: python benchmarks/sweep.py --quick")
+    runs = read_csv(tmp_path / "sweep_noisy_runs.csv")
+    assert [run["config"] for run in runs] == list(SWEEP_CONFIGS)
+    assert all(0.0 <= float(run["test_acc"]) <= float(run["best_acc"]) <= 1.0 for run in runs)
 
 
-@pytest.mark.slow
-def test_kernels_script_compares_every_product_with_equal_values(tmp_path: Path) -> None:
-    stdout = _run("benchmarks/kernels.py", "--n", "100,200", "--repeats", "3", "--out", str(tmp_path))
-    rows = _table_rows(stdout, "== products of the objective")
-    # per n: mixed logits against two other layouts, the dense head per position; then input mixup once
-    assert len(rows) == 7 and all(float(row[-1]) < 1e-5 for row in rows)
-    assert [row[0] for row in rows] == ["mixed", "mixed", "dense"] * 2 + ["input"]
-    assert rows[-1][:3] == ["input", "mixup,", "128"]  # the mixing of a batch, once
-    assert (tmp_path / "kernels.md").read_text().startswith("command: python benchmarks/kernels.py")
+def test_every_script_writes_into_an_ignored_folder_by_default() -> None:
+    """A run without ``--out`` never touches the committed results: the default folder is ignored by git."""
+    from benchmarks import accuracy, overhead, paper_protocol, sweep
+
+    assert OUT_DIR == REPO / "benchmarks" / "out"
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(OUT_DIR / "accuracy_runs.csv")], cwd=REPO)
+    assert ignored.returncode == 0, "benchmarks/out/ is not in .gitignore"
+    for args in (accuracy.parse_args(["--quick"]), sweep.parse_args([]), overhead.parse_args(["--quick"]),
+                 paper_protocol.parse_args(["--synthetic"])):
+        assert args.out == str(OUT_DIR)
+    for script in ("step_cost", "versions"):
+        text = (REPO / "benchmarks" / f"{script}.py").read_text()
+        assert '"--out", default=str(OUT_DIR)' in text
+    assert "results" not in (REPO / "benchmarks" / "_harness.py").read_text().split("OUT_DIR = ")[1].splitlines()[0]
 
 
-@pytest.mark.slow
-def test_step_profile_times_each_stage_inside_the_step(tmp_path: Path) -> None:
-    stdout = _run("benchmarks/step_profile.py", "--methods", "input-mixup,multimix-1000", "--warmup", "1", "--steps",
-                  "3", "--out", str(tmp_path))
-    lines = stdout.splitlines()
-    rule = lines[next(i for i, line in enumerate(lines) if line.startswith("== inside the training step")) + 2]
-    spans = [(m.start(), m.end()) for m in re.finditer(r"-+", rule)]  # cells by the rule's columns: some are empty
-    rows = {}
-    for line in lines[lines.index(rule) + 1:]:
-        if not line.strip() or line.startswith("wrote"):
-            break
-        label, *cells = (line[a:b].strip() for a, b in spans)
-        rows[label] = [float(c) if c else None for c in cells]
-    assert all(whole > own > 0 for whole, own in zip(rows["the step MultiMix stands in for"],
-                                                     rows["your training_step"]))
-    assert rows["input mixing"][0] > 0 and rows["input mixing"][1] is None  # MultiMix batches mix no inputs
-    assert "stages this version of the package does not have" not in stdout  # every stage's function exists
-    assert rows["Dirichlet weights"][0] is None and rows["Dirichlet weights"][1] > 0
-    assert rows["after the step: health, log"][0] > 0 and rows["after the step: health, log"][1] > 0
-    assert rows["input-mixup objective"][0] > 0 and all(v is not None for v in rows["callback's part"])
-    assert (tmp_path / "step_profile_smallcnn_cpu.md").read_text().startswith("command: python benchmarks/step_pro")
+def test_benchmarks_import_only_the_stable_public_names_of_the_library() -> None:
+    for path in sorted((REPO / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lightning_multimix"):
+                if node.module.startswith("lightning_multimix.demo"):
+                    continue
+                assert node.module in PUBLIC, f"{path.name} imports from {node.module}"
+                names = {alias.name for alias in node.names}
+                assert names <= PUBLIC[node.module], f"{path.name}: {sorted(names - PUBLIC[node.module])}"
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("lightning_multimix") for a in node.names), path.name
+        # no private method of a class, such as ``TrainingStep._mix_batch`` (patched, it would tie a benchmark to it)
+        assert not re.search(r"\b[A-Z]\w*\._[a-z]\w*", path.read_text()), path.name
 
 
 def test_step_cost_quick_counts_every_method_and_writes_its_results_file(tmp_path: Path) -> None:

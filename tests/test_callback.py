@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from helpers import trainer
 from lightning_multimix import MultiMix, MultiMixError, MultiMixMixin
 from lightning_multimix.step import TrainingStep
 
@@ -49,12 +50,6 @@ def data(n: int = 32, batch_size: int = 8, seed: int = 0, labels=None) -> DataLo
     x = torch.randn(n, DIM, generator=g)
     y = torch.randint(0, NUM_CLASSES, (n,), generator=g) if labels is None else labels
     return DataLoader(TensorDataset(x, y), batch_size=batch_size)
-
-
-def trainer(callbacks: Any = (), **kwargs: Any) -> L.Trainer:
-    defaults = dict(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, accelerator="cpu", devices=1)
-    return L.Trainer(callbacks=list(callbacks), **{**defaults, **kwargs})
 
 
 class FixedWeights(MultiMix):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from pathlib import Path
@@ -14,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import helpers
 from lightning_multimix import MultiMix
 from lightning_multimix.demo.classifier import ImageClassifier
 from lightning_multimix.metrics import embedding_alignment, embedding_uniformity
@@ -26,10 +28,7 @@ def tiny_loader(n: int = 16, batch_size: int = 4, seed: int = 0, shuffle: bool =
     return DataLoader(data, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle)
 
 
-def trainer(**kwargs) -> L.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, num_sanity_val_steps=0)
-    return L.Trainer(**{**defaults, **kwargs})
+trainer = functools.partial(helpers.trainer, num_sanity_val_steps=0)
 
 
 @pytest.fixture(autouse=True)

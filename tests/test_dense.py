@@ -19,7 +19,6 @@ from lightning_multimix.dense import (
     attention_from_scores,
     class_scores,
     dense_interpolate,
-    dense_interpolate_targets,
     dense_multimix_loss,
     dense_weights,
     position_linear,
@@ -141,6 +140,19 @@ def test_dense_weights_on_the_simplex_at_every_position():
     torch.testing.assert_close(w[:, :3, 1], lam[:, :3])
     raw = lam[:, 3:, None] * attention[:, None, 2:]
     torch.testing.assert_close(w[:, 3:, 2:], raw / raw.sum(0, keepdim=True))
+
+
+def test_dense_weights_give_padding_nothing():
+    lam = torch.tensor([[0.25, 1.0], [0.75, 0.0]])
+    attention = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.5, 0.5]])
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    w = dense_weights(lam, attention, mask)
+    # position 0: only example 0 attends (example 1's zero attention is floored to a negligible weight); position 1:
+    # only example 1 is not padding; position 2: example 0 alone is not padding and has no attention: all its weight
+    torch.testing.assert_close(w[:, 0], torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))
+    # tuple 1 has no weight on example 1, the only one not padding at position 1: that mixed position is all zero
+    torch.testing.assert_close(w[:, 1], torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]))
+    torch.testing.assert_close(w.sum(0) > 0, torch.tensor([[True, True, True], [True, False, True]]))
 
 
 def test_all_zero_attention_gives_finite_loss_and_gradients():
@@ -285,7 +297,7 @@ def test_interpolation_stays_float32_under_bf16_autocast():
     lam = torch.distributions.Dirichlet(torch.ones(3)).sample((7,)).T
     weights = dense_weights(lam, attention_from_scores(torch.randn(3, 5), "softmax"))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        targets = dense_interpolate_targets(torch.eye(4)[:3], weights)
+        targets = dense_interpolate(torch.eye(4)[:3, None].expand(-1, 5, -1), weights)  # every position's
         mixed = dense_interpolate(torch.randn(3, 5, 4).bfloat16(), weights)
     assert targets.dtype == mixed.dtype == torch.float32
     torch.testing.assert_close(targets.sum(-1), torch.ones(7, 5))

@@ -12,7 +12,7 @@ from torch import nn
 
 from helpers import NUM_CLASSES, TinyMLP, loader, trainer
 from lightning_multimix import MultiMix, MultiMixError
-from lightning_multimix.health import HealthFlag
+from lightning_multimix.monitor import HealthFlag
 
 
 class NaNAt(TinyMLP):

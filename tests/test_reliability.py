@@ -1,4 +1,4 @@
-"""No silent wrong training, no lost state: one regression test per failure a user's module showed (issue 12).
+"""No silent wrong training, no lost state: one regression test per failure a user's module showed.
 
 Each test is built on a module like the one that showed the failure: a classifier registered before its body, an
 auxiliary head, ``(x, mask, y)`` batches, an exception in validation with the teacher swapped in, a deep copy during

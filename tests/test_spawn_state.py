@@ -1,4 +1,4 @@
-"""After a fit under ``ddp_spawn`` the main process's callback holds what rank 0 ended with (issue 25): the random
+"""After a fit under ``ddp_spawn`` the main process's callback holds what rank 0 ended with: the random
 stream, the teacher, the EMA step and the batch counts come back with Lightning's own results from the workers, so a
 checkpoint saved in the main process resumes like the uninterrupted run.
 

@@ -1,4 +1,4 @@
-"""The user's loss, the head and where mixing happens, as users write them (issue 22): each case on a module like the
+"""The user's loss, the head and where mixing happens, as users write them: each case on a module like the
 one a user writes, asserting on weights, buffers, logged values or the error's text."""
 
 from __future__ import annotations
