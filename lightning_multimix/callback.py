@@ -91,8 +91,6 @@ class MultiMix(Callback):
         """Dense mode: where the feature map is read, ``(dotted path, kind)`` (see :mod:`.feature_maps`)."""
         return self._plan.feature_spec if self._plan is not None else None
 
-    # ------------------------------------------------------------------ life cycle
-
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -233,8 +231,6 @@ class MultiMix(Callback):
             self._stream.base_seed, self._stream.batches_seen = base_seed, seen
         if self._distiller is not None:
             self._distiller.load_state_dict(state_dict)
-
-    # ------------------------------------------------------------------ the weights, logging and health
 
     def sample_weights(self, num_examples: int, mode: Literal["multimix", "pairs"], generator: torch.Generator,
                        keep: Optional[Tensor] = None) -> Tensor:

@@ -49,18 +49,7 @@ class _Hook:
 
 class Capture:
     """Record the first input (and positional/keyword arguments) and output of ``module`` while armed, and count its
-    calls. ``clone_input=True`` keeps a copy of the first positional input, safe from in-place layers inside the module.
-
-    Example:
-        >>> import torch
-        >>> head = torch.nn.Linear(3, 2)
-        >>> capture = Capture(head)
-        >>> with capture:
-        ...     _ = head(torch.randn(4, 3))
-        >>> capture.calls, tuple(capture.input.shape), tuple(capture.output.shape)
-        (1, (4, 3), (4, 2))
-        >>> capture.remove()
-    """
+    calls. ``clone_input=True`` keeps a copy of the first positional input, safe from in-place layers inside it."""
 
     def __init__(self, module: nn.Module, clone_input: bool = False) -> None:
         self.module, self.clone_input = module, clone_input

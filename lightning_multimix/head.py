@@ -1,6 +1,6 @@
 """Where the classifier head is (and dense mode's feature map), decided in one place (torch only, no Lightning).
 
-In this order: 1. **declared**, ``MultiMix(head=...)`` or ``MultiMixMixin.multimix_head()`` (:func:`declared_head`);
+In this order: 1. **declared**, ``MultiMix(head=...)`` or ``MultiMixMixin.multimix_head()`` (:func:`declared`);
 2. **timm**'s account of its head, ``get_classifier()`` (:func:`timm_head`); 3. **found** on the first training batch
 (:class:`HeadProbe`): the ``nn.Linear`` whose output the model returns, else the last that ran; 4. a found head is
 **checked against the user's loss** (:func:`check_found_head`). :func:`head_plan` makes the :class:`HeadPlan` (dense
@@ -31,31 +31,21 @@ SOURCES: dict[str, str] = {"declared": "declared", "timm": "the timm model's get
                            "last": "the last nn.Linear that ran (no nn.Linear output is returned as it is)"}
 
 
-def submodule(root: nn.Module, path: str, what: str = "the classifier head") -> nn.Module:
-    """The submodule of ``root`` at dotted ``path``; :class:`MultiMixError` listing the ``nn.Linear`` modules if none."""
+def declared(model: nn.Module, path: Optional[str], hook: str, what: str = "the classifier head") -> Optional[str]:
+    """A module the user declared: ``path`` (checked to exist), else what ``MultiMixMixin.<hook>()`` returns (checked
+    to be in the model), else ``None``. A path or module not in the model is an error listing its ``nn.Linear`` ones."""
+    module = getattr(model, hook)() if path is None and hasattr(model, hook) else None
+    if module is not None:
+        path = next((name for name, m in model.named_modules() if m is module), None)
+        if path is None:
+            raise MultiMixError(f"`{hook}()` returned a module that is not a submodule of {type(model).__name__}.")
     try:
-        return root.get_submodule(path)
+        model.get_submodule(path) if path is not None else None
     except AttributeError:
-        linears = [name for name, m in root.named_modules() if isinstance(m, nn.Linear)]
-        raise MultiMixError(f"No submodule {path!r} in {type(root).__name__}. Pass the dotted path of {what}; the "
+        linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise MultiMixError(f"No submodule {path!r} in {type(model).__name__}. Pass the dotted path of {what}; the "
                             f"model's nn.Linear modules are {linears}.") from None
-
-
-def path_of(root: nn.Module, module: nn.Module, where: str) -> str:
-    """The dotted path of ``module`` inside ``root``; ``where`` names what returned it, for the error."""
-    for name, candidate in root.named_modules():
-        if candidate is module:
-            return name
-    raise MultiMixError(f"`{where}` returned a module that is not a submodule of {type(root).__name__}.")
-
-
-def declared_head(model: nn.Module, head: Optional[str] = None) -> Optional[str]:
-    """The head the user declared: ``head`` (checked to exist), else ``MultiMixMixin.multimix_head()``; else ``None``."""
-    if head is not None:
-        submodule(model, head)
-        return head
-    declared = model.multimix_head() if hasattr(model, "multimix_head") else None
-    return path_of(model, declared, "multimix_head()") if declared is not None else None
+    return path
 
 
 def is_timm_model(module: nn.Module) -> bool:
@@ -65,11 +55,11 @@ def is_timm_model(module: nn.Module) -> bool:
 
 def timm_head(model: nn.Module) -> Optional[str]:
     """The head of the outermost timm model in ``model``, from its ``get_classifier()``; ``None`` if there is none."""
-    for name, module in model.named_modules():  # outermost first
+    for module in model.modules():  # outermost first
         if is_timm_model(module):
             classifier = module.get_classifier()
             if isinstance(classifier, nn.Module) and not isinstance(classifier, nn.Identity):
-                return path_of(model, classifier, f"{type(module).__name__}.get_classifier()")
+                return next(name for name, m in model.named_modules() if m is classifier)
     return None
 
 
@@ -119,7 +109,7 @@ class HeadProbe(Captures):
                 if c.calls > 0 and isinstance(c.output, Tensor) and c.output.ndim == 2}
 
     def recorded(self, head_path: str, feature_path: Optional[str]) -> tuple[Capture, Any, dict[str, Capture]]:
-        """This batch's captures of the chosen head (or dense classifier block), feature map and the head's ancestors."""
+        """This batch's captures of the chosen head (or dense classifier block), feature map and head's ancestors."""
         head = self.linears.get(head_path) or self.blocks[head_path]
         if feature_path is not None and feature_path not in self.maps:  # a declared map the probe did not record
             raise MultiMixError(f"Dense MultiMix: the feature map {feature_path!r} was not recorded on the first "
@@ -188,9 +178,6 @@ def head_tensors(head: Capture, head_path: str) -> tuple[Tensor, Tensor]:
     return embeddings, logits
 
 
-# ---------------------------------------------------------------- dense mode: the classifier block and the feature map
-
-
 def classifier_block(model: nn.Module, head_path: str) -> str:
     """Dense mode's module taking the pooled embedding: the ``nn.Sequential`` ending with the head if it has more
     layers, no pooling and no buffers (batch norm), e.g. EfficientNet's ``Dropout + Linear``; else the head."""
@@ -203,15 +190,6 @@ def classifier_block(model: nn.Module, head_path: str) -> str:
             and next(parent.buffers(), None) is None):  # batch norm: its statistics belong to the real batch
         return parent_path
     return head_path
-
-
-def declared_feature_map(model: nn.Module, feature_map: Optional[str] = None) -> Optional[str]:
-    """The feature map's declared dotted path (``feature_map``, else the mixin's), checked to exist; else ``None``."""
-    if feature_map is not None:
-        submodule(model, feature_map, "the feature map")
-        return feature_map
-    declared = model.multimix_feature_map() if hasattr(model, "multimix_feature_map") else None
-    return path_of(model, declared, "multimix_feature_map()") if declared is not None else None
 
 
 def _hugging_face_encoder(module: nn.Module) -> Optional[str]:
@@ -245,9 +223,9 @@ def feature_map_candidates(model: nn.Module) -> list[tuple[str, str]]:
 def resolve_feature_map(model: nn.Module, head_path: str, feature_map: Optional[str] = None) -> tuple[str, str]:
     """``(path, kind)`` of dense mode's feature map: declared; else from the timm, Hugging Face or torchvision ViT
     model holding the head; else the input of the last average pooling registered before the head."""
-    declared = declared_feature_map(model, feature_map)
-    if declared is not None:
-        return declared, "output"
+    named = declared(model, feature_map, "multimix_feature_map", "the feature map")
+    if named is not None:
+        return named, "output"
     for path, kind in feature_map_candidates(model):
         owner = path if kind == "timm" else path.rsplit(".", 1)[0] if "." in path else ""
         inside = head_path.startswith(f"{owner}.") if owner else True  # the head belongs to the map's model
@@ -272,9 +250,6 @@ def resolve_feature_map(model: nn.Module, head_path: str, feature_map: Optional[
     return pooling, "input"
 
 
-# ---------------------------------------------------------------- the plan
-
-
 @dataclass(frozen=True)
 class HeadPlan:
     """What a fit decided: the head, how, dense mode's feature map, logit space or not, and a timm per-position head."""
@@ -293,7 +268,7 @@ class HeadPlan:
 
 
 def head_plan(model: nn.Module, path: str, source: Source, dense: Any, logit_space: str) -> HeadPlan:
-    """The :class:`HeadPlan` of the head at ``path``; with ``dense`` options, a found head becomes its classifier block."""
+    """The :class:`HeadPlan` of the head at ``path``; with ``dense``, a found head becomes its classifier block."""
     if source in ("returned", "last") and dense is not None:
         path = classifier_block(model, path)
     in_logit_space = logit_space == "always" or (logit_space == "auto" and is_affine(model.get_submodule(path)))
@@ -311,8 +286,8 @@ def plan_before_fit(model: nn.Module, head: Optional[str], dense: Any, logit_spa
     """At ``setup``: the plan of a declared head, else of a timm model's; ``None``: the first batch finds it. A
     declared feature map that does not exist fails here, before any training."""
     if dense is not None:
-        declared_feature_map(model, dense.feature_map)
-    path = declared_head(model, head)
+        declared(model, dense.feature_map, "multimix_feature_map", "the feature map")
+    path = declared(model, head, "multimix_head")
     if path is not None:
         return head_plan(model, path, "declared", dense, logit_space)
     path = timm_head(model)

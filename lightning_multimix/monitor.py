@@ -17,14 +17,7 @@ from lightning_multimix.targets import labels_error
 
 
 class LossLog:
-    """The optimised loss summed over the epoch, and how much of it is not logged yet.
-
-    Example:
-        >>> log = LossLog()
-        >>> log.add(torch.tensor(2.0)); log.add(torch.tensor(4.0))
-        >>> log.take_window(), log.total
-        (tensor(3.), tensor(6.))
-    """
+    """The optimised loss summed over the epoch, and how much of it is not logged yet."""
 
     def __init__(self) -> None:
         self.start_epoch()
@@ -79,16 +72,7 @@ def lightning_logs_now(trainer: pl.Trainer) -> bool:
 
 class HealthFlag:
     """Counts, on ``device``, the labels out of range since the fit started; :meth:`raise_if_unhealthy` reads them with
-    the loss's running sum (non-finite once any loss was) and names the batches since the last healthy read.
-
-    Example:
-        >>> flag = HealthFlag(torch.device("cpu"), check_every_n_steps=50)
-        >>> flag.update(torch.tensor([False, True]), num_classes=2)
-        >>> flag.raise_if_unhealthy(torch.tensor(1.0), batch=3, global_step=4, head_path="fc")
-        Traceback (most recent call last):
-        ...
-        lightning_multimix.errors.MultiMixError: MultiMix: labels outside [0, 2) at a training batch from 0 to 3...
-    """
+    the loss's running sum (non-finite once any loss was) and names the batches since the last healthy read."""
 
     def __init__(self, device: torch.device, check_every_n_steps: int) -> None:
         self.unexpected_labels = torch.zeros((), dtype=torch.long, device=device)

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_multimix.dense import (attention_from_scores, class_scores, dense_multimix_loss, dense_weights,
-                                     factorised_dense_logit_loss, per_position, position_linear)
+from lightning_multimix.dense import attention_from_scores, class_scores, dense_multimix_loss, dense_weights
+from lightning_multimix.dense import factorised_dense_logit_loss, per_position, position_linear
 from lightning_multimix.interpolation import full_precision, interpolate, is_affine
 from lightning_multimix.options import DISTILL_TARGETS
 from lightning_multimix.targets import mixed_one_hot, one_hot, smooth_

@@ -30,13 +30,9 @@ def _int(minimum: int) -> Callable[[Any], bool]:
     return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= minimum
 
 
-def _real(low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False
-          ) -> Callable[[Any], bool]:
-    def valid(v: Any) -> bool:
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-            return False
-        return (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
-    return valid
+def _real(low: float, high: float = math.inf, open_low: bool = False, open_high: bool = False) -> Callable[[Any], bool]:
+    return lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                      and (v > low if open_low else v >= low) and (v < high if open_high else v <= high))
 
 
 def _one_of(choices: tuple) -> Callable[[Any], bool]:
@@ -47,12 +43,11 @@ def _or_none(valid: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda v: v is None or valid(v)
 
 
-def _bool(v: Any) -> bool:
-    return isinstance(v, bool)
+def _is(cls: Any) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, cls)
 
 
-def _path(v: Any) -> bool:
-    return v is None or (isinstance(v, str) and bool(v))
+_path = _or_none(lambda v: isinstance(v, str) and bool(v))
 
 
 def _check_fields(obj: Any) -> None:
@@ -102,16 +97,16 @@ class SelfDistillation:
         "probs", "`probs`: `((1 - beta) Y + beta softmax(teacher_logits / T)) Lambda`; `logits`: the teacher's "
         "prediction on its interpolated embeddings, `softmax(g_T(Z_T Lambda) / T)` (not with `Dense`)",
         _one_of(DISTILL_TARGETS), f"one of {DISTILL_TARGETS}")
-    temperature: float = option(1.0, "`T`, the temperature of the teacher's softmax", _real(0.0, low_open=True),
+    temperature: float = option(1.0, "`T`, the temperature of the teacher's softmax", _real(0.0, open_low=True),
                                 "a finite value > 0")
     warmup_steps: int = option(1000, "optimizer steps of `beta`'s linear ramp-up: `weight * min(1, step / "
                                "warmup_steps)`", _int(0), "an int >= 0")
     ema_decay: float = option(0.999, "the teacher's EMA decay, applied at every optimizer step", _real(0.0, 1.0),
                               "a value in [0, 1], e.g. 0.999")
     ema_warmup: bool = option(True, "warm the decay up as `min(ema_decay, (1 + t) / (10 + t))` after update `t`",
-                              _bool, "True or False")
+                              _is(bool), "True or False")
     validate_with_teacher: bool = option(False, "run validation and test on the teacher's weights (swapped in, "
-                                         "then back)", _bool, "True or False")
+                                         "then back)", _is(bool), "True or False")
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -126,10 +121,6 @@ class SelfDistillation:
         if self.warmup_steps == 0:
             return self.weight
         return self.weight * min(1.0, global_step / self.warmup_steps)
-
-
-def _is(cls: type) -> Callable[[Any], bool]:
-    return lambda v: v is None or isinstance(v, cls)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +138,7 @@ class MultiMixOptions:
         None, "`n`, interpolated examples per batch; `None`: 1000. Not with `mode='pairs'` (`n = b`)",
         _or_none(_int(1)), "the number of interpolated examples per batch, e.g. 1000")
     alpha: float = option(1.0, "concentration of the Dirichlet (`multimix`) or Beta (`pairs`) distribution; 1 is "
-                          "uniform on the simplex", _real(0.0, low_open=True), "a finite value > 0, e.g. alpha=1.0")
+                          "uniform on the simplex", _real(0.0, open_low=True), "a finite value > 0, e.g. alpha=1.0")
     mode: Literal["multimix", "pairs"] = option(
         "multimix", "`multimix`, or `pairs`: last-layer Manifold Mixup (one `lambda ~ Beta(alpha, alpha)` per batch, "
         "partners by a random permutation), the baseline", _one_of(MODES), f"one of {MODES}")
@@ -163,12 +154,12 @@ class MultiMixOptions:
         f"None or one of {OTHER_BATCHES}")
     mixup_alpha: Optional[float] = option(
         None, "`Beta(mixup_alpha, mixup_alpha)` of the other batches; `None`: 1.0. Not when they are not mixed",
-        _or_none(_real(0.0, low_open=True)), "None or a finite value > 0, e.g. 1.0")
+        _or_none(_real(0.0, open_low=True)), "None or a finite value > 0, e.g. 1.0")
     clean_loss_weight: float = option(
         0.0, "adds this times your own loss on the batches mixed at the last layer (the paper trains on mixed "
         "examples only)", _real(0.0), "a finite value >= 0")
     label_smoothing: float = option(0.0, "label smoothing of the interpolated targets; `0`: what your loss uses",
-                                    _real(0.0, 1.0, high_open=True), "a value in [0, 1)")
+                                    _real(0.0, 1.0, open_high=True), "a value in [0, 1)")
     ignore_index: Optional[int] = option(
         -100, "examples with this label are left out of the mixing, as your cross-entropy ignores them; `None`: "
         "every label must be a class", lambda v: v is None or (_int(-2**63)(v) and v < 0),
@@ -180,13 +171,14 @@ class MultiMixOptions:
         "auto", "`auto`: interpolate the head's logits when it is an `nn.Linear` (exact, cheaper); `always`: for any "
         "head (you assert it is affine); `never`: run the head on the interpolated embeddings",
         _one_of(LOGIT_SPACES), f"one of {LOGIT_SPACES}")
-    dense: Optional[Dense] = option(None, "`Dense(...)`: Dense MultiMix; `None`: off", _is(Dense),
+    dense: Optional[Dense] = option(None, "`Dense(...)`: Dense MultiMix; `None`: off", _or_none(_is(Dense)),
                                     "None (off) or `Dense(...)` with its options, e.g. `MultiMix(dense=Dense())`")
     distill: Optional[SelfDistillation] = option(
         None, "`SelfDistillation(...)`: an EMA teacher's predictions in the targets; `None`: off",
-        _is(SelfDistillation), "None (off) or `SelfDistillation(...)`, e.g. `MultiMix(distill=SelfDistillation())`")
+        _or_none(_is(SelfDistillation)),
+        "None (off) or `SelfDistillation(...)`, e.g. `MultiMix(distill=SelfDistillation())`")
     sync_batch: bool = option(False, "under DDP, mix the global batch (all processes' embeddings or logits, gathered "
-                              "with gradients); `False`: each process mixes its own, as in the paper", _bool,
+                              "with gradients); `False`: each process mixes its own, as in the paper", _is(bool),
                               "True or False")
     seed: Optional[int] = option(None, "base seed of the callback's generator; `None`: drawn from torch's global RNG "
                                  "at `setup` (so `seed_everything` makes runs reproducible)",
@@ -253,8 +245,8 @@ def options_table(cls: type = MultiMixOptions) -> str:
     """The README's table of options (markdown), from the fields' defaults and meanings.
 
     Example:
-        >>> options_table().splitlines()[2]
-        "| `n_tuples` | `None` | `n`, interpolated examples per batch; `None`: 1000. Not with `mode='pairs'` (`n = b`) |"
+        >>> options_table().splitlines()[2][:60]
+        '| `n_tuples` | `None` | `n`, interpolated examples per batch'
     """
     rows = ["| option | default | meaning |", "|---|---|---|"]
     rows += [f"| `{f.name}` | `{f.default!r}` | {f.metadata['doc']} |" for f in dataclasses.fields(cls)]

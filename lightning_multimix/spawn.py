@@ -1,12 +1,8 @@
-"""The callback's state back in the main process after a fit in spawned (or forked) processes (``ddp_spawn``,
-``ddp_fork``, ``ddp_notebook``).
+"""The callback's state back in the main process after a fit in spawned or forked processes (``ddp_spawn``, ...).
 
-There the callback that trained is a copy in the workers; the main process keeps the one the user made. Lightning
-sends rank 0's ``trainer.callback_metrics`` back to the main process (its launcher's ``get_extra_results``) and loads
-them there with ``torch.load(weights_only=True)``. Rank 0 puts a :class:`_Delivery` among them whose unpickling calls
-:func:`deliver`, a function allowed to ``torch.load``, with the callback's state: it hands the state to the callback of
-the main process (found by a token given to it at construction) and leaves the number of batches seen in
-``callback_metrics["multimix/batches_seen"]``.
+There the callback that trained is a copy in the workers. Rank 0 puts a :class:`_Delivery` among the
+``trainer.callback_metrics`` that Lightning sends back and loads with ``torch.load(weights_only=True)``; unpickled, it
+calls :func:`deliver` (allowed to load), which hands the state to the main process's callback (found by a token).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """One training step under MultiMix: what stands in for the module's ``training_step`` while the callback is installed.
 
 :class:`TrainingStep` decides how the batch is mixed, mixes the inputs for input mixup, runs the user's step with the
-captures armed, has the head found (:mod:`~lightning_multimix.head`) and the targets read on the first batch, and returns
-the objective in place of the user's loss. It reads the options, the random stream, the ``sample_weights`` hook and the
-head's plan, and hands each mixed batch's :class:`StepReport` to ``report``; it never touches the callback itself.
+captures armed, has the head found (:mod:`~lightning_multimix.head`) and the targets read on the first batch, and
+returns the objective in place of the user's loss. It reads the options, the random stream, the ``sample_weights``
+hook and the head's plan, and hands each mixed batch's :class:`StepReport` to ``report``; it never touches the callback.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import Tensor
 from lightning_multimix.batch import InputMixer, default_labels, default_mix_inputs
 from lightning_multimix.capture import CallOrder, StepCapture
 from lightning_multimix.errors import MultiMixError
-from lightning_multimix.head import HeadPlan, HeadProbe, check_found_head, declared_feature_map, head_plan
+from lightning_multimix.head import HeadPlan, HeadProbe, check_found_head, declared, head_plan
 from lightning_multimix.head import head_tensors, runnable_head
 from lightning_multimix.objective import TeacherOutputs, mixup_objective, multimix_objective
 from lightning_multimix.options import MultiMixOptions
@@ -87,8 +87,6 @@ class TrainingStep:
     def __reduce__(self) -> tuple:
         return getattr, (self.module, "training_step")
 
-    # ------------------------------------------------------------------ the step
-
     def kind(self, batch_index: int, rank: int) -> str:
         """How batch ``batch_index`` is mixed: ``mode`` with chance ``probability``, else ``other_batches``; with
         ``sync_batch`` every process takes rank 0's decision (they all join the gather)."""
@@ -132,7 +130,7 @@ class TrainingStep:
         probe = None
         if self.capture is None:
             dense = options.dense
-            named_map = declared_feature_map(module, dense.feature_map) if dense is not None else None
+            named_map = declared(module, dense.feature_map, "multimix_feature_map") if dense is not None else None
             probe = HeadProbe(module, dense=dense is not None, feature_maps=(named_map,) if named_map else ())
         first = self.targets is None
         order = CallOrder(module) if self.distiller is not None and first else contextlib.nullcontext()

@@ -24,12 +24,7 @@ _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint
 
 
 def class_indices(labels: Any) -> Tensor:
-    """``labels`` if they are an integer ``(b,)`` tensor, else :class:`MultiMixError` (one-hot or soft targets too).
-
-    Example:
-        >>> class_indices(torch.tensor([2, 0]))
-        tensor([2, 0])
-    """
+    """``labels`` if they are an integer ``(b,)`` tensor, else :class:`MultiMixError` (one-hot or soft targets too)."""
     if not isinstance(labels, Tensor) or labels.dtype not in _INTEGER_DTYPES or labels.ndim != 1:
         what = f"dtype {labels.dtype} and shape {tuple(labels.shape)}" if isinstance(labels, Tensor) else \
             type(labels).__name__
@@ -118,19 +113,12 @@ def explain_loss(user_loss: Tensor, logits: Tensor, labels: Tensor, ignore_index
 
 @dataclass(frozen=True)
 class Targets:
-    """What a fit's targets are and how the user's loss uses them, read once by :func:`read_targets`.
-
-    Example:
-        >>> targets = Targets(num_classes=3, ignore_index=-100, label_smoothing=0.0)
-        >>> targets.keep(torch.tensor([2, -100])), targets.outside(torch.tensor([2, 5]))
-        (tensor([ True, False]), tensor([False,  True]))
-    """
+    """What a fit's targets are and how the user's loss uses them, read once by :func:`read_targets`."""
 
     num_classes: int  #: the head's outputs
     ignore_index: Optional[int]  #: examples with this label are left out (``None``: every label must be a class)
     label_smoothing: float  #: of the mixed targets: ``MultiMix(label_smoothing=...)``, else the user's loss's
-    loss_smoothing: float = 0.0  #: the label smoothing of the user's loss
-    rest: bool = False  #: the user's loss adds terms that do not involve the logits
+    loss: LossFit  #: the user's loss, explained
 
     def keep(self, labels: Tensor) -> Optional[Tensor]:
         """``(b,)`` booleans, the examples that may be mixed; ``None``: every one."""
@@ -142,25 +130,19 @@ class Targets:
 
     def other_terms(self, user_loss: Tensor, logits: Tensor, labels: Tensor) -> Optional[Tensor]:
         """The user's loss less the cross-entropy MultiMix replaces (``None`` when that is all it is)."""
-        if not self.rest:
+        if not self.loss.rest:
             return None
-        return user_loss.float() - cross_entropy(logits, labels, self.ignore_index, self.loss_smoothing)
+        return user_loss.float() - cross_entropy(logits, labels, self.ignore_index, self.loss.label_smoothing)
 
 
 def read_targets(user_loss: Tensor, logits: Tensor, labels: Tensor, ignore_index: Optional[int],
-                 label_smoothing: float, head_path: str, fit: Optional[LossFit] = None) -> tuple[Targets, list[str]]:
-    """On the first batch: :class:`Targets` from the labels and the user's loss (``fit`` if already explained), and
-    what to say once in the log; labels out of range, or a loss MultiMix cannot carry, are errors saying the fix.
-
-    Example:
-        >>> logits, labels = torch.randn(4, 3, requires_grad=True), torch.tensor([0, 1, 2, -100])
-        >>> read_targets(F.cross_entropy(logits, labels), logits, labels, -100, 0.0, "fc")[0]
-        Targets(num_classes=3, ignore_index=-100, label_smoothing=0.0, loss_smoothing=0.0, rest=False)
-    """
+                 label_smoothing: float, head_path: str) -> tuple[Targets, list[str]]:
+    """On the first batch: :class:`Targets` from the labels and the user's loss, and what to say once in the log;
+    labels out of range, or a loss MultiMix cannot carry, are errors saying the fix."""
     num_classes = logits.shape[-1]
     if bool(outside_classes(labels, num_classes, kept(labels, ignore_index)).any()):
         raise labels_error(num_classes, "in the first training batch", head_path)
-    fit = fit or explain_loss(user_loss, logits, labels, ignore_index)
+    fit = explain_loss(user_loss, logits, labels, ignore_index)
     if fit is None:
         raise MultiMixError(
             f"MultiMix: your training_step's loss is not the cross-entropy of the head {head_path!r}'s logits with the "
@@ -172,19 +154,13 @@ def read_targets(user_loss: Tensor, logits: Tensor, labels: Tensor, ignore_index
     if fit.label_smoothing and label_smoothing and abs(fit.label_smoothing - label_smoothing) > 1e-3:
         raise MultiMixError(f"MultiMix(label_smoothing={label_smoothing}) but your loss smooths its labels by "
                             f"{fit.label_smoothing}: set one of them.")
-    notes = []
-    if fit.label_smoothing and not label_smoothing:
-        notes.append(f"MultiMix: your loss smooths its labels by {fit.label_smoothing}; the mixed targets are "
-                     "smoothed alike.")
+    notes = [f"MultiMix: your loss smooths its labels by {fit.label_smoothing}; the mixed targets are smoothed "
+             "alike."] if fit.label_smoothing and not label_smoothing else []
     if fit.rest:
         notes.append("MultiMix: your loss adds terms to the cross-entropy of the head's logits (a regulariser, an "
                      "auxiliary task); they keep training: the loss optimised is the MultiMix loss plus your loss "
                      "minus its cross-entropy.")
-    targets = Targets(num_classes, ignore_index, label_smoothing or fit.label_smoothing, fit.label_smoothing, fit.rest)
-    return targets, notes
-
-
-# ---------------------------------------------------------------- building targets
+    return Targets(num_classes, ignore_index, label_smoothing or fit.label_smoothing, fit), notes
 
 
 def one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -14,7 +14,7 @@ from lightning_multimix.errors import MultiMixError
 from lightning_multimix.objective import TeacherOutputs
 from lightning_multimix.options import SelfDistillation
 
-# what `lightning.pytorch.utilities.compile.from_compiled` replaces on the instance of a `torch.compile`d module
+# what `lightning.pytorch.utilities.compile.from_compiled` sets on the instance of a `torch.compile`d module
 _COMPILED_METHODS = ("forward", "training_step", "validation_step", "test_step", "predict_step")
 
 
@@ -128,9 +128,12 @@ class Distiller:
             self.teacher = EMATeacher(module, decay=self.options.ema_decay, warmup=self.options.ema_warmup)
             self._token = _TeacherToken()
             module.__dict__[_TOKEN] = self._token
-            # compiled methods on the instance are bound to the student: the teacher runs its own, eagerly
-            for name in _COMPILED_METHODS if hasattr(module, "_compiler_ctx") else ():
-                self.teacher.module.__dict__.pop(name, None)
+            # steps set on the instance that are not the copy's own bound methods (Lightning's `from_compiled` wraps
+            # the student's in torch.compile) would run the student: the teacher runs its class's, eagerly
+            copy_ = self.teacher.module
+            for name in [n for n in _COMPILED_METHODS if n in copy_.__dict__]:
+                if getattr(copy_.__dict__[name], "__self__", None) is not copy_:
+                    del copy_.__dict__[name]
         self.teacher.to(device)
         if device.type == "cpu" and any(p.ndim == 4 for p in self.teacher.module.parameters()):
             # CPU convolutions run faster channels-last; only the teacher's private copy changes layout
