@@ -121,7 +121,7 @@ class MultiMix(Callback):
             self._distiller.attach(pl_module, pl_module.device)
             if self._plan is not None:
                 self._distiller.watch(self._plan.head_path)
-        self._health = HealthFlag(pl_module.device, self.check_every_n_steps)
+        self._health = HealthFlag(pl_module.device)
         self._own_step = pl_module.__dict__.get("training_step")
         self._wrapped = pl_module
         self._step = TrainingStep(pl_module, pl_module.training_step, self.options, self._stream, self.sample_weights,
@@ -250,14 +250,14 @@ class MultiMix(Callback):
     def _record_step(self, report: StepReport) -> None:
         """After a mixed batch: learn the head the step found, update the health flag (read it when due) and the
         running loss, and log it when due."""
-        if self._plan is None:
-            self._plan = report.plan
-            rank_zero_info(report.plan.describe())
+        if self._plan is None:  # found on the first batch
+            self._plan = self._step.plan
+            rank_zero_info(self._plan.describe())
         if report.unexpected is not None:
-            self._health.update(report.unexpected, report.targets.num_classes)
+            self._health.update(report.unexpected, self._step.targets.num_classes)
         self._loss_log.add(report.loss)  # logged as the mean since the last log
         trainer, module = self._wrapped.trainer, self._wrapped
-        if report.first or self._health.read_due(report.index):
+        if report.first or report.index % self.check_every_n_steps == 0:
             self._read_health(trainer.global_step)
         if self._loss_log.due(trainer, report.first):
             size = report.batch_size

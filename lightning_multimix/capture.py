@@ -8,13 +8,14 @@ Captures only record; what they recorded is checked by their users.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import weakref
 from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from lightning_multimix.feature_maps import MethodCapture, read_feature_map
+from lightning_multimix.feature_maps import read_feature_map
 from lightning_multimix.interpolation import is_affine
 
 _ORDER = itertools.count()  # the order in which captured modules first ran, across captures
@@ -52,11 +53,13 @@ class Capture:
     calls. ``clone_input=True`` keeps a copy of the first positional input, safe from in-place layers inside it."""
 
     def __init__(self, module: nn.Module, clone_input: bool = False) -> None:
-        self.module, self.clone_input = module, clone_input
-        self.armed = False
+        self.module, self.clone_input, self.armed = module, clone_input, False
         self.reset()
-        self._handles = (module.register_forward_pre_hook(_Hook(self, pre=True), with_kwargs=True),
-                         module.register_forward_hook(_Hook(self, pre=False)))
+        self._handles = self._install()
+
+    def _install(self) -> tuple:
+        return (self.module.register_forward_pre_hook(_Hook(self, pre=True), with_kwargs=True),
+                self.module.register_forward_hook(_Hook(self, pre=False)))
 
     def record_input(self, args: tuple, kwargs: dict) -> None:
         self.calls += 1
@@ -86,6 +89,44 @@ class Capture:
         for handle in self._handles:
             handle.remove()
         self.reset()
+
+
+class _CapturingMethod:
+    """Stands in for a method of a module while a :class:`MethodCapture` lives; copies and pickles get the method."""
+
+    def __init__(self, capture: "MethodCapture", original: Any) -> None:
+        self.capture, self.original = capture, original
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.capture.armed:
+            self.capture.record_input(args, kwargs)
+        output = self.original(*args, **kwargs)
+        if self.capture.armed:
+            self.capture.record_output(output)
+        return output
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        return copy.deepcopy(self.original, memo)
+
+    def __reduce__(self) -> tuple:
+        return getattr, (self.capture.module, self.capture.name)
+
+
+class MethodCapture(Capture):
+    """Records the output of ``module.<name>()`` (timm's ``forward_features``) while armed; :meth:`remove` undoes it."""
+
+    def __init__(self, module: nn.Module, name: str) -> None:
+        self.name = name
+        super().__init__(module)
+
+    def _install(self) -> tuple:
+        self.module.__dict__[self.name] = _CapturingMethod(self, getattr(self.module, self.name))
+        return ()
+
+    def remove(self) -> None:
+        if isinstance(self.module.__dict__.get(self.name), _CapturingMethod):
+            del self.module.__dict__[self.name]
+        super().remove()
 
 
 class Captures:

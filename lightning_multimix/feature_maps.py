@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Optional
 
 from torch import Tensor, nn
@@ -11,54 +10,6 @@ from lightning_multimix.errors import MultiMixError
 
 HOW_MAP = ("Pass `Dense(feature_map='dotted.path')` naming the module whose output is the feature map, or override "
            "`MultiMixMixin.multimix_feature_map()`.")
-
-
-class _CapturingMethod:
-    """Stands in for ``owner.<name>`` while a :class:`MethodCapture` lives; copies and pickles get the method."""
-
-    def __init__(self, capture: "MethodCapture", original: Any) -> None:
-        self.capture, self.original = capture, original
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        output = self.original(*args, **kwargs)
-        capture = self.capture
-        if capture.armed:
-            capture.calls += 1
-            if capture.calls == 1:
-                capture.output, capture.args, capture.kwargs = output, args, kwargs
-        return output
-
-    def __deepcopy__(self, memo: dict) -> Any:
-        return copy.deepcopy(self.original, memo)
-
-    def __reduce__(self) -> tuple:
-        return getattr, (self.capture.owner, self.capture.name)
-
-
-class MethodCapture:
-    """Records the output of ``owner.<name>()`` (timm's ``forward_features``) while armed; :meth:`remove` undoes it."""
-
-    def __init__(self, owner: nn.Module, name: str) -> None:
-        self.owner, self.name, self.module, self.armed = owner, name, owner, False
-        self.reset()
-        owner.__dict__[name] = _CapturingMethod(self, getattr(owner, name))
-
-    def reset(self) -> None:
-        self.calls, self.output, self.args, self.kwargs, self.input = 0, None, (), {}, None
-
-    def __enter__(self) -> "MethodCapture":
-        self.reset()
-        self.armed = True
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.armed = False
-
-    def remove(self) -> None:
-        self.armed = False
-        if isinstance(self.owner.__dict__.get(self.name), _CapturingMethod):
-            del self.owner.__dict__[self.name]
-        self.reset()
 
 
 class TimmPositionHead:
@@ -92,7 +43,7 @@ def read_feature_map(capture: Any, spec: tuple[str, str], embeddings: Tensor, ve
                             f"{shape} ({capture.calls} calls). {HOW_MAP}")
     if kind == "timm":  # the head pools itself: nothing to check
         summary = None
-        features = raw[:, _prefix_tokens(capture.owner):] if raw.ndim == 3 else raw.flatten(2).transpose(1, 2)
+        features = raw[:, _prefix_tokens(capture.module):] if raw.ndim == 3 else raw.flatten(2).transpose(1, 2)
     elif kind == "vit":
         summary, features = raw[:, 0], raw[:, 1:]
     else:

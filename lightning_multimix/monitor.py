@@ -35,10 +35,7 @@ class LossLog:
 
     def add(self, loss: Tensor) -> None:
         with torch.no_grad():
-            if self.total is None:
-                self.total = loss.detach().float().clone()
-            else:
-                self.total.add_(loss)
+            self.total = loss.detach().float().clone() if self.total is None else self.total.add_(loss)
         self.count += 1
 
     def due(self, trainer: pl.Trainer, first: bool) -> bool:
@@ -74,9 +71,8 @@ class HealthFlag:
     """Counts, on ``device``, the labels out of range since the fit started; :meth:`raise_if_unhealthy` reads them with
     the loss's running sum (non-finite once any loss was) and names the batches since the last healthy read."""
 
-    def __init__(self, device: torch.device, check_every_n_steps: int) -> None:
+    def __init__(self, device: torch.device) -> None:
         self.unexpected_labels = torch.zeros((), dtype=torch.long, device=device)
-        self.check_every_n_steps = check_every_n_steps
         self.num_classes: Optional[int] = None
         self.healthy_before = 0  #: the batches before this index were read healthy
 
@@ -85,10 +81,6 @@ class HealthFlag:
         ``(b,)`` booleans)."""
         self.num_classes = num_classes
         self.unexpected_labels.add_(unexpected.sum())
-
-    def read_due(self, batch: int) -> bool:
-        """Whether to read after ``batch``: the first batch, then every ``check_every_n_steps``."""
-        return batch % self.check_every_n_steps == 0
 
     def raise_if_unhealthy(self, loss_total: Optional[Tensor], batch: int, global_step: int,
                            head_path: Optional[str]) -> None:

@@ -112,12 +112,7 @@ class SelfDistillation:
         _check_fields(self)
 
     def beta(self, global_step: int) -> float:
-        """The teacher's weight in the targets at ``global_step``.
-
-        Example:
-            >>> SelfDistillation(weight=0.5, warmup_steps=100).beta(50)
-            0.25
-        """
+        """The teacher's weight in the targets at ``global_step``."""
         if self.warmup_steps == 0:
             return self.weight
         return self.weight * min(1.0, global_step / self.warmup_steps)
@@ -127,12 +122,7 @@ class SelfDistillation:
 class MultiMixOptions:
     """The options of :class:`~lightning_multimix.MultiMix`, checked, with the defaults left ``None`` filled in.
 
-    A ``None`` default means "not set": an option that does not apply is an error only when it was set.
-
-    Example:
-        >>> MultiMixOptions(mode="pairs").n_tuples is None, MultiMixOptions().n_tuples
-        (True, 1000)
-    """
+    A ``None`` default means "not set": an option that does not apply is an error only when it was set."""
 
     n_tuples: Optional[int] = option(
         None, "`n`, interpolated examples per batch; `None`: 1000. Not with `mode='pairs'` (`n = b`)",
@@ -242,12 +232,7 @@ def args_doc(cls: type, indent: int = 8) -> str:
 
 
 def options_table(cls: type = MultiMixOptions) -> str:
-    """The README's table of options (markdown), from the fields' defaults and meanings.
-
-    Example:
-        >>> options_table().splitlines()[2][:60]
-        '| `n_tuples` | `None` | `n`, interpolated examples per batch'
-    """
+    """The README's table of options (markdown), from the fields' defaults and meanings."""
     rows = ["| option | default | meaning |", "|---|---|---|"]
     rows += [f"| `{f.name}` | `{f.default!r}` | {f.metadata['doc']} |" for f in dataclasses.fields(cls)]
     return "\n".join(rows)

@@ -42,11 +42,7 @@ class StepReport:
     kind: str  #: how it was mixed (:data:`KINDS`)
     loss: Tensor
     batch_size: int
-    targets: Targets  #: what the fit's targets are
-    #: ``(b,)`` booleans: labels neither in ``[0, num_classes)`` nor the ignore index (on input-mixup batches only -100
-    #: without an ignore index: the cross-entropy raises on the others itself); ``None``: not checked
-    unexpected: Optional[Tensor]
-    plan: HeadPlan  #: the head the step trained
+    unexpected: Optional[Tensor]  #: ``(b,)`` booleans, labels neither a class nor ignored; ``None``: not checked
     first: bool  #: the first mixed batch of the fit
 
 
@@ -155,7 +151,7 @@ class TrainingStep:
             if probe is not None:
                 probe.remove()
         self.batch_counts[kind] += 1
-        self.report(StepReport(index, kind, loss, labels.shape[0], self.targets, unexpected, self.plan, first))
+        self.report(StepReport(index, kind, loss, labels.shape[0], unexpected, first))
         return {**output, "loss": loss} if isinstance(output, dict) else loss
 
     def _adopt(self, probe: HeadProbe, user_loss: Tensor, labels: Tensor) -> StepCapture:

@@ -34,12 +34,7 @@ def class_indices(labels: Any) -> Tensor:
 
 
 def outside_classes(labels: Tensor, num_classes: int, keep: Optional[Tensor] = None) -> Tensor:
-    """``(b,)`` booleans: the labels outside ``[0, num_classes)``, among the ``keep`` ones (not ignored) if given.
-
-    Example:
-        >>> outside_classes(torch.tensor([0, 3, -100, -1]), 3, keep=torch.tensor([True, True, False, True]))
-        tensor([False,  True, False,  True])
-    """
+    """``(b,)`` booleans: the labels outside ``[0, num_classes)``, among the ``keep`` ones (not ignored) if given."""
     outside = labels.clamp(0, num_classes - 1) != labels
     return outside if keep is None else outside & keep
 
@@ -75,15 +70,7 @@ class LossFit:
 
 def explain_loss(user_loss: Tensor, logits: Tensor, labels: Tensor, ignore_index: Optional[int]) -> Optional[LossFit]:
     """The :class:`LossFit` of ``user_loss`` on ``logits`` (``(b, c)``, in the graph of ``user_loss``), or ``None``
-    when the loss is not a cross-entropy of these logits with these labels plus terms that do not involve them.
-
-    Example:
-        >>> logits, labels = torch.randn(6, 4, requires_grad=True), torch.tensor([0, 1, 2, 3, 0, 1])
-        >>> explain_loss(F.cross_entropy(logits, labels, label_smoothing=0.1) + 0.5, logits, labels, None)
-        LossFit(label_smoothing=0.1, rest=True)
-        >>> explain_loss(F.cross_entropy(logits, labels, weight=torch.rand(4)), logits, labels, None) is None
-        True
-    """
+    when the loss is not a cross-entropy of these logits with these labels plus terms that do not involve them."""
     valid = kept(labels, ignore_index)
     valid = valid if valid is not None else torch.ones_like(labels, dtype=torch.bool)
     if not (user_loss.requires_grad and logits.requires_grad) or not bool(valid.any()) \
@@ -177,13 +164,7 @@ def one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32
 def mixed_one_hot(labels: Tensor, weights: Tensor, num_classes: int, scale: float = 1.0) -> Tensor:
     """``scale * one_hot(labels).T @ weights``, the ``(c, n)`` mixed targets, without forming the one-hot targets: one
     ``index_add_`` of the rows of ``(m, n)`` weights by label. A label out of range adds to a class in range (the
-    callback counts those; a left-out row has weight 0).
-
-    Example:
-        >>> mixed_one_hot(torch.tensor([1, 0, 1]), torch.tensor([[0.5], [0.25], [0.25]]), 2)
-        tensor([[0.2500],
-                [0.7500]])
-    """
+    callback counts those; a left-out row has weight 0)."""
     zeros = weights.new_zeros(num_classes, weights.shape[1])
     return zeros.index_add_(0, labels.clamp(0, num_classes - 1), weights, alpha=scale)
 

@@ -97,7 +97,8 @@ def test_the_head_at_every_position_is_timms_own_head(name):
 
 def test_dense_maps_have_the_patch_tokens_or_the_positions():
     """A ViT's class token is left out of the mixed positions; a CNN's map is flattened channels-last."""
-    from lightning_multimix.feature_maps import MethodCapture, read_feature_map
+    from lightning_multimix.capture import MethodCapture
+    from lightning_multimix.feature_maps import read_feature_map
 
     for name, positions in (("vit_tiny_patch16_224", 4), ("resnet18", 4)):
         model = create(name)
