@@ -254,7 +254,7 @@ class MultiMix(Callback):
             self._plan = self._step.plan
             rank_zero_info(self._plan.describe())
         if report.unexpected is not None:
-            self._health.update(report.unexpected, self._step.targets.num_classes)
+            self._health.update(report.unexpected, self._step.targets)
         self._loss_log.add(report.loss)  # logged as the mean since the last log
         trainer, module = self._wrapped.trainer, self._wrapped
         if report.first or report.index % self.check_every_n_steps == 0:

@@ -35,9 +35,11 @@ def attention_from_scores(scores: Tensor, kind: AttentionKind = "cam", mask: Opt
 
 
 def class_scores(features: Tensor, class_weights: Tensor, labels: Tensor) -> Tensor:
-    """Class activation of each example's own label at each position: ``s_ij = F_ij . W[y_i]``, shape ``(m, r)``."""
+    """Class activation of each example's own label at each position: ``s_ij = F_ij . W[y_i]``, shape ``(m, r)``; for
+    ``(m, c)`` soft targets ``t_i``, the target-weighted ``F_ij . W^T t_i``."""
     with full_precision(features):
-        return torch.einsum("mrd,md->mr", features.float(), class_weights[labels].float())
+        own = labels.float() @ class_weights.float() if labels.is_floating_point() else class_weights[labels].float()
+        return torch.einsum("mrd,md->mr", features.float(), own)
 
 
 def _floored(attention: Tensor, dtype: torch.dtype, mask: Optional[Tensor]) -> Tensor:
@@ -75,7 +77,7 @@ def position_linear(features: Tensor, weight: Tensor, bias: Optional[Tensor] = N
 
 
 def factorised_dense_logit_loss(position_logits: Tensor, targets: Tensor, weights: Tensor, attention: Tensor,
-                                mask: Optional[Tensor] = None) -> Tensor:
+                                mask: Optional[Tensor] = None, loss: str = "cross_entropy") -> Tensor:
     r"""The dense loss of per-position logits ``(m, r, c)`` with ``dense_weights(weights, attention, mask)``, without
     forming them: for an affine head, equal to :func:`dense_multimix_loss`. ``attention`` ``(m, r)`` gets no gradient.
     ``mask`` ``(m, r)``, false at padding: never mixed, and mixed positions of padding only leave the loss."""
@@ -93,21 +95,23 @@ def factorised_dense_logit_loss(position_logits: Tensor, targets: Tensor, weight
                 denominator = denominator.clamp_min(torch.finfo(dtype).tiny)
             mixed_targets = mix(a * targets.to(dtype).unsqueeze(1)).div_(denominator)
         mixed_logits = mix(a * position_logits.to(dtype)) / denominator
-    return soft_cross_entropy(mixed_logits, mixed_targets, dim=1, valid=valid)
+    return soft_cross_entropy(mixed_logits, mixed_targets, dim=1, valid=valid, loss=loss)
 
 
 def dense_multimix_loss(features: Tensor, targets: Tensor, weights: Tensor, head: Callable[[Tensor], Tensor],
-                        valid: Optional[Tensor] = None) -> Tensor:
+                        valid: Optional[Tensor] = None, loss: str = "cross_entropy") -> Tensor:
     """Dense MultiMix loss for any head, run on the ``(n, r, d)`` mixed map with per-position weights ``(m, n, r)``
     (the targets ``(m, c)`` hold at every position); ``valid`` ``(n, r)``: the positions to average."""
     mixed_logits = per_position(head, dense_interpolate(features, weights).to(features.dtype))
     every_position = targets.unsqueeze(1).expand(-1, weights.shape[-1], -1)
-    return soft_cross_entropy(mixed_logits, dense_interpolate(every_position, weights), valid=valid)
+    return soft_cross_entropy(mixed_logits, dense_interpolate(every_position, weights), valid=valid, loss=loss)
 
 
-def soft_cross_entropy(logits: Tensor, targets: Tensor, dim: int = -1, valid: Optional[Tensor] = None) -> Tensor:
+def soft_cross_entropy(logits: Tensor, targets: Tensor, dim: int = -1, valid: Optional[Tensor] = None,
+                       loss: str = "cross_entropy") -> Tensor:
     r"""Float32 mean of ``-sum_c t_c log softmax(logits)_c`` over every entry but the class dimension ``dim``
-    (``dim=0``: class-major), or over those where ``valid`` (``logits``' shape without ``dim``) is true."""
+    (``dim=0``: class-major), or over those where ``valid`` (``logits``' shape without ``dim``) is true;
+    ``loss="bce"``: of ``binary_cross_entropy_with_logits`` averaged over the classes."""
     if logits.shape != targets.shape:
         raise ValueError(f"`logits` {tuple(logits.shape)} and `targets` {tuple(targets.shape)} must have the same "
                          "shape.")
@@ -119,8 +123,13 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor, dim: int = -1, valid: Op
         logits, targets = logits.unsqueeze(0), targets.unsqueeze(0)
     elif dim != 1:
         logits, targets = logits.movedim(dim, 1), targets.movedim(dim, 1)
-    if valid is None:
+    if loss == "bce":  # elementwise: the mean over every entry and class, or per entry over the classes
+        if valid is None:
+            return F.binary_cross_entropy_with_logits(logits, targets)
+        per_entry = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1).reshape(-1)
+    elif valid is None:
         return F.cross_entropy(logits, targets)
-    per_entry = F.cross_entropy(logits, targets, reduction="none").reshape(-1)
+    else:
+        per_entry = F.cross_entropy(logits, targets, reduction="none").reshape(-1)
     keep = valid.reshape(-1).to(per_entry.dtype)
     return (per_entry * keep).sum() / keep.sum().clamp_min(1.0)

@@ -138,20 +138,22 @@ def check_found_head(chosen: str, source: Source, outputs: dict[str, Tensor], us
         return  # a head of the wrong shape: `head_tensors` says so
     fits = [path for path, logits in outputs.items()
             if logits.shape[-1] >= 2 and explain_loss(user_loss, logits, labels, ignore_index) is not None]
-    if not fits and bool(outside_classes(labels, outputs[chosen].shape[-1], kept(labels, ignore_index)).any()):
+    if not fits and not labels.is_floating_point() and \
+            bool(outside_classes(labels, outputs[chosen].shape[-1], kept(labels, ignore_index)).any()):
         return
     seen = ", ".join(f"{path!r} {tuple(out.shape)}" for path, out in outputs.items())
-    hint = (f"Your loss is the cross-entropy of {fits[0]!r}: pass `MultiMix(head={fits[0]!r})`." if len(fits) == 1
-            else f"It is the cross-entropy of several of them, {fits}: name the head." if fits else
-            "No nn.Linear that ran explains it. Your loss may depend on the logits beyond their cross-entropy (class "
-            "weights, a focal or margin loss, a regulariser on the logits, a sum instead of a mean), which MultiMix "
-            f"cannot carry; or use other labels than MultiMix read ({LABELS_HOW}); or come from a classifier that is "
-            "not an nn.Module (`F.linear` with a parameter: it must be wrapped in a module, and named).")
+    hint = (f"Your loss is the cross-entropy of {fits[0]!r} (or its BCE): pass `MultiMix(head={fits[0]!r})`."
+            if len(fits) == 1 else f"It is the cross-entropy of several of them, {fits}: name the head." if fits else
+            "No nn.Linear that ran explains it. Your loss may depend on the logits beyond a cross-entropy or BCE of "
+            "them (class weights or `pos_weight`, a focal or margin loss, a regulariser on the logits, a sum instead "
+            f"of a mean), which MultiMix cannot carry; or use other labels than MultiMix read ({LABELS_HOW}); or come "
+            "from a classifier that is not an nn.Module (`F.linear` with a parameter: it must be wrapped in a module, "
+            "and named).")
     raise MultiMixError(
         f"MultiMix found the head {chosen!r} ({SOURCES[source]}), but your training_step's loss is not the "
-        "cross-entropy of its logits with the batch's labels (plus terms that do not involve them), so it would train "
-        f"the wrong thing. The nn.Linear modules that ran: {seen}. {hint} Or pass `MultiMix(head='dotted.path')` / "
-        "override `MultiMixMixin.multimix_head()`."
+        "cross-entropy of its logits with the batch's labels, nor their BCE-with-logits (plus terms that do not "
+        f"involve them), so it would train the wrong thing. The nn.Linear modules that ran: {seen}. {hint} Or pass "
+        "`MultiMix(head='dotted.path')` / override `MultiMixMixin.multimix_head()`."
     )
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from lightning_multimix.errors import MultiMixError
-from lightning_multimix.targets import labels_error
+from lightning_multimix.targets import Targets
 
 
 class LossLog:
@@ -73,13 +73,13 @@ class HealthFlag:
 
     def __init__(self, device: torch.device) -> None:
         self.unexpected_labels = torch.zeros((), dtype=torch.long, device=device)
-        self.num_classes: Optional[int] = None
+        self.targets: Optional[Targets] = None
         self.healthy_before = 0  #: the batches before this index were read healthy
 
-    def update(self, unexpected: Tensor, num_classes: int) -> None:
+    def update(self, unexpected: Tensor, targets: Targets) -> None:
         """Count, without synchronising, the labels of a batch that are neither a class nor ignored (``unexpected``,
         ``(b,)`` booleans)."""
-        self.num_classes = num_classes
+        self.targets = targets
         self.unexpected_labels.add_(unexpected.sum())
 
     def raise_if_unhealthy(self, loss_total: Optional[Tensor], batch: int, global_step: int,
@@ -95,7 +95,7 @@ class HealthFlag:
         first, self.healthy_before = self.healthy_before, batch + 1
         where = f"at training batch {batch}" if first == batch else f"at a training batch from {first} to {batch}"
         if unexpected:
-            raise labels_error(self.num_classes, where, head_path)
+            raise self.targets.error(where, head_path)
         if not finite:
             raise MultiMixError(
                 f"MultiMix: the loss became non-finite (NaN or inf) {where} (noticed at global step {global_step}). "

@@ -13,7 +13,7 @@ from lightning_multimix.dense import attention_from_scores, class_scores, dense_
 from lightning_multimix.dense import factorised_dense_logit_loss, per_position, position_linear
 from lightning_multimix.interpolation import full_precision, interpolate, is_affine
 from lightning_multimix.options import DISTILL_TARGETS
-from lightning_multimix.targets import mixed_one_hot, one_hot, smooth_
+from lightning_multimix.targets import LOSSES, example_targets, mixed_targets, smooth_
 
 Head = Callable[[Tensor], Tensor]
 
@@ -51,26 +51,31 @@ class TeacherOutputs:
             raise ValueError("TeacherOutputs: pass both `embeddings` and `head` (the teacher's head runs on its "
                              "interpolated embeddings), or neither (its logits are interpolated).")
 
-    def probs(self, dim: int = -1, logits: Optional[Tensor] = None) -> Tensor:
-        """``softmax(logits / T)`` in float32, without gradient (the teacher's own logits by default)."""
-        logits = self.logits if logits is None else logits
-        return torch.softmax(logits.detach().float() / self.temperature, dim=dim)
+    def probs(self, dim: int = -1, logits: Optional[Tensor] = None, binary: bool = False) -> Tensor:
+        """``softmax(logits / T)`` (``binary``: ``sigmoid``) in float32, without gradient (the teacher's own logits by
+        default)."""
+        logits = (self.logits if logits is None else logits).detach().float() / self.temperature
+        return torch.sigmoid(logits) if binary else torch.softmax(logits, dim=dim)
 
 
 def multimix_objective(weights: Tensor, labels: Tensor, *, logits: Optional[Tensor] = None,
                        embeddings: Optional[Tensor] = None, head: Optional[Head] = None,
                        feature_map: Optional[Tensor] = None, attention: Literal["cam", "softmax", "uniform"] = "cam",
                        position_mask: Optional[Tensor] = None, affine_head: Optional[bool] = None,
-                       teacher: Optional[TeacherOutputs] = None, label_smoothing: float = 0.0) -> Tensor:
-    r"""The float32 MultiMix loss, ``mean_k CE(g(Z lambda_k), Y lambda_k)`` over the columns of ``weights``.
+                       teacher: Optional[TeacherOutputs] = None, label_smoothing: float = 0.0,
+                       loss: Literal["cross_entropy", "bce"] = "cross_entropy") -> Tensor:
+    r"""The float32 MultiMix loss, ``mean_k L(g(Z lambda_k), Y lambda_k)`` over the columns of ``weights``.
 
     Pass ``logits`` ``(m, c)`` (logit space: exact for an affine head, cheapest), or ``head`` ``(N, d) -> (N, c)``
     with ``embeddings`` ``(m, d)`` or a dense ``feature_map`` ``(m, r, d)``; anything else raises ``ValueError``.
 
     Args:
         weights: ``(m, n)``, columns on the simplex; left-out examples (ignore index) have zero rows (``keep``).
-        labels: ``(m,)`` integer labels in ``[0, c)``; a left-out row (weight zero) may hold any label. The range is
-            not checked here (that would synchronise): a label out of range reads a class in range.
+        labels: ``(m,)`` integer labels in ``[0, c)`` (a left-out row, weight zero, may hold any label; the range is
+            not checked here, that would synchronise: a label out of range reads a class in range), or ``(m, c)``
+            floating targets (probabilities for the cross-entropy, values in ``[0, 1]`` for the BCE).
+        loss: ``"cross_entropy"`` (soft-target cross-entropy) or ``"bce"`` (``binary_cross_entropy_with_logits``,
+            mean over examples and classes); both are affine in the targets, so mixing them is exact.
         attention: dense: ``"cam"``, ``"softmax"`` or ``"uniform"`` of own-label scores (``F_ij . W[y_i]`` or logit).
         position_mask: dense: ``(m, r)``, false at padding: never mixed; mixed positions of padding only leave the loss.
         affine_head: dense: interpolate per-position logits; ``None``: when the head is an ``nn.Linear``.
@@ -85,9 +90,11 @@ def multimix_objective(weights: Tensor, labels: Tensor, *, logits: Optional[Tens
     """
     if weights.ndim != 2:
         raise ValueError(f"multimix_objective: `weights` must be (m, n), got {tuple(weights.shape)}.")
-    if labels.ndim != 1 or labels.is_floating_point() or labels.shape[0] != weights.shape[0]:
-        raise ValueError(f"multimix_objective: `labels` must be ({weights.shape[0]},) integers, one per row of "
-                         f"`weights`, got {labels.dtype} {tuple(labels.shape)}.")
+    if labels.ndim != 1 + labels.is_floating_point() or labels.shape[0] != weights.shape[0]:
+        raise ValueError(f"multimix_objective: `labels` must be ({weights.shape[0]},) integers or ({weights.shape[0]}, "
+                         f"c) floating targets, one per row of `weights`, got {labels.dtype} {tuple(labels.shape)}.")
+    if loss not in LOSSES:
+        raise ValueError(f"multimix_objective: loss={loss!r}; expected one of {LOSSES}.")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"multimix_objective: expected `label_smoothing` in [0, 1), got {label_smoothing!r}.")
     if feature_map is not None:
@@ -95,7 +102,7 @@ def multimix_objective(weights: Tensor, labels: Tensor, *, logits: Optional[Tens
             raise ValueError("multimix_objective: dense mode takes `feature_map` and `head`, not `logits` or "
                              "`embeddings`.")
         return _dense_objective(weights, labels, feature_map, head, attention, affine_head, teacher, label_smoothing,
-                                position_mask)
+                                position_mask, loss)
     if attention != "cam" or affine_head is not None or position_mask is not None:
         raise ValueError("multimix_objective: `attention`, `position_mask` and `affine_head` apply to dense mode only "
                          "(pass `feature_map`).")
@@ -116,33 +123,37 @@ def multimix_objective(weights: Tensor, labels: Tensor, *, logits: Optional[Tens
         return head(interpolate(embeddings, weights).to(embeddings.dtype))
 
     mixed_logits = mix(logits) if class_major else head_on_mixed(head, embeddings)
-    class_dim = 0 if class_major else -1
-    log_probs = torch.log_softmax(mixed_logits.float(), dim=class_dim)
-    num_classes, n = log_probs.shape[class_dim], weights.shape[1]
+    class_dim, binary = (0 if class_major else -1), loss == "bce"
+    num_classes, n = mixed_logits.shape[class_dim], weights.shape[1]
     beta = teacher.weight if teacher is not None else 0.0
+    # the cross-entropy's sign and mean folded into the targets: its loss is one product and a sum
+    mass = 1.0 if binary else -1.0 / n
     with torch.no_grad():
-        # the cross-entropy's sign and mean folded into the targets: the loss is one product and a sum
-        targets = mixed_one_hot(labels, weights, num_classes, scale=-(1.0 - beta) / n)
+        targets = mixed_targets(labels, weights, num_classes, scale=(1.0 - beta) * mass)
         targets = targets if class_major else targets.T
         if teacher is not None:
             if teacher.targets == "probs":
-                mixed_teacher = mix(teacher.probs())
+                mixed_teacher = mix(teacher.probs(binary=binary))
             elif teacher.head is None:
-                mixed_teacher = teacher.probs(dim=class_dim, logits=mix(teacher.logits))
+                mixed_teacher = teacher.probs(dim=class_dim, logits=mix(teacher.logits), binary=binary)
             else:
                 mixed = head_on_mixed(teacher.head, teacher.embeddings)
-                mixed_teacher = teacher.probs(dim=class_dim, logits=mixed.T if class_major else mixed)
-            targets.add_(mixed_teacher, alpha=-beta / n)
-        smooth_(targets, label_smoothing, num_classes, mass=-1.0 / n)
-    return (targets * log_probs).sum()
+                mixed_teacher = teacher.probs(dim=class_dim, logits=mixed.T if class_major else mixed, binary=binary)
+            targets.add_(mixed_teacher, alpha=beta * mass)
+        smooth_(targets, label_smoothing, num_classes, mass=mass)
+    if binary:
+        return F.binary_cross_entropy_with_logits(mixed_logits.float(), targets)
+    return (targets * torch.log_softmax(mixed_logits.float(), dim=class_dim)).sum()
 
 
 def mixup_objective(logits: Tensor, labels: Tensor, lam: Tensor, partner: Tensor, *,
-                    teacher: Optional[TeacherOutputs] = None, ignore_index: int = -100,
-                    label_smoothing: float = 0.0) -> Tensor:
-    r"""Input-mixup loss of the ``(b, c)`` logits of ``lam x + (1 - lam) x[partner]``: ``lam CE(logits, labels) +
-    (1 - lam) CE(logits, labels[partner])``, each term ``F.cross_entropy`` (which leaves out ``ignore_index``; a batch
-    with every label ignored has no loss: NaN, as there); ``teacher``: its logits on the same inputs.
+                    teacher: Optional[TeacherOutputs] = None, ignore_index: int = -100, label_smoothing: float = 0.0,
+                    loss: Literal["cross_entropy", "bce"] = "cross_entropy") -> Tensor:
+    r"""Input-mixup loss of the ``(b, c)`` logits of ``lam x + (1 - lam) x[partner]``: ``lam L(logits, labels) +
+    (1 - lam) L(logits, labels[partner])``. With class indices and the cross-entropy each term is ``F.cross_entropy``
+    (which leaves out ``ignore_index``; a batch with every label ignored has no loss: NaN, as there); with ``(b, c)``
+    targets or ``loss="bce"`` it is the loss of the lerped targets (the same: the loss is affine in them).
+    ``teacher``: its logits on the same inputs.
 
     Example:
         >>> logits, labels = torch.zeros(2, 2), torch.tensor([0, 1])
@@ -152,24 +163,34 @@ def mixup_objective(logits: Tensor, labels: Tensor, lam: Tensor, partner: Tensor
     if logits.ndim != 2:
         raise ValueError(f"mixup_objective: `logits` must be (b, c), got {tuple(logits.shape)}.")
     _check_rows("logits", logits, labels)
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    labels = labels.long()
+    binary = loss == "bce"
+    if binary or labels.is_floating_point():
+        targets = example_targets(labels, logits.shape[-1])
+        mixed = smooth_(torch.lerp(targets.index_select(0, partner), targets, lam.float()), label_smoothing,
+                        logits.shape[-1])
+        loss_fn = F.binary_cross_entropy_with_logits if binary else F.cross_entropy
+        result = loss_fn(logits.float(), mixed)
+    else:
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        labels = labels.long()
 
-    def cross_entropy(targets: Tensor) -> Tensor:  # F.cross_entropy's, from the shared log-probabilities
-        if label_smoothing:
-            return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, label_smoothing=label_smoothing)
-        return F.nll_loss(log_probs, targets, ignore_index=ignore_index)
+        def cross_entropy(targets: Tensor) -> Tensor:  # F.cross_entropy's, from the shared log-probabilities
+            if label_smoothing:
+                return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index,
+                                       label_smoothing=label_smoothing)
+            return F.nll_loss(log_probs, targets, ignore_index=ignore_index)
 
-    loss = torch.lerp(cross_entropy(labels.index_select(0, partner)), cross_entropy(labels), lam.float())
+        result = torch.lerp(cross_entropy(labels.index_select(0, partner)), cross_entropy(labels), lam.float())
+        loss_fn = F.cross_entropy
     if teacher is not None:
-        distilled = F.cross_entropy(logits.float(), teacher.probs(), label_smoothing=label_smoothing)
-        loss = torch.lerp(loss, distilled, teacher.weight)
-    return loss
+        taught = smooth_(teacher.probs(binary=binary), label_smoothing, logits.shape[-1])
+        result = torch.lerp(result, loss_fn(logits.float(), taught), teacher.weight)
+    return result
 
 
 def _dense_objective(weights: Tensor, labels: Tensor, features: Tensor, head: Head, attention: str,
                      affine_head: Optional[bool], teacher: Optional[TeacherOutputs], label_smoothing: float,
-                     mask: Optional[Tensor]) -> Tensor:
+                     mask: Optional[Tensor], loss: str) -> Tensor:
     if features.ndim != 3:
         raise ValueError(f"multimix_objective: `feature_map` must be (m, r, d), got {tuple(features.shape)}.")
     if teacher is not None and teacher.targets != "probs":
@@ -184,27 +205,34 @@ def _dense_objective(weights: Tensor, labels: Tensor, features: Tensor, head: He
     if affine:  # the head at every position of the real examples, needed anyway: the class scores come from it
         position_logits = position_linear(features, head.weight, head.bias) if linear else \
             per_position(head, features)
+    soft = labels.is_floating_point()
     with torch.no_grad():
-        readable = labels.clamp_min(0)  # a left-out example (ignore index) has weight 0: any class's scores do
+        # each example's own-label scores (soft targets: weighted by them); a left-out example (ignore index) has
+        # weight 0: any class's scores do
+        readable = labels if soft else labels.clamp_min(0)
         if linear and position_logits is None:
             scores, num_classes = class_scores(features, head.weight, readable), head.out_features
         else:
-            logits_here = position_logits if position_logits is not None else per_position(head, features)
-            own_class = readable.view(-1, 1, 1).expand(-1, features.shape[1], 1)
-            scores, num_classes = logits_here.detach().float().gather(-1, own_class)[..., 0], logits_here.shape[-1]
+            logits_here = (position_logits if position_logits is not None else per_position(head, features)).float()
+            num_classes = logits_here.shape[-1]
+            if soft:
+                scores = (logits_here * readable.float().unsqueeze(1)).sum(-1)
+            else:
+                scores = logits_here.gather(-1, readable.view(-1, 1, 1).expand(-1, features.shape[1], 1))[..., 0]
             if linear and head.bias is not None:  # F_ij . W[y_i]: the logit without its bias, as in CAM
-                scores = scores - head.bias[readable, None].float()
+                bias = readable.float() @ head.bias.float() if soft else head.bias[readable].float()
+                scores = scores - bias[:, None]
         weights_per_position = attention_from_scores(scores, attention, mask)
-    # per-example targets (m, c): one-hot, mixed with the teacher's predictions, smoothed
-    targets = one_hot(labels, num_classes)
+    # per-example targets (m, c), mixed with the teacher's predictions, smoothed
+    targets = example_targets(labels, num_classes)
     if teacher is not None:
-        targets = (1.0 - teacher.weight) * targets + teacher.weight * teacher.probs()
+        targets = (1.0 - teacher.weight) * targets + teacher.weight * teacher.probs(binary=loss == "bce")
     targets = smooth_(targets, label_smoothing, num_classes)
     if position_logits is not None:
-        return factorised_dense_logit_loss(position_logits, targets, weights, weights_per_position, mask)
+        return factorised_dense_logit_loss(position_logits, targets, weights, weights_per_position, mask, loss)
     per_position_weights = dense_weights(weights, weights_per_position, mask)
     valid = per_position_weights.sum(0) > 0 if mask is not None else None  # the mixed positions not all padding
-    return dense_multimix_loss(features, targets, per_position_weights, head, valid)
+    return dense_multimix_loss(features, targets, per_position_weights, head, valid, loss)
 
 
 def _check_rows(name: str, values: Tensor, labels: Tensor) -> None:

@@ -25,7 +25,7 @@ from lightning_multimix.head import head_tensors, runnable_head
 from lightning_multimix.objective import TeacherOutputs, mixup_objective, multimix_objective
 from lightning_multimix.options import MultiMixOptions
 from lightning_multimix.sampling import RandomStream
-from lightning_multimix.targets import Targets, class_indices, read_targets
+from lightning_multimix.targets import Targets, read_targets, target_tensor
 from lightning_multimix.teacher import Distiller, check_teacher_entry
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ class TrainingStep:
         index = self.stream.next_batch()
         kind = self.kind(index, rank)
         batch = args[0] if args else kwargs["batch"]
-        labels = class_indices(self.read_labels(batch))
+        labels = target_tensor(self.read_labels(batch))
         if kind != "own_loss" and self.gathering:
             self._check_equal_batch_sizes(labels.shape[0])  # every process, before any may take another way
         if kind != "own_loss" and labels.shape[0] < 2:
@@ -161,7 +161,7 @@ class TrainingStep:
         chosen, source = probe.choose()
         outputs = probe.linear_outputs()
         device = outputs[chosen].device if chosen in outputs else labels.device
-        check_found_head(chosen, source, outputs, user_loss, labels.to(device).long(), options.ignore_index)
+        check_found_head(chosen, source, outputs, user_loss, _on(labels, device), options.ignore_index)
         self.plan = head_plan(self.module, chosen, source, options.dense, options.logit_space)
         if self.distiller is not None:
             self.distiller.watch(self.plan.head_path)
@@ -178,7 +178,7 @@ class TrainingStep:
         if embeddings.shape[0] != labels.shape[0]:
             raise MultiMixError(f"The head {capture.head_path!r} ran on {embeddings.shape[0]} embeddings but the "
                                 f"batch has {labels.shape[0]} labels. Pass `MultiMix(head='dotted.path')`.")
-        labels = labels.to(logits.device).long()
+        labels = _on(labels, logits.device)
         if self.targets is None:
             self.targets, notes = read_targets(user_loss, logits, labels, options.ignore_index,
                                                options.label_smoothing, plan.head_path)
@@ -199,9 +199,9 @@ class TrainingStep:
             ignore = targets.ignore_index
             loss = mixup_objective(logits, labels, *mixer.draw, teacher=teacher,
                                    ignore_index=ignore if ignore is not None else -100,
-                                   label_smoothing=targets.label_smoothing)
-            # every label must be a class, but F.cross_entropy would leave a -100 out: counted
-            unexpected = labels == -100 if ignore is None else None
+                                   label_smoothing=targets.label_smoothing, loss=targets.loss.kind)
+            # every label must be a class, but F.cross_entropy would leave a -100 out: counted, as soft targets are
+            unexpected = targets.outside(labels) if targets.soft else labels == -100 if ignore is None else None
         else:  # the objective reads a label out of range as a class in range: counted for the health check
             keep = targets.keep(labels)
             unexpected = targets.outside(labels, keep)
@@ -255,7 +255,7 @@ class TrainingStep:
                 teacher = dataclasses.replace(teacher, logits=gather(teacher.logits),
                                               embeddings=gather(teacher.embeddings))
         weights = self.sample_weights(labels.shape[0], kind, self.generator, keep)
-        common = {"teacher": teacher, "label_smoothing": self.targets.label_smoothing}
+        common = {"teacher": teacher, "label_smoothing": self.targets.label_smoothing, "loss": self.targets.loss.kind}
         if features is not None:
             return multimix_objective(weights, labels, feature_map=features, head=plan.position_head or self.head,
                                       attention=options.dense.attention, position_mask=mask,
@@ -275,3 +275,9 @@ class TrainingStep:
                 f"{sizes}. Use `DataLoader(..., drop_last=True)` (and a sampler that gives each process as many "
                 "examples)."
             )
+
+
+def _on(labels: Tensor, device: torch.device) -> Tensor:
+    """``labels`` on ``device``: class indices as int64, soft targets as they are."""
+    labels = labels.to(device)
+    return labels if labels.is_floating_point() else labels.long()

@@ -1,10 +1,13 @@
 """What a fit's targets are, decided once on the first batch, and the rules that build them (torch only).
 
-:func:`read_targets` reads the labels and the user's loss ``U`` into :class:`Targets`, which flows down to the
-objective. ``U`` is explained when ``dU/dlogits`` equals the gradient of ``F.cross_entropy(logits, labels,
-label_smoothing=eps)`` for some ``eps`` in ``[0, 1)`` (compared by value where the logits are not in the graph of
-``U``, as with a compiled forward): ``U - CE_eps`` then does not involve the logits (a regulariser, an auxiliary task:
-kept beside the MultiMix loss) and ``eps`` is carried into the mixed targets.
+Targets are ``(b,)`` integer class indices or ``(b, c)`` floating targets (probabilities, multi-hot).
+:func:`read_targets` reads them and the user's loss ``U`` into :class:`Targets`, which flows down to the objective. ``U`` is explained when
+``dU/dlogits`` equals the gradient of one of the losses MultiMix carries (:data:`LOSSES`: ``F.cross_entropy`` with
+class indices or probabilities, ``F.binary_cross_entropy_with_logits`` with the targets or ``one_hot(labels)``), their
+targets smoothed by some ``eps`` in ``[0, 1)`` (compared by value where the logits are not in the graph of ``U``, as
+with a compiled forward): ``U`` less that loss then does not involve the logits (a regulariser, an auxiliary task: kept
+beside the MultiMix loss) and ``eps`` is carried into the mixed targets. Both losses are affine in their targets, so
+mixing the targets with the logits' weights is exact.
 """
 
 from __future__ import annotations
@@ -18,19 +21,26 @@ from torch import Tensor
 
 from lightning_multimix.errors import MultiMixError
 
+LOSSES = ("cross_entropy", "bce")
 LABELS_HOW = ("return them from `MultiMixMixin.multimix_labels(batch)` (MultiMix reads `batch[1]` or a 'label'/"
               "'labels'/'target'/'targets'/'y' key)")
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def class_indices(labels: Any) -> Tensor:
-    """``labels`` if they are an integer ``(b,)`` tensor, else :class:`MultiMixError` (one-hot or soft targets too)."""
-    if not isinstance(labels, Tensor) or labels.dtype not in _INTEGER_DTYPES or labels.ndim != 1:
-        what = f"dtype {labels.dtype} and shape {tuple(labels.shape)}" if isinstance(labels, Tensor) else \
-            type(labels).__name__
-        raise MultiMixError(f"MultiMix needs integer class labels of shape (b,), got {what} (one-hot or soft targets "
-                            "are not supported). Return class indices from `MultiMixMixin.multimix_labels(batch)`.")
-    return labels
+def target_tensor(labels: Any) -> Tensor:
+    """``labels`` if they are ``(b,)`` integer class indices or ``(b, c)`` floating targets, else
+    :class:`MultiMixError` naming what they are and the fix."""
+    if isinstance(labels, Tensor) and ((labels.ndim == 1 and labels.dtype in _INTEGER_DTYPES)
+                                       or (labels.ndim == 2 and labels.is_floating_point())):
+        return labels
+    what = f"dtype {labels.dtype} and shape {tuple(labels.shape)}" if isinstance(labels, Tensor) else \
+        type(labels).__name__
+    if isinstance(labels, Tensor) and labels.dtype in _INTEGER_DTYPES and labels.ndim > 1:
+        raise MultiMixError(f"MultiMix read integer labels of {what}: labels per position (segmentation masks, token "
+                            "tags) are not supported; it mixes (b,) class indices or (b, c) floating targets. Return "
+                            "one of those from `MultiMixMixin.multimix_labels(batch)`.")
+    raise MultiMixError(f"MultiMix needs (b,) integer class labels or (b, c) floating targets (probabilities or "
+                        f"multi-hot), got {what}. Return them from `MultiMixMixin.multimix_labels(batch)`.")
 
 
 def outside_classes(labels: Tensor, num_classes: int, keep: Optional[Tensor] = None) -> Tensor:
@@ -44,6 +54,13 @@ def kept(labels: Tensor, ignore_index: Optional[int]) -> Optional[Tensor]:
     return labels != ignore_index if ignore_index is not None else None
 
 
+def soft_outside(targets: Tensor, loss: str) -> Tensor:
+    """``(b,)`` booleans: rows of ``(b, c)`` targets with a value outside ``[0, 1]`` or, for the cross-entropy, that do
+    not sum to 1."""
+    outside = (targets.clamp(0, 1) != targets).any(-1)
+    return outside | ((targets.sum(-1) - 1).abs() > 1e-3) if loss == "cross_entropy" else outside
+
+
 def labels_error(num_classes: Optional[int], where: str, head_path: Optional[str]) -> MultiMixError:
     """The error for labels neither in ``[0, num_classes)`` nor the ignore index, found ``where``."""
     return MultiMixError(
@@ -54,48 +71,62 @@ def labels_error(num_classes: Optional[int], where: str, head_path: Optional[str
     )
 
 
-def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: Optional[int], label_smoothing: float = 0.0) -> Tensor:
-    """``F.cross_entropy`` of ``(b, c)`` logits in float32, leaving out ``ignore_index`` (``-100`` when ``None``)."""
-    ignore = ignore_index if ignore_index is not None else -100
-    return F.cross_entropy(logits.float(), labels, ignore_index=ignore, label_smoothing=label_smoothing)
+def plain_loss(logits: Tensor, labels: Tensor, loss: str, ignore_index: Optional[int],
+               label_smoothing: float = 0.0) -> Tensor:
+    """The loss MultiMix replaces, in float32: ``F.cross_entropy`` with class indices (``ignore_index`` left out) or
+    probabilities, or ``F.binary_cross_entropy_with_logits`` (mean) with the targets or ``one_hot(labels)``; targets
+    smoothed as ``(1 - eps) t + eps / c`` (for the BCE as timm's recipes do)."""
+    logits, num_classes = logits.float(), logits.shape[-1]
+    if loss == "cross_entropy":
+        ignore = ignore_index if ignore_index is not None else -100
+        return F.cross_entropy(logits, labels if not labels.is_floating_point() else labels.float(),
+                               ignore_index=ignore, label_smoothing=label_smoothing)
+    targets = example_targets(labels, num_classes)
+    return F.binary_cross_entropy_with_logits(logits, smooth_(targets.clone(), label_smoothing, num_classes))
 
 
 @dataclass(frozen=True)
 class LossFit:
-    """The user's loss as ``F.cross_entropy(logits, labels, label_smoothing=label_smoothing) + rest``."""
+    """The user's loss as ``plain_loss(logits, labels, kind, label_smoothing=label_smoothing) + rest``."""
 
     label_smoothing: float  #: ``eps`` found in the user's loss
     rest: bool  #: whether ``rest`` (terms that do not depend on the logits) is not zero
+    kind: str = "cross_entropy"  #: one of :data:`LOSSES`
 
 
 def explain_loss(user_loss: Tensor, logits: Tensor, labels: Tensor, ignore_index: Optional[int]) -> Optional[LossFit]:
     """The :class:`LossFit` of ``user_loss`` on ``logits`` (``(b, c)``, in the graph of ``user_loss``), or ``None``
-    when the loss is not a cross-entropy of these logits with these labels plus terms that do not involve them."""
-    valid = kept(labels, ignore_index)
-    valid = valid if valid is not None else torch.ones_like(labels, dtype=torch.bool)
-    if not (user_loss.requires_grad and logits.requires_grad) or not bool(valid.any()) \
-            or bool(outside_classes(labels, logits.shape[-1], valid).any()):
+    when the loss is not one of :data:`LOSSES` of these logits and labels plus terms that do not involve them."""
+    soft = labels.is_floating_point()
+    valid = kept(labels, ignore_index) if not soft else None
+    valid = valid if valid is not None else torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
+    wrong = (labels.shape != logits.shape or bool((labels.clamp(0, 1) != labels).any())) if soft else \
+        bool(outside_classes(labels, logits.shape[-1], valid).any())
+    if not (user_loss.requires_grad and logits.requires_grad) or not bool(valid.any()) or wrong:
         return None
     (found,) = torch.autograd.grad(user_loss, logits, retain_graph=True, allow_unused=True)
     if found is None:  # not in the graph of the loss (a compiled forward returns another tensor): compare values
-        plain = float(cross_entropy(logits.detach(), labels, ignore_index))
-        return LossFit(0.0, False) if abs(float(user_loss.detach()) - plain) <= 1e-4 * max(1.0, abs(plain)) else None
-    with torch.enable_grad():
-        probe = logits.detach().float().requires_grad_(True)
-        (g_plain,) = torch.autograd.grad(cross_entropy(probe, labels, ignore_index), probe)
-        uniform = -(probe.log_softmax(-1).mean(-1) * valid).sum() / valid.sum()  # what label smoothing mixes in
-        (g_uniform,) = torch.autograd.grad(uniform, probe)
-    found = found.float()
-    direction = g_uniform - g_plain
-    eps = float((found - g_plain).mul(direction).sum() / direction.pow(2).sum().clamp_min(1e-30))
-    eps = eps if 1e-4 < eps < 1.0 else 0.0
-    fitted = g_plain + eps * direction
-    tolerance = (1e-2 if logits.dtype in (torch.float16, torch.bfloat16) else 1e-4) * float(fitted.norm()) + 1e-8
-    if float((found - fitted).norm()) > tolerance:
+        for kind in LOSSES:
+            plain = float(plain_loss(logits.detach(), labels, kind, ignore_index))
+            if abs(float(user_loss.detach()) - plain) <= 1e-4 * max(1.0, abs(plain)):
+                return LossFit(0.0, False, kind)
         return None
-    eps = round(eps, 4)
-    rest = float(user_loss.detach().float() - cross_entropy(logits.detach(), labels, ignore_index, eps))
-    return LossFit(eps, abs(rest) > 1e-6 * max(1.0, float(user_loss.detach().abs())))
+    found = found.float()
+    for kind in LOSSES:  # each loss is affine in eps: its gradient is g_0 + eps (g_1 - g_0)
+        with torch.enable_grad():
+            probe = logits.detach().float().requires_grad_(True)
+            g_plain, g_uniform = (torch.autograd.grad(plain_loss(probe, labels, kind, ignore_index, eps), probe)[0]
+                                  for eps in (0.0, 1.0))
+        direction = g_uniform - g_plain
+        eps = float((found - g_plain).mul(direction).sum() / direction.pow(2).sum().clamp_min(1e-30))
+        eps = eps if 1e-4 < eps < 1.0 else 0.0
+        fitted = g_plain + eps * direction
+        tolerance = (1e-2 if logits.dtype in (torch.float16, torch.bfloat16) else 1e-4) * float(fitted.norm()) + 1e-8
+        if not float((found - fitted).norm()) > tolerance:  # NaN: not told apart here; the health check says
+            eps = round(eps, 4)
+            rest = float(user_loss.detach().float() - plain_loss(logits.detach(), labels, kind, ignore_index, eps))
+            return LossFit(eps, abs(rest) > 1e-6 * max(1.0, float(user_loss.detach().abs())), kind)
+    return None
 
 
 @dataclass(frozen=True)
@@ -103,40 +134,62 @@ class Targets:
     """What a fit's targets are and how the user's loss uses them, read once by :func:`read_targets`."""
 
     num_classes: int  #: the head's outputs
-    ignore_index: Optional[int]  #: examples with this label are left out (``None``: every label must be a class)
+    ignore_index: Optional[int]  #: class indices with this label are left out (``None``: every label is a class)
     label_smoothing: float  #: of the mixed targets: ``MultiMix(label_smoothing=...)``, else the user's loss's
     loss: LossFit  #: the user's loss, explained
+    soft: bool = False  #: ``(b, c)`` floating targets, else ``(b,)`` class indices
 
     def keep(self, labels: Tensor) -> Optional[Tensor]:
         """``(b,)`` booleans, the examples that may be mixed; ``None``: every one."""
-        return kept(labels, self.ignore_index)
+        return None if self.soft else kept(labels, self.ignore_index)
 
     def outside(self, labels: Tensor, keep: Optional[Tensor] = None) -> Tensor:
-        """``(b,)`` booleans, the labels neither a class nor ignored (``keep``: :meth:`keep`'s, if at hand)."""
+        """``(b,)`` booleans, the labels neither a class nor ignored, or the rows of soft targets that are not
+        targets of the loss (``keep``: :meth:`keep`'s, if at hand)."""
+        if self.soft:
+            return soft_outside(labels, self.loss.kind)
         return outside_classes(labels, self.num_classes, keep if keep is not None else self.keep(labels))
 
+    def error(self, where: str, head_path: Optional[str]) -> MultiMixError:
+        """The error for :meth:`outside` labels found ``where``."""
+        if not self.soft:
+            return labels_error(self.num_classes, where, head_path)
+        sums = " or rows that do not sum to 1 (probabilities of the cross-entropy)" if self.loss.kind == \
+            "cross_entropy" else ""
+        return MultiMixError(f"MultiMix: (b, c) targets with values outside [0, 1]{sums} {where}. Check the dataset's "
+                             "targets, or return other ones from `MultiMixMixin.multimix_labels(batch)`.")
+
     def other_terms(self, user_loss: Tensor, logits: Tensor, labels: Tensor) -> Optional[Tensor]:
-        """The user's loss less the cross-entropy MultiMix replaces (``None`` when that is all it is)."""
+        """The user's loss less the loss MultiMix replaces (``None`` when that is all it is)."""
         if not self.loss.rest:
             return None
-        return user_loss.float() - cross_entropy(logits, labels, self.ignore_index, self.loss.label_smoothing)
+        return user_loss.float() - plain_loss(logits, labels, self.loss.kind, self.ignore_index,
+                                              self.loss.label_smoothing)
 
 
 def read_targets(user_loss: Tensor, logits: Tensor, labels: Tensor, ignore_index: Optional[int],
                  label_smoothing: float, head_path: str) -> tuple[Targets, list[str]]:
     """On the first batch: :class:`Targets` from the labels and the user's loss, and what to say once in the log;
-    labels out of range, or a loss MultiMix cannot carry, are errors saying the fix."""
-    num_classes = logits.shape[-1]
-    if bool(outside_classes(labels, num_classes, kept(labels, ignore_index)).any()):
-        raise labels_error(num_classes, "in the first training batch", head_path)
+    labels out of range, targets of another shape than the logits, or a loss MultiMix cannot carry, are errors saying
+    the fix."""
+    num_classes, soft = logits.shape[-1], labels.is_floating_point()
+    if soft and labels.shape[-1] != num_classes:
+        raise MultiMixError(f"MultiMix read (b, c) targets of shape {tuple(labels.shape)}, but the head {head_path!r} "
+                            f"gives {num_classes} outputs: one target per output is needed. Return matching targets "
+                            "from `MultiMixMixin.multimix_labels(batch)`, or pass `MultiMix(head='dotted.path')`.")
     fit = explain_loss(user_loss, logits, labels, ignore_index)
+    targets = Targets(num_classes, ignore_index, label_smoothing or (fit.label_smoothing if fit else 0.0),
+                      fit or LossFit(0.0, False, "bce" if soft else "cross_entropy"), soft)
+    if bool(targets.outside(labels).any()):
+        raise targets.error("in the first training batch", head_path)
     if fit is None:
         raise MultiMixError(
-            f"MultiMix: your training_step's loss is not the cross-entropy of the head {head_path!r}'s logits with the "
-            "labels MultiMix read (plus terms that do not involve the logits). MultiMix replaces that cross-entropy "
-            "and keeps your other terms, but it cannot carry class weights, a focal or margin loss, a regulariser on "
-            f"the logits, or a sum instead of a mean. If those are not the labels your loss uses, {LABELS_HOW}; label "
-            "smoothing is carried (or pass `MultiMix(label_smoothing=...)`)."
+            f"MultiMix: your training_step's loss is not one MultiMix can carry on the head {head_path!r}'s logits and "
+            f"the {'(b, c) targets' if soft else 'labels'} it read (plus terms that do not involve the logits). It "
+            "carries `F.cross_entropy` with class indices or probabilities, and `F.binary_cross_entropy_with_logits` "
+            "with the targets or `one_hot(labels)`, mean reduction, label smoothing included, and keeps your other "
+            "terms, but it cannot carry class weights or `pos_weight`, a focal or margin loss, a regulariser on the "
+            f"logits, or a sum instead of a mean. If those are not the labels your loss uses, {LABELS_HOW}."
         )
     if fit.label_smoothing and label_smoothing and abs(fit.label_smoothing - label_smoothing) > 1e-3:
         raise MultiMixError(f"MultiMix(label_smoothing={label_smoothing}) but your loss smooths its labels by "
@@ -144,10 +197,14 @@ def read_targets(user_loss: Tensor, logits: Tensor, labels: Tensor, ignore_index
     notes = [f"MultiMix: your loss smooths its labels by {fit.label_smoothing}; the mixed targets are smoothed "
              "alike."] if fit.label_smoothing and not label_smoothing else []
     if fit.rest:
-        notes.append("MultiMix: your loss adds terms to the cross-entropy of the head's logits (a regulariser, an "
-                     "auxiliary task); they keep training: the loss optimised is the MultiMix loss plus your loss "
-                     "minus its cross-entropy.")
-    return Targets(num_classes, ignore_index, label_smoothing or fit.label_smoothing, fit), notes
+        notes.append("MultiMix: your loss adds terms to the loss of the head's logits (a regulariser, an auxiliary "
+                     "task); they keep training: the loss optimised is the MultiMix loss plus your loss minus that "
+                     "loss.")
+    if fit.kind == "bce" or soft:
+        notes.append(f"MultiMix: your loss is the {'binary cross-entropy' if fit.kind == 'bce' else 'cross-entropy'} "
+                     f"of {'(b, c) targets' if soft else 'one-hot labels'}; the mixed loss is the same loss of the "
+                     "mixed logits and mixed targets.")
+    return targets, notes
 
 
 def one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -161,12 +218,19 @@ def one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32
     return (labels.unsqueeze(-1) == torch.arange(num_classes, device=labels.device)).to(dtype)
 
 
-def mixed_one_hot(labels: Tensor, weights: Tensor, num_classes: int, scale: float = 1.0) -> Tensor:
-    """``scale * one_hot(labels).T @ weights``, the ``(c, n)`` mixed targets, without forming the one-hot targets: one
-    ``index_add_`` of the rows of ``(m, n)`` weights by label. A label out of range adds to a class in range (the
-    callback counts those; a left-out row has weight 0)."""
+def mixed_targets(labels: Tensor, weights: Tensor, num_classes: int, scale: float = 1.0) -> Tensor:
+    """``scale * T.T @ weights``, the ``(c, n)`` mixed targets of ``(m, c)`` targets ``T``, or of ``one_hot(labels)``
+    without forming it: one ``index_add_`` of the rows of ``(m, n)`` weights by label. A label out of range adds to a
+    class in range (the callback counts those; a left-out row has weight 0)."""
+    if labels.is_floating_point():
+        return (labels.to(weights.dtype).T @ weights).mul_(scale)
     zeros = weights.new_zeros(num_classes, weights.shape[1])
     return zeros.index_add_(0, labels.clamp(0, num_classes - 1), weights, alpha=scale)
+
+
+def example_targets(labels: Tensor, num_classes: int) -> Tensor:
+    """Per-example float32 targets ``(m, c)``: the ``(m, c)`` targets, or ``one_hot(labels)``."""
+    return labels.float() if labels.is_floating_point() else one_hot(labels, num_classes)
 
 
 def smooth_(targets: Tensor, label_smoothing: float, num_classes: int, mass: float = 1.0) -> Tensor:

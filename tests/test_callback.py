@@ -346,15 +346,18 @@ def test_labels_missing():
         trainer(callbacks=[MultiMix()]).fit(Net(), loader)
 
 
-def test_labels_not_integer():
+@pytest.mark.parametrize("labels, match", [
+    (torch.rand(8), r"\(b,\) integer class labels or \(b, c\) floating targets.*float32 and shape \(4,\)"),
+    (torch.randint(0, NUM_CLASSES, (8, 5)), r"labels per position.*not supported"),
+])
+def test_labels_neither_class_indices_nor_targets_are_refused(labels, match):
+    """Float (b,) values (regression) and integer (b, T) labels (per position) are neither: an error, not a guess."""
     class Net(MLP):
         def training_step(self, batch, batch_idx):
-            x, y = batch
-            return nn.functional.cross_entropy(self(x), y)
+            return self(batch[0]).sum()
 
-    soft = torch.softmax(torch.randn(8, NUM_CLASSES), -1)
-    loader = DataLoader(TensorDataset(torch.randn(8, DIM), soft), batch_size=4)
-    with pytest.raises(MultiMixError, match="integer class labels.*float32"):
+    loader = DataLoader(TensorDataset(torch.randn(8, DIM), labels), batch_size=4)
+    with pytest.raises(MultiMixError, match=match):
         trainer(callbacks=[MultiMix()]).fit(Net(), loader)
 
 
