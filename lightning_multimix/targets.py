@@ -1,13 +1,13 @@
 """What a fit's targets are, decided once on the first batch, and the rules that build them (torch only).
 
 Targets are ``(b,)`` integer class indices or ``(b, c)`` floating targets (probabilities, multi-hot).
-:func:`read_targets` reads them and the user's loss ``U`` into :class:`Targets`, which flows down to the objective. ``U`` is explained when
-``dU/dlogits`` equals the gradient of one of the losses MultiMix carries (:data:`LOSSES`: ``F.cross_entropy`` with
-class indices or probabilities, ``F.binary_cross_entropy_with_logits`` with the targets or ``one_hot(labels)``), their
-targets smoothed by some ``eps`` in ``[0, 1)`` (compared by value where the logits are not in the graph of ``U``, as
-with a compiled forward): ``U`` less that loss then does not involve the logits (a regulariser, an auxiliary task: kept
-beside the MultiMix loss) and ``eps`` is carried into the mixed targets. Both losses are affine in their targets, so
-mixing the targets with the logits' weights is exact.
+:func:`read_targets` reads them and the user's loss ``U`` into :class:`Targets`, which flows down to the objective.
+``U`` is explained when ``dU/dlogits`` equals the gradient of one of the losses MultiMix carries (:data:`LOSSES`:
+``F.cross_entropy`` with class indices or probabilities, ``F.binary_cross_entropy_with_logits`` with the targets or
+``one_hot(labels)``), their targets smoothed by some ``eps`` in ``[0, 1)`` (compared by value where the logits are not
+in the graph of ``U``, as with a compiled forward): ``U`` less that loss then does not involve the logits (a
+regulariser, an auxiliary task: kept beside the MultiMix loss) and ``eps`` is carried into the mixed targets. Both
+losses are affine in their targets, so mixing the targets with the logits' weights is exact.
 """
 
 from __future__ import annotations
