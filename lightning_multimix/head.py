@@ -20,7 +20,7 @@ from lightning_multimix.capture import Capture, Captures, ancestors, capture_for
 from lightning_multimix.errors import MultiMixError
 from lightning_multimix.feature_maps import TimmPositionHead
 from lightning_multimix.interpolation import is_affine
-from lightning_multimix.targets import LABELS_HOW, explain_loss, kept, outside_classes
+from lightning_multimix.targets import LABELS_HOW, explain_loss, kept, outside_classes, soft_outside
 
 HOW_HEAD = ("Pass `MultiMix(head='dotted.path')` naming the classifier head, or add `MultiMixMixin` and override "
             "`multimix_head()`.")
@@ -138,9 +138,10 @@ def check_found_head(chosen: str, source: Source, outputs: dict[str, Tensor], us
         return  # a head of the wrong shape: `head_tensors` says so
     fits = [path for path, logits in outputs.items()
             if logits.shape[-1] >= 2 and explain_loss(user_loss, logits, labels, ignore_index) is not None]
-    if not fits and not labels.is_floating_point() and \
-            bool(outside_classes(labels, outputs[chosen].shape[-1], kept(labels, ignore_index)).any()):
-        return
+    soft, classes = labels.is_floating_point(), outputs[chosen].shape[-1]
+    if not fits and (labels.shape[-1] != classes or bool(soft_outside(labels, "bce").any()) if soft else
+                     bool(outside_classes(labels, classes, kept(labels, ignore_index)).any())):
+        return  # targets that are not the loss's: the first batch's check of the targets says so
     seen = ", ".join(f"{path!r} {tuple(out.shape)}" for path, out in outputs.items())
     hint = (f"Your loss is the cross-entropy of {fits[0]!r} (or its BCE): pass `MultiMix(head={fits[0]!r})`."
             if len(fits) == 1 else f"It is the cross-entropy of several of them, {fits}: name the head." if fits else
