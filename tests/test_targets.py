@@ -1,5 +1,5 @@
-"""Targets beyond class indices: ``(b, c)`` probabilities with the cross-entropy, multi-hot targets with BCE-with-logits,
-and single labels with BCE on ``one_hot(labels)``, each against a reference written here (loops over the tuples)."""
+"""Targets beyond class indices: ``(b, c)`` probabilities with the cross-entropy, multi-hot targets with BCE with
+logits, and single labels with BCE on ``one_hot(labels)``, each against a reference written here (loops over tuples)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import DIM, NUM_CLASSES, RecordingMultiMix, TinyCNN, TinyMLP, trainer
-from lightning_multimix import Dense, MultiMix, MultiMixError, SelfDistillation, TeacherOutputs, mixup_objective
+from lightning_multimix import Dense, MultiMixError, SelfDistillation, TeacherOutputs, mixup_objective
 from lightning_multimix import multimix_objective
 from lightning_multimix.dense import attention_from_scores, dense_weights
 from lightning_multimix.sampling import dirichlet_weights
