@@ -29,7 +29,7 @@ class MultiMixMixin:
         return None
 
     def multimix_labels(self, batch: Any) -> Tensor:
-        """Integer class labels ``(b,)`` of a training batch."""
+        """The targets of a training batch: ``(b,)`` class indices or ``(b, c)`` floating targets."""
         return default_labels(batch)
 
     def multimix_mix_inputs(self, batch: Any, mix: Callable[[Tensor], Tensor]) -> Optional[Any]:
