@@ -1,9 +1,10 @@
 """The benchmarks' harness: machine, statistics, tables, results files (command, date, machine first), a pool."""
 
-from __future__ import annotations
-
+import argparse
+import contextlib
 import csv
 import datetime
+import itertools
 import logging
 import os
 import platform
@@ -23,14 +24,16 @@ OUT_DIR = Path(__file__).resolve().parent / "out"
 
 def cpu_model() -> str:
     """The CPU model name from ``/proc/cpuinfo`` (Linux), else what :mod:`platform` knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo", encoding="utf-8") as handle:
+        return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
     return platform.processor() or platform.machine()
+
+
+def host_info() -> dict[str, str]:
+    """Date, CPU, cores and load: what :func:`machine_info` says without importing torch."""
+    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "cpu": cpu_model(),
+            "cores": str(os.cpu_count()),
+            "load_avg_1m": f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"}
 
 
 def machine_info(device: str) -> dict[str, str]:
@@ -44,13 +47,9 @@ def machine_info(device: str) -> dict[str, str]:
         torchvision_version = torchvision.__version__
     except ImportError:
         torchvision_version = "not installed"
-    info = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": cpu_model(), "cores": str(os.cpu_count()), "torch_threads": str(torch.get_num_threads()),
-        "load_avg_1m": f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a",
-        "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision_version,
-        "lightning": lightning.__version__, "device": device,
-    }
+    info = {**host_info(), "torch_threads": str(torch.get_num_threads()), "python": platform.python_version(),
+            "torch": torch.__version__, "torchvision": torchvision_version, "lightning": lightning.__version__,
+            "device": device}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
@@ -78,13 +77,18 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: O
     return "\n".join(lines)
 
 
+def script_parser(doc: str) -> argparse.ArgumentParser:
+    """A script's parser: its docstring's first paragraph is the description, the rest the ``--help`` epilogue."""
+    description, _, epilog = doc.partition("\n\n")
+    return argparse.ArgumentParser(description=description, epilog=epilog,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def command_line() -> str:
     """The command that is running, as a reader can paste it (``python benchmarks/x.py --flag``)."""
     script = Path(sys.argv[0])
-    try:
+    if script.resolve().is_relative_to(Path.cwd()):
         script = script.resolve().relative_to(Path.cwd())
-    except ValueError:
-        pass
     return " ".join(["python", shlex.quote(str(script)), *map(shlex.quote, sys.argv[1:])])
 
 
@@ -105,30 +109,21 @@ def write_report(out_dir: str, name: str, info: dict[str, str], settings: str, b
     return path
 
 
-def _comment(text: str) -> str:
-    return "".join(f"# {line}\n" for line in text.splitlines())
-
-
-def write_csv(path: Path, headers: Sequence[str], rows: Sequence[Sequence[Any]], preamble: str = "") -> None:
-    """A CSV file; ``preamble`` (e.g. :func:`results_header`) goes first as ``# `` comment lines."""
+def write_csv(path: Path, headers: Sequence[str], rows: Iterable[Iterable[Any]], preamble: str = "",
+              mode: str = "w") -> None:
+    """A CSV file, ``preamble`` (:func:`results_header`) first as ``# `` lines; ``mode="a"``: append to one."""
+    new = mode == "w" or not path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        handle.write(_comment(preamble))
-        writer = csv.writer(handle)
-        writer.writerow(headers)
-        writer.writerows(rows)
+    with open(path, mode, newline="", encoding="utf-8") as handle:
+        if new:
+            handle.write("".join(f"# {line}\n" for line in preamble.splitlines()))
+            csv.writer(handle).writerow(headers)
+        csv.writer(handle).writerows(rows)
 
 
 def append_csv(path: Path, headers: Sequence[str], row: Iterable[Any], preamble: str = "") -> None:
     """Append one row (partial results survive a crash), writing ``preamble`` and the header first to a new file."""
-    new = not path.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        if new:
-            handle.write(_comment(preamble))
-            writer.writerow(headers)
-        writer.writerow(list(row))
+    write_csv(path, headers, [list(row)], preamble, mode="a")
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -141,15 +136,11 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 def read_preamble(path: Path) -> dict[str, str]:
     """The ``# key: value`` comment lines at the top of a results CSV (command, date, machine, settings)."""
-    found: dict[str, str] = {}
-    if path.exists():
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                if not line.startswith("# "):
-                    break
-                key, _, value = line[2:].rstrip("\n").partition(": ")
-                found[key] = value
-    return found
+    if not path.exists():
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        lines = itertools.takewhile(lambda line: line.startswith("# "), handle)
+        return dict(line[2:].rstrip("\n").partition(": ")[::2] for line in lines)
 
 
 def resumed_note(path: Path, kept: int) -> str:

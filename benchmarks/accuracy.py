@@ -14,6 +14,10 @@ Examples::
     python benchmarks/accuracy.py --jobs 2                        # every run (about 2.5 hours on 2 cores)
     python benchmarks/accuracy.py --report --out benchmarks/results   # re-tabulate the committed runs
     python benchmarks/accuracy.py --regimes clean --methods erm --seeds 0 --epochs 40 --curves  # how long is enough?
+    python benchmarks/accuracy.py --regimes low_data,noisy --methods multimix,multimix_bce --jobs 2  # BCE recipe
+
+``--task multilabel``: Fashion-MNIST 2x2 composites with BCE, its own regimes, methods and measures (mAP, F1; see
+``lightning_multimix/demo/tasks.py``), files ``multilabel_*`` instead of ``accuracy_*``.
 """
 
 from __future__ import annotations
@@ -34,35 +38,35 @@ import torch
 
 from benchmarks._harness import (OUT_DIR, append_csv, format_table, machine_info, mean_std, print_machine, quiet,
                                  read_csv, results_header, resumed_note, run_tasks, write_csv)
-from lightning_multimix.demo.data import load_fashion_mnist
-from lightning_multimix.demo.training import BENCHMARK_REGIMES, METHODS, REGIMES, Regime, run_method
+from lightning_multimix.demo.plots import plot_benchmark
+from lightning_multimix.demo.tasks import TASKS
+from lightning_multimix.demo.training import run_method
 
-RUN_KEYS = ("regime", "method", "seed", "test_acc", "best_acc", "best_epoch", "ece", "alignment", "uniformity",
-            "sec_per_epoch", "epochs", "steps", "wall_seconds")
-CURVE_KEYS = ("regime", "method", "seed", "epoch", "test_acc")
-#: (column title, run key, scale, format) of the summary tables
-MEASURES = (("last acc %", "test_acc", 100.0, "{:.2f}"), ("best acc %", "best_acc", 100.0, "{:.2f}"),
-            ("ECE", "ece", 1.0, "{:.3f}"), ("alignment", "alignment", 1.0, "{:.3f}"),
-            ("uniformity", "uniformity", 1.0, "{:.3f}"), ("s/epoch", "sec_per_epoch", 1.0, "{:.1f}"))
+TASK = TASKS["classify"]  # this process's (init_worker's): regimes, methods, run keys and measures
+RUN_KEYS, MEASURES = TASK.run_keys, TASK.measures  # (column title, run key, scale, format) of the summary tables
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--regimes", default=",".join(BENCHMARK_REGIMES), help="from " + ",".join(REGIMES))
-    parser.add_argument("--methods", default=",".join(METHODS), help="from " + ",".join(METHODS))
+    parser.add_argument("--task", default="classify", choices=tuple(TASKS), help="default %(default)s")
+    parser.add_argument("--regimes", help="; ".join(f"{n}: {','.join(t.regimes)}" for n, t in TASKS.items()))
+    parser.add_argument("--methods", help="; ".join(f"{n}: {','.join(t.methods)}" for n, t in TASKS.items()))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--data-dir", default=None, help="the full Fashion-MNIST (default: the shipped subset)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each")
     parser.add_argument("--out", default=str(OUT_DIR), help="output folder (default %(default)s)")
-    parser.add_argument("--resume", action="store_true", help="keep the runs already in accuracy_runs.csv")
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in <accuracy|multilabel>_runs.csv")
     parser.add_argument("--report", action="store_true", help="train nothing: tabulate the runs in --out")
     parser.add_argument("--epochs", type=int, default=None, help="train every regime this long instead of its own")
-    parser.add_argument("--curves", action="store_true", help="also record test accuracy after every epoch")
+    parser.add_argument("--curves", action="store_true", help="also record test accuracy (mAP) after every epoch")
     parser.add_argument("--quick", action="store_true", help="smoke run: seed 0, 2 steps per run, tiny data")
     args = parser.parse_args(argv)
-    for name, known in (("regimes", REGIMES), ("methods", METHODS)):
+    task = TASKS[args.task]
+    args.regimes, args.methods = (args.regimes or ",".join(task.benchmark_regimes),
+                                  args.methods or ",".join(task.benchmark_methods))
+    for name, known in (("regimes", task.regimes), ("methods", task.methods)):
         unknown = set(getattr(args, name).split(",")) - set(known)
         if unknown:
             parser.error(f"--{name}: unknown {sorted(unknown)}; expected names from {tuple(known)}")
@@ -76,20 +80,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 _DATA: Optional[tuple[Any, Any]] = None
 
 
-def init_worker(data_dir: Optional[str], threads: int, quick: bool) -> None:
-    global _DATA
+def init_worker(data_dir: Optional[str], threads: int, quick: bool, task: str = "classify") -> None:
+    global _DATA, TASK
     quiet()
     if threads > 0:
         torch.set_num_threads(threads)
-    train, test = load_fashion_mnist(data_dir)
-    _DATA = (train.balanced_subset(26), test.balanced_subset(20)) if quick else (train, test)
+    TASK = TASKS[task]
+    _DATA = TASK.load(data_dir, quick)
 
 
-def _regime(name: str, quick: bool, epochs: Optional[int] = None) -> Regime:
-    regime = REGIMES[name]
+def _regime(name: str, quick: bool, epochs: Optional[int] = None) -> Any:
+    regime = TASK.regimes[name]
     if quick:  # the regime's data handling (subset, label noise), on a few steps
-        return Regime(regime.description, epochs=epochs or 1, train_per_class=13 if regime.train_per_class else None,
-                      label_noise=regime.label_noise)
+        return regime.quick(epochs)
     return dataclasses.replace(regime, epochs=epochs) if epochs is not None else regime
 
 
@@ -100,19 +103,19 @@ def train(regime_name: str, method: str, seed: int, quick: bool, epochs: Optiona
     regime = _regime(regime_name, quick, epochs)
     started = time.perf_counter()
     result = run_method(method, train_data=regime.training_set(_DATA[0], seed), test_data=_DATA[1],
-                        epochs=regime.epochs, seed=seed, multimix_options=multimix_options,
-                        max_steps=2 if quick else -1, progress=False)
+                        epochs=regime.epochs, seed=seed, multimix_options=multimix_options, progress=False,
+                        test_every=regime.test_every, max_steps=2 if quick else -1)
     return {**result, "regime": regime_name, "wall_seconds": time.perf_counter() - started,
             "curve": curve(result["history"])}
 
 
 def run_one(regime_name: str, method: str, seed: int, quick: bool, epochs: Optional[int] = None) -> dict[str, Any]:
     result = train(regime_name, method, seed, quick, epochs)  # only scalars and the curve travel back
-    return {**{key: result[key] for key in RUN_KEYS}, "curve": result["curve"]}
+    return {**{key: result[key] for key in TASK.run_keys}, "curve": result["curve"]}
 
 
 def curve(history: Sequence[dict[str, Any]]) -> list[tuple[int, float]]:
-    return [(h["epoch"], h["val_acc"]) for h in history if h["val_acc"] is not None]
+    return [(h["epoch"], h[f"val_{TASK.metric}"]) for h in history if h[f"val_{TASK.metric}"] is not None]
 
 
 def previous_runs(runs_path: Path, curves_path: Path, resume: bool, regimes: Sequence[str], methods: Sequence[str],
@@ -129,16 +132,17 @@ def previous_runs(runs_path: Path, curves_path: Path, resume: bool, regimes: Seq
 
 
 def record_run(run: dict[str, Any], runs_path: Path, curves_path: Optional[Path], header: str) -> None:
-    append_csv(runs_path, RUN_KEYS, [run[key] for key in RUN_KEYS], preamble=header)
+    append_csv(runs_path, TASK.run_keys, [run[key] for key in TASK.run_keys], preamble=header)
     for epoch, acc in run["curve"] if curves_path is not None else ():
-        append_csv(curves_path, CURVE_KEYS, [run["regime"], run["method"], run["seed"], epoch, acc], preamble=header)
-    print(f"  {run['regime']:>8} {run['method']:>14} seed {run['seed']}: last {100 * float(run['test_acc']):.2f}%"
-          f"  best {100 * float(run['best_acc']):.2f}%  ECE {float(run['ece']):.3f}  "
-          f"({float(run['wall_seconds']):.0f} s)", flush=True)
+        append_csv(curves_path, ("regime", "method", "seed", "epoch", "test_acc"),
+                   [run["regime"], run["method"], run["seed"], epoch, acc], preamble=header)
+    print(f"  {run['regime']:>8} {run['method']:>14} seed {run['seed']}: " + "  ".join(
+        f"{title} {fmt.format(scale * float(run[key]))}" for title, key, scale, fmt in TASK.measures[:3])
+        + f"  ({float(run['wall_seconds']):.0f} s)", flush=True)
 
 
 def write_summary(out: Path, stem: str, summary: Sequence[dict[str, Any]], report: str, header: str) -> list[Path]:
-    keys = ["regime", "method", "runs"] + [f"{key}_{s}" for _, key, _, _ in MEASURES for s in ("mean", "std")]
+    keys = ["regime", "method", "runs"] + [f"{key}_{s}" for _, key, _, _ in TASK.measures for s in ("mean", "std")]
     paths = [out / f"{stem}_summary.csv", out / f"{stem}.md"]
     write_csv(paths[0], keys, [[row[k] for k in keys] for row in summary], preamble=header)
     paths[1].write_text(header + "\n```\n" + report + "\n```\n")
@@ -152,7 +156,7 @@ def summarise(runs: Sequence[dict[str, Any]], regimes: Sequence[str], methods: S
             mine = [r for r in runs if r["regime"] == regime and r["method"] == method]
             if mine:
                 row: dict[str, Any] = {"regime": regime, "method": method, "runs": len(mine)}
-                for _, key, scale, _ in MEASURES:
+                for _, key, scale, _ in TASK.measures:
                     values = [scale * float(r[key]) for r in mine if not math.isnan(float(r[key]))]
                     row[f"{key}_mean"], row[f"{key}_std"] = mean_std(values)
                 rows.append(row)
@@ -160,11 +164,11 @@ def summarise(runs: Sequence[dict[str, Any]], regimes: Sequence[str], methods: S
 
 
 def regime_table(summary: Sequence[dict[str, Any]], regime: str, description: Optional[str] = None) -> str:
-    headers = ("method", "runs", *(title for title, *_ in MEASURES))
+    headers = ("method", "runs", *(title for title, *_ in TASK.measures))
     rows = [[row["method"], row["runs"], *(f"{fmt.format(row[f'{key}_mean'])} +- {fmt.format(row[f'{key}_std'])}"
-                                           for _, key, _, fmt in MEASURES)]
+                                           for _, key, _, fmt in TASK.measures)]
             for row in summary if row["regime"] == regime]
-    title = f"== {regime}: {description or REGIMES[regime].description}; mean +- std over seeds =="
+    title = f"== {regime}: {description or TASK.regimes[regime].description}; mean +- std over seeds =="
     return format_table(headers, rows, title=title)
 
 
@@ -175,7 +179,7 @@ def curve_table(curves: Sequence[dict[str, Any]], regime: str) -> str:
     rows = [[epoch, *(f"{acc[(m, s, epoch)]:.2f}" if (m, s, epoch) in acc else "" for m, s in runs)]
             for epoch in sorted({int(c["epoch"]) for c in mine})]
     return format_table(("epoch", *(f"{m} seed {s}" for m, s in runs)), rows,
-                        title=f"== {regime}: test accuracy % after every epoch ==")
+                        title=f"== {regime}: test {TASK.metric_name} % after every epoch ==")
 
 
 def goal_table(summary: Sequence[dict[str, Any]], regimes: Sequence[str]) -> Optional[str]:
@@ -195,59 +199,20 @@ def goal_table(summary: Sequence[dict[str, Any]], regimes: Sequence[str]) -> Opt
         if rows else None
 
 
-def plot(summary: Sequence[dict[str, Any]], regimes: Sequence[str], path: Path, title: str,
-         descriptions: dict[str, str]) -> Path:
-    """Per regime: last-epoch accuracy (bars, +- std) with the best epoch's (dots), and ECE."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, len(regimes), figsize=(5.2 * len(regimes), 7.5), squeeze=False)
-    for column, regime in enumerate(regimes):
-        rows = [r for r in summary if r["regime"] == regime]
-        names = [r["method"] for r in rows]
-        colors = [plt.get_cmap("tab10")(i % 10) for i in range(len(rows))]
-        top, bottom = axes[0][column], axes[1][column]
-        top.bar(names, [r["test_acc_mean"] for r in rows], yerr=[r["test_acc_std"] for r in rows], color=colors,
-                capsize=3)
-        top.plot(names, [r["best_acc_mean"] for r in rows], "k.", label="best epoch")
-        best = max(r["best_acc_mean"] for r in rows)
-        # a collapsed method (more than 30 points below the best) would flatten the others: its bar is cut
-        low = max(0.0, min(r["test_acc_mean"] for r in rows if r["test_acc_mean"] > best - 30.0) - 5.0)
-        top.set_ylim(low, min(100.0, best + 2.0))
-        for i, r in enumerate(rows):
-            if r["test_acc_mean"] < low:
-                top.annotate(f"{r['test_acc_mean']:.1f}\n(below)", (i, low), xytext=(0, 4),
-                             textcoords="offset points", ha="center", fontsize=7)
-        top.set_title(f"{regime}: {descriptions[regime]}", fontsize=8)
-        top.set_ylabel("test accuracy % (last epoch; dot: best)")
-        bottom.bar(names, [r["ece_mean"] for r in rows], yerr=[r["ece_std"] for r in rows], color=colors, capsize=3)
-        bottom.set_ylabel("ECE (lower is better)")
-        for ax in (top, bottom):
-            ax.tick_params(axis="x", rotation=45, labelsize=7)
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     quiet()
-    regimes = [r for r in REGIMES if r in args.regimes.split(",")]
-    methods = [m for m in METHODS if m in args.methods.split(",")]
+    init_worker(args.data_dir, args.threads, args.quick, args.task)  # a bad --data-dir fails here, before training
+    regimes = [r for r in TASK.regimes if r in args.regimes.split(",")]
+    methods = [m for m in TASK.methods if m in args.methods.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs_path, curves_path = out / "accuracy_runs.csv", out / "accuracy_curves.csv"
-    init_worker(args.data_dir, args.threads, args.quick)  # a bad --data-dir fails here, before any training
+    runs_path, curves_path = out / f"{TASK.stem}_runs.csv", out / f"{TASK.stem}_curves.csv"
     info = machine_info("cpu")
     print_machine(info)
     source = "the subset shipped in the package" if args.data_dir is None else args.data_dir
-    settings = (f"SmallCNN on Fashion-MNIST ({source}{', --quick' if args.quick else ''}); regimes {regimes}"
+    settings = (f"SmallCNN on {TASK.data} ({source}{', --quick' if args.quick else ''}); regimes {regimes}"
                 f"{f', all trained for {args.epochs} epochs' if args.epochs else ''}; seeds {seeds}; "
                 f"{args.threads or 'default'} thread(s) per run, {args.jobs} job(s)")
     print("settings: " + settings, flush=True)
@@ -257,26 +222,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                       if args.report else "")
     finished = {(row["regime"], row["method"], int(row["seed"])) for row in done}
     # seed-major, then the long regimes first: partial results stay balanced and the pool ends on short runs
-    order = sorted(regimes, key=lambda r: -REGIMES[r].epochs * (REGIMES[r].train_per_class or 1000))
+    order = sorted(regimes, key=lambda r: -TASK.regimes[r].cost)
     tasks = [(regime, method, seed, args.quick, args.epochs) for seed in seeds for regime in order
              for method in methods if (regime, method, seed) not in finished and not args.report]
     started = time.perf_counter()
-    for run in run_tasks(run_one, tasks, args.jobs, init_worker, (args.data_dir, args.threads, args.quick)):
+    for run in run_tasks(run_one, tasks, args.jobs, init_worker, (args.data_dir, args.threads, args.quick, args.task)):
         record_run(run, runs_path, curves_path if args.curves else None, results_header(info, settings))
         done.append(run)
 
     summary = summarise(done, regimes, methods)
-    described = {r: _regime(r, args.quick, args.epochs).description + (f"; run for {args.epochs} epochs instead"
-                                                                        if args.epochs else "") for r in regimes}
+    described = {r: _regime(r, args.quick, args.epochs).description
+                 + (f"; run for {args.epochs} epochs instead" if args.epochs else "") for r in regimes}
     tables = [regime_table(summary, regime, described[regime]) for regime in regimes]
     if args.curves:
         curves = [c for c in read_csv(curves_path) if c["regime"] in regimes and c["method"] in methods
                   and int(c["seed"]) in seeds]
         tables += [curve_table(curves, regime) for regime in regimes]
-    report = "\n\n".join(tables + [goal_table(summary, regimes) or ""]).rstrip()
+    report = "\n\n".join(tables + [args.task == "classify" and goal_table(summary, regimes) or ""]).rstrip()
     print("\n" + report + f"\n\nwall time of this invocation: {(time.perf_counter() - started) / 60:.1f} min")
-    written = write_summary(out, "accuracy", summary, report, results_header(info, settings))
-    png = plot(summary, regimes, out / "accuracy.png", f"{settings}\n{info['date']}, {info['cpu']}", described)
+    written = write_summary(out, TASK.stem, summary, report, results_header(info, settings))
+    png = plot_benchmark(summary, regimes, out / f"{TASK.stem}.png", f"{settings}\n{info['date']}, {info['cpu']}",
+                         described, TASK.measures)
     print(f"wrote {runs_path}, {', '.join(map(str, written))}, {png}")
     return 0
 

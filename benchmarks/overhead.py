@@ -1,16 +1,14 @@
 """What does MultiMix add to a training step? Step time and memory of every method against no mixing.
 
-One step (forward, loss, backward, optimizer step, the callbacks' ``on_train_batch_end``) of the same model on the
-same batches through a real ``Trainer``, each method's fit in its own thread, stepping in turns (shuffled rounds of one
-step per method, so that other load hits every method alike): ``none``; torchvision's ``mixup`` / ``cutmix`` in
-``training_step``; the callback's ``input-mixup`` (``probability=0``), ``pairs``, ``multimix-N`` (``n_tuples=N,
-probability=1``), ``protocol-1000`` (``MultiMix()``), ``dense-N`` and ``distill-1000``; ``-in-step``: the package's
-functions in ``training_step``, no callback (the floor of any callback).
-Trainer table: median ms/step, extra ms and ratio to ``none`` (step-by-step medians, bootstrap 95% interval), the
-step's extra peak memory. Core table: the package's functions alone on one forward's tensors, by stage; ``callback's
-own`` is the extra ms less the core total. CPU: thread CPU time, one thread, glibc malloc settings that keep freed
-memory; CUDA: wall clock, synchronised. Files in ``--out`` (default ``benchmarks/out``, ignored by git):
-``overhead_<model>_<device>.md`` and ``.csv``.
+A step (forward, loss, backward, optimizer step, the callbacks' ``on_train_batch_end``) of the same model on the same
+batches through a real ``Trainer``, each method's fit in its own thread, the fits stepping in shuffled rounds. Methods:
+``none``; torchvision's ``mixup`` / ``cutmix`` in the step; the callback's ``input-mixup`` (``probability=0``),
+``pairs``, ``multimix-N`` (``n_tuples=N, probability=1``), ``protocol-1000`` (``MultiMix()``), ``dense-N``,
+``distill-1000``; ``*-in-step``: the package's functions in ``training_step``, no callback. Trainer table: median
+ms/step, extra ms and ratio to ``none`` (step-by-step medians, bootstrap 95% interval), extra peak memory. Core table:
+the package's functions alone on one forward's tensors, by stage; ``callback's own``: the extra ms less the core total.
+CPU: thread CPU time, one thread, glibc malloc settings that keep freed memory; CUDA: wall clock, synchronised. Files
+in ``--out``: ``overhead_<model>_<device>.md`` and ``.csv``.
 
 Examples::
 
@@ -18,8 +16,6 @@ Examples::
     python benchmarks/overhead.py --warmup 30 --steps 20 --repeats 5        # the published CPU table
     python benchmarks/overhead.py --model preactresnet18 --device cuda      # the paper's network on a GPU
 """
-
-from __future__ import annotations
 
 import argparse
 import os
@@ -29,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -45,7 +42,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks._harness import OUT_DIR, format_table, machine_info, print_machine, quiet, results_header, write_csv
+from benchmarks._harness import (OUT_DIR, format_table, machine_info, print_machine, quiet, results_header,
+                                 script_parser, write_csv, write_report)
 from lightning_multimix import Dense, MultiMix, SelfDistillation, mixup_objective, multimix_objective
 from lightning_multimix.batch import InputMixer
 from lightning_multimix.demo.models import PreActResNet18, SmallCNN
@@ -57,11 +55,12 @@ from lightning_multimix.teacher import Distiller
 #: depend on each thread's allocator history (without them, identical fits in different threads differed by up to 7%)
 STABLE_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30),
                      "MALLOC_TOP_PAD_": str(2**30)}
-_clock: list[Callable[[], int]] = [time.perf_counter_ns]
+NUM_CLASSES, MB = 10, 2.0**20
 
 
-def set_clock(kind: str) -> None:
-    _clock[0] = time.thread_time_ns if kind == "cpu" else time.perf_counter_ns
+def clock(device: torch.device) -> Callable[[], int]:
+    """Thread CPU time on the CPU (one torch thread), wall time on a GPU."""
+    return time.perf_counter_ns if device.type == "cuda" else time.thread_time_ns
 
 
 def synchronize(device: torch.device) -> None:
@@ -80,21 +79,18 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def median_ci(values: Sequence[float], level: float = 0.95, resamples: int = 2000,
-              seed: int = 0) -> tuple[float, float]:
-    """Bootstrap confidence interval of the median (percentile method, seeded)."""
+def median_ci(values: Sequence[float], resamples: int = 2000) -> tuple[float, float]:
+    """Bootstrap 95% confidence interval of the median (percentile method, seeded)."""
     if len(values) < 2:
         return float("nan"), float("nan")
-    rng = random.Random(seed)
+    rng = random.Random(0)
     medians = sorted(median(rng.choices(values, k=len(values))) for _ in range(resamples))
-    tail = (1.0 - level) / 2.0
-    return medians[int(tail * resamples)], medians[min(resamples - 1, int((1.0 - tail) * resamples))]
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples)]
 
 
 class LiveTensorBytes(TorchDispatchMode):
-    """The peak of live bytes of tensors created while active (the CPU allocator keeps no peak statistic): every new
-    storage an operator returns is tracked through a weak reference; views and in-place results (outputs that alias
-    an input, by the operator's schema) are skipped. It adds Python work to every operator: never time under it."""
+    """The peak of live bytes of tensors created while active (the CPU allocator keeps no peak statistic): storages
+    operators return, by weak reference, not aliases of an input. Slows every operator: never time under it."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -124,22 +120,17 @@ class Turnstile:
     """Turns, in shuffled rounds, for the threads that run a fit each, once all reached their first step."""
 
     def __init__(self, names: Sequence[str], seed: int = 0) -> None:
-        self._cond = threading.Condition()
-        self._members, self._waiting = list(names), set()
+        self._cond, self._rng = threading.Condition(), random.Random(seed)
+        self._members, self._waiting, self._round = list(names), set(), []
         self._current: Optional[str] = None
-        self._round: list[str] = []
         self._started = False
-        self._rng = random.Random(seed)
 
     def _next(self) -> None:
+        self._started = self._started or self._waiting >= set(self._members)
         self._current = None
-        if not self._started and self._members and self._waiting >= set(self._members):
-            self._started = True
         if self._started and self._members:
-            self._round = [name for name in self._round if name in self._members]
-            if not self._round:
-                self._round = list(self._members)
-                self._rng.shuffle(self._round)
+            self._round = ([name for name in self._round if name in self._members]
+                           or self._rng.sample(self._members, len(self._members)))
             self._current = self._round.pop(0)
         self._cond.notify_all()
 
@@ -155,32 +146,24 @@ class Turnstile:
         with self._cond:
             if name in self._members:
                 self._members.remove(name)
-                self._waiting.discard(name)
                 if self._current in (name, None):
                     self._next()
 
 
 class StepTimer(L.Callback):
-    """Times steps ``[warmup, warmup + timed)``; with ``track_memory`` the next step runs untimed under
-    :class:`LiveTensorBytes` (CPU), or records ``max_memory_allocated`` (CUDA). Place it last among the callbacks so
-    that their ``on_train_batch_end`` (the EMA teacher's update) is inside the window."""
+    """Times steps ``[warmup, warmup + timed)`` (placed last: the callbacks' ``on_train_batch_end`` inside), then
+    with ``track_memory`` one more under :class:`LiveTensorBytes` (CPU); CUDA: ``max_memory_allocated``."""
 
     def __init__(self, warmup: int, timed: int, device: torch.device, track_memory: bool, turnstile: Turnstile,
                  name: str) -> None:
         self.warmup, self.timed, self.device, self.track_memory = warmup, timed, device, track_memory
-        self.turnstile, self.name = turnstile, name
+        self.turnstile, self.name, self.clock = turnstile, name, clock(device)
         self.times_ms: list[float] = []
         self.peak_bytes: list[int] = []
         self._index = self._start_ns = self._base_bytes = 0
         self._tracker: Optional[LiveTensorBytes] = None
 
-    def leave(self, *args: Any) -> None:
-        self.turnstile.leave(self.name)
-
-    on_train_end = on_exception = leave
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(self, *_: Any) -> None:
         self.turnstile.turn(self.name)
         synchronize(self.device)
         if self._index == self.warmup + self.timed and self.track_memory and self.device.type != "cuda":
@@ -188,12 +171,11 @@ class StepTimer(L.Callback):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base_bytes = torch.cuda.memory_allocated(self.device)
-        self._start_ns = _clock[0]()
+        self._start_ns = self.clock()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(self, *_: Any) -> None:
         synchronize(self.device)
-        elapsed_ms = (_clock[0]() - self._start_ns) / 1e6
+        elapsed_ms = (self.clock() - self._start_ns) / 1e6
         index, self._index = self._index, self._index + 1
         if self._tracker is not None:
             self._tracker.__exit__(None, None, None)
@@ -203,34 +185,6 @@ class StepTimer(L.Callback):
             self.times_ms.append(elapsed_ms)
             if self.device.type == "cuda":
                 self.peak_bytes.append(torch.cuda.max_memory_allocated(self.device) - self._base_bytes)
-
-
-def run_interleaved(fits: dict[str, Callable[[Turnstile], StepTimer]], seed: int) -> dict[str, StepTimer]:
-    """Run every ``fits[name](turnstile)`` (one ``Trainer.fit``, returning its timer) in its own thread, stepping in
-    turns; re-raise the first failure."""
-    turnstile = Turnstile(list(fits), seed=seed)
-    timers: dict[str, StepTimer] = {}
-    errors: list[BaseException] = []
-
-    def work(name: str) -> None:
-        try:
-            timers[name] = fits[name](turnstile)
-        except BaseException as error:  # noqa: BLE001 - re-raised in the main thread
-            errors.append(error)
-        finally:
-            turnstile.leave(name)
-
-    threads = [threading.Thread(target=work, args=(name,), name=f"fit-{name}") for name in fits]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return timers
-
-
-NUM_CLASSES, MB = 10, 2.0**20
 
 
 @dataclass(frozen=True)
@@ -266,37 +220,42 @@ MODELS: dict[str, tuple[Callable[[Optional[int]], nn.Module], tuple[int, int, in
 
 
 class BenchModule(L.LightningModule):
-    """Cross-entropy on the (optionally torchvision-mixed) batch, logged every step; or the package's objective
-    computed in the step itself (``transform`` "input-mixup" or "multimix-1000")."""
+    """Cross-entropy, the loss logged every step (also ``step_cost.py``'s); ``transform``: torchvision's ``mixup`` /
+    ``cutmix`` of the batch, or the package's objective in the step itself (``input-mixup``, ``multimix-1000``)."""
 
-    def __init__(self, net: nn.Module, transform: Optional[str]) -> None:
+    def __init__(self, net: nn.Module, transform: Optional[str] = None) -> None:
         super().__init__()
-        self.net, self.kind = net, transform
-        self.generator: Optional[torch.Generator] = None
+        self.net, self.kind, self.generator = net, transform, None
+        self.transform: Optional[Callable[..., Any]] = None
         if transform in ("mixup", "cutmix"):
             from torchvision.transforms import v2
 
-            self.transform = (v2.MixUp if transform == "mixup" else v2.CutMix)(alpha=1.0, num_classes=NUM_CLASSES)
+            self.transform = (v2.MixUp if transform == "mixup" else v2.CutMix)(num_classes=NUM_CLASSES)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        if self.generator is None:
-            self.generator = torch.Generator(device=self.device).manual_seed(0)
-        if self.kind == "input-mixup":
-            lam, partner = mixup_pairing(y.shape[0], 1.0, generator=self.generator, device=self.device)
-            loss = mixup_objective(self(mix_with_partner(x, lam, partner)), y, lam, partner)
-        elif self.kind == "multimix-1000":
-            weights = dirichlet_weights(y.shape[0], 1000, 1.0, generator=self.generator, device=self.device)
-            loss = multimix_objective(weights, y, logits=self(x))
+        if self.kind in ("input-mixup", "multimix-1000"):
+            if self.generator is None:
+                self.generator = torch.Generator(device=self.device).manual_seed(0)
+            if self.kind == "input-mixup":
+                lam, partner = mixup_pairing(y.shape[0], 1.0, generator=self.generator, device=self.device)
+                loss = mixup_objective(self(mix_with_partner(x, lam, partner)), y, lam, partner)
+            else:
+                weights = dirichlet_weights(y.shape[0], 1000, 1.0, generator=self.generator, device=self.device)
+                loss = multimix_objective(weights, y, logits=self(x))
         else:
             target: Tensor = y
-            if self.kind is not None:
-                x, target = self.transform(x, y)
+            if self.transform is not None:
+                if x.dim() == 2:  # torchvision's MixUp takes image batches only
+                    mixed, target = self.transform(x.view(*x.shape, 1, 1), y)
+                    x = mixed.view(x.shape)
+                else:
+                    x, target = self.transform(x, y)
             loss = F.cross_entropy(self(x), target)
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, batch_size=y.shape[0])
+        self.log("train/loss", loss, on_step=True)
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -317,7 +276,7 @@ def fit(method: Method, args: argparse.Namespace, device: torch.device, memory: 
     torch.manual_seed(0)
     net = build(args.width)
     callbacks = ([MultiMix(seed=0, **method.callback)] if method.callback else []) + [timer]
-    trainer = L.Trainer(accelerator=device.type, devices=1, max_steps=steps, precision=args.precision, logger=False,
+    trainer = L.Trainer(accelerator=device.type, devices=1, max_steps=steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks)
     trainer.fit(BenchModule(net, method.transform),
@@ -326,15 +285,23 @@ def fit(method: Method, args: argparse.Namespace, device: torch.device, memory: 
 
 
 def trainer_table(methods: Sequence[Method], args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """``--repeats`` rounds of every method's fit in its own thread, stepping in turns; a row per method."""
     times: dict[str, list[list[float]]] = {m.name: [] for m in methods}
     peaks: dict[str, list[int]] = {m.name: [] for m in methods}
     for repeat in range(args.repeats):
         order = methods[repeat % len(methods):] + methods[:repeat % len(methods)]
-        timers = run_interleaved({m.name: (lambda t, m=m: fit(m, args, device, repeat == 0, t)) for m in order},
-                                 seed=repeat)
-        for name, timer in timers.items():
-            times[name].append(timer.times_ms)
-            peaks[name] += timer.peak_bytes
+        turnstile = Turnstile([m.name for m in order], seed=repeat)
+
+        def work(method: Method) -> StepTimer:
+            try:
+                return fit(method, args, device, repeat == 0, turnstile)
+            finally:  # a failed fit too: the others go on without it
+                turnstile.leave(method.name)
+
+        with ThreadPoolExecutor(len(order), thread_name_prefix="fit") as pool:
+            for method, timer in zip(order, pool.map(work, order)):
+                times[method.name].append(timer.times_ms)
+                peaks[method.name] += timer.peak_bytes
     rows = []
     for method in methods:
         pairs = [(a, b) for mine, ref in zip(times[method.name], times["none"]) for a, b in zip(mine, ref)]
@@ -357,9 +324,8 @@ def core_table(methods: Sequence[Method], args: argparse.Namespace, device: torc
     net = build(args.width).to(device)
     x, labels = (t.to(device) for t in batches(shape, args.batch_size, 1).tensors)
     with torch.no_grad():
-        pooled = net.embed(x)
         hook = net.pool.register_forward_hook(lambda m, a, o: setattr(m, "seen", a[0].detach()))
-        net(x)
+        pooled = net.embed(x)
         hook.remove()
     feature_map = net.pool.seen  # (m, d, h, w); dense mode reads it as its (m, r, d) view, as in the step
     distiller = Distiller(SelfDistillation(warmup_steps=0))  # the teacher as the callback builds and runs it
@@ -404,20 +370,21 @@ def core_table(methods: Sequence[Method], args: argparse.Namespace, device: torc
         return {"sample": sample, **({"teacher": teacher} if options.get("distill") else {}), "objective": objective,
                 "backward": backward}
 
-    clock = time.perf_counter_ns if device.type == "cuda" else time.thread_time_ns
+    now = clock(device)
+    warmup, repeats = (1, 2) if args.quick else (3, 30)  # untimed and timed calls of every stage
     for method in methods:
         if not method.callback:
             continue
         calls = stages(method.callback)
         samples: dict[str, list[float]] = {name: [] for name in calls}
-        for repeat in range(args.core_warmup + args.core_repeats):
+        for repeat in range(warmup + repeats):
             for name, fn in calls.items():
                 synchronize(device)
-                started = clock()
+                started = now()
                 fn()
                 synchronize(device)
-                if repeat >= args.core_warmup:
-                    samples[name].append((clock() - started) / 1e6)
+                if repeat >= warmup:
+                    samples[name].append((now() - started) / 1e6)
         out[method.name] = {name: median(values) for name, values in samples.items()}
         out[method.name]["total"] = sum(out[method.name].values())
     distiller.detach()
@@ -425,8 +392,7 @@ def core_table(methods: Sequence[Method], args: argparse.Namespace, device: torc
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = script_parser(__doc__)
     parser.add_argument("--model", default="smallcnn", choices=list(MODELS))
     parser.add_argument("--methods", default=",".join(m.name for m in METHODS), help="comma-separated, with none")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -434,11 +400,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of every fit")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per fit")
     parser.add_argument("--repeats", type=int, default=3, help="fits per method (methods interleaved)")
-    parser.add_argument("--core-repeats", type=int, default=30)
-    parser.add_argument("--core-warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:index]")
-    parser.add_argument("--precision", default="32-true")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (the CPU clock needs 1)")
     parser.add_argument("--out", default=str(OUT_DIR), help="output folder (default %(default)s)")
     parser.add_argument("--quick", action="store_true", help="smoke run: a tiny model, a few steps")
     args = parser.parse_args(argv)
@@ -446,7 +408,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if unknown or "none" not in args.methods.split(","):
         parser.error(f"--methods must include 'none'; unknown: {sorted(unknown)}")
     if args.quick:
-        args.width, args.warmup, args.steps, args.repeats, args.core_repeats, args.core_warmup = 8, 1, 2, 1, 2, 1
+        args.width, args.warmup, args.steps, args.repeats = 8, 1, 2, 1
     return args
 
 
@@ -459,15 +421,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda, but torch.cuda.is_available() is False")
     if device.type == "cpu":
-        torch.set_num_threads(max(1, args.threads))
-    cpu_clock = device.type == "cpu" and torch.get_num_threads() == 1
-    set_clock("cpu" if cpu_clock else "wall")
+        torch.set_num_threads(1)  # the thread CPU time clock needs one thread
     methods = [m for m in METHODS if m.name in args.methods.split(",")]
     info = machine_info(str(device))
     print_machine(info)
     settings = (f"{args.model} (width {args.width or 'default'}), batch {args.batch_size}, {args.warmup} warm-up + "
-                f"{args.steps} timed steps x {args.repeats} fits per method, precision {args.precision}, clock "
-                f"{'thread CPU time' if cpu_clock else 'wall'}")
+                f"{args.steps} timed steps x {args.repeats} fits per method, precision 32-true, clock "
+                f"{'wall' if device.type == 'cuda' else 'thread CPU time'}")
     print("settings: " + settings, flush=True)
     started = time.perf_counter()
     rows = trainer_table(methods, args, device)
@@ -487,13 +447,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               + "\n\n" + format_table(("method", *stage_names, "core total", "callback's own"), core_rows,
                                       title="== Where the time goes (ms, medians): the core alone, and the rest =="))
     print("\n" + report + f"\n\ntotal time: {time.perf_counter() - started:.0f} s")
-    out, stem = Path(args.out), f"overhead_{args.model}_{device.type}"
-    out.mkdir(parents=True, exist_ok=True)
-    header = results_header(info, settings)
-    (out / f"{stem}.md").write_text(header + "\n```\n" + report + "\n```\n")
+    stem = f"overhead_{args.model}_{device.type}"
+    write_report(args.out, f"{stem}.md", info, settings, report)
     keys = ("method", "ms", "extra_ms", "ratio", "low", "high", "target", "met", "extra_mb")
-    write_csv(out / f"{stem}.csv", keys, [[r[k] for k in keys] for r in rows], preamble=header)
-    print(f"wrote {out / (stem + '.md')}, {out / (stem + '.csv')}")
+    write_csv(Path(args.out, f"{stem}.csv"), keys, [[r[k] for k in keys] for r in rows], results_header(info, settings))
     return 0
 
 

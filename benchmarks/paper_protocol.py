@@ -1,11 +1,10 @@
 """The papers' CIFAR setting, for a machine with the CIFAR files and a GPU: PreActResNet-18, b = 128, 2000 epochs.
 
-PreActResNet-18, b = 128 per device, MultiMix's defaults, AlignMixup's CIFAR schedule (the same authors'; the papers
-print none): SGD lr 0.1, momentum 0.9, weight decay 1e-4, lr x0.1 after epochs 500, 1000 and 1500 (a quarter, half
-and three quarters of ``--epochs``), random crop and flip; every method through the demo's ``run_method``, tested
-after every epoch. Output as ``accuracy.py``'s (``regime``: the data set). Files in ``--out`` (default
-``benchmarks/out``, ignored by git): ``paper_<dataset>[_synthetic]`` + ``_runs.csv`` (``--resume`` keeps its runs),
-``_curves.csv``, ``_summary.csv``, ``.md``.
+b = 128 per device, MultiMix's defaults, AlignMixup's CIFAR schedule (the same authors'; the papers print none): SGD
+lr 0.1, momentum 0.9, weight decay 1e-4, lr x0.1 after a quarter, half and three quarters of ``--epochs``, random crop
+and flip; every method through the demo's ``run_method``, tested after every epoch. Output as ``accuracy.py``'s
+(``regime``: the data set), in ``--out``: ``paper_<dataset>[_synthetic]`` + ``_runs.csv``, ``_curves.csv``,
+``_summary.csv``, ``.md``.
 
 Examples::
 
@@ -13,8 +12,6 @@ Examples::
     python benchmarks/paper_protocol.py --data-dir DIR --dataset cifar10 --accelerator gpu
     python benchmarks/paper_protocol.py --synthetic --epochs 1 --width 8 --methods erm,multimix   # CPU smoke run
 """
-
-from __future__ import annotations
 
 import argparse
 import sys
@@ -30,7 +27,7 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from benchmarks._harness import OUT_DIR, machine_info, print_machine, quiet, results_header, resumed_note
+from benchmarks._harness import OUT_DIR, machine_info, print_machine, quiet, results_header, resumed_note, script_parser
 from benchmarks.accuracy import RUN_KEYS, curve, previous_runs, record_run, regime_table, summarise, write_summary
 from lightning_multimix.demo.data import CIFAR_MEAN, CIFAR_STD, ImageSet, load_cifar
 from lightning_multimix.demo.models import PreActResNet18
@@ -40,8 +37,6 @@ DATASETS = {"cifar10": 10, "cifar100": 100}
 DEFAULT_METHODS = ("erm", "mixup", "cutmix", "switch", "multimix", "dense")
 #: the paper's run length and AlignMixup's learning-rate milestones in it
 PAPER_EPOCHS, PAPER_MILESTONES = 2000, (500, 1000, 1500)
-#: ``--synthetic``: this many generated training and test images
-SYNTHETIC_TRAIN, SYNTHETIC_TEST = 256, 128
 
 
 def recipe(epochs: int) -> dict[str, Any]:
@@ -57,13 +52,12 @@ def synthetic_cifar(num_classes: int, seed: int = 0) -> tuple[ImageSet, ImageSet
     classes = tuple(f"class_{i}" for i in range(num_classes))
     sets = [ImageSet(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
                      torch.randint(0, num_classes, (n,), generator=g), classes, CIFAR_MEAN, CIFAR_STD)
-            for n in (SYNTHETIC_TRAIN, SYNTHETIC_TEST)]
+            for n in (256, 128)]  # training and test images
     return sets[0], sets[1]
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = script_parser(__doc__)
     parser.add_argument("--data-dir", default=None, help="folder holding the CIFAR files (never downloaded)")
     parser.add_argument("--dataset", default="cifar10", choices=tuple(DATASETS))
     parser.add_argument("--synthetic", action="store_true", help="generated random images instead: a smoke test")
@@ -79,8 +73,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--out", default=str(OUT_DIR), help="output folder (default %(default)s)")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in <stem>_runs.csv")
     args = parser.parse_args(argv)
-    unknown = set(args.methods.split(",")) - set(METHODS)
-    if unknown:
+    if unknown := set(args.methods.split(",")) - set(METHODS):
         parser.error(f"--methods: unknown {sorted(unknown)}; expected names from {tuple(METHODS)}")
     if args.data_dir is None and not args.synthetic:
         parser.error("--data-dir is required (the folder holding the CIFAR python-version files), or --synthetic")

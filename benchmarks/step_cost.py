@@ -1,14 +1,13 @@
 """What host work does each method add to a training step? Operations dispatched and Python calls, counted exactly.
 
-Nothing is timed. Each method is fitted through a real ``Trainer`` on CPU (batch 128, random batches handed over as
-they are) for ``S`` and ``2S`` steps; a count per step is the difference over ``S``, so what is done once cancels and
-work done every 50 steps counts at its average. Counted: the operations reaching a ``TorchDispatchMode`` around the
-whole fit, by name (on a GPU each is a kernel launch or more; ``host reads``, ``aten::_local_scalar_dense``, are
-synchronisations there), and, in a separate fit, the Python calls (``sys.setprofile``) by the called function's file:
-``package``, ``lightning`` or ``other``. Models: a tiny ``mlp`` and, for dense and CutMix, a tiny ``cnn``, each with
-its own ``none``; ``Callback()`` is a callback that does nothing; ``tv-*`` is torchvision's transform in the step.
-Last, the objective's top-level operations eager and ``torch.compile``d (``torch.profiler``: a fused kernel counts
-once). Files in ``--out`` (default ``benchmarks/out``, ignored by git): ``step_cost_tiny_cpu.md``.
+Nothing is timed. Each method is fitted through a real ``Trainer`` on CPU (batch 128, random batches) for ``S`` and
+``2S`` steps; a count per step is the difference over ``S``, so what is done once cancels. Counted: the operations
+reaching a ``TorchDispatchMode``, by name (on a GPU each is a kernel launch or more; ``host reads``,
+``aten::_local_scalar_dense``, are synchronisations there), and, in a separate fit, the Python calls
+(``sys.setprofile``) by the called function's file: ``package``, ``lightning`` or ``other``. Models: a tiny ``mlp``
+and, for dense and CutMix, a tiny ``cnn``, each with its own ``none``; ``Callback()`` does nothing; ``tv-*`` is
+torchvision's transform in the step. Last, the objective's top-level operations eager and ``torch.compile``d.
+File in ``--out``: ``step_cost_tiny_cpu.md``.
 
 Examples::
 
@@ -16,9 +15,7 @@ Examples::
     python benchmarks/step_cost.py --quick    # smoke run: five methods, S = 5, seconds
 """
 
-from __future__ import annotations
-
-import argparse
+import functools
 import gc
 import importlib.util
 import os
@@ -28,22 +25,22 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
-from benchmarks._harness import OUT_DIR, format_table, machine_info, print_machine, quiet, write_report
+from benchmarks._harness import OUT_DIR, format_table, machine_info, print_machine, quiet, script_parser, write_report
+from benchmarks.overhead import NUM_CLASSES, BenchModule, batches
 from lightning_multimix import Dense, MultiMix, SelfDistillation, multimix_objective
 
-NUM_CLASSES, BATCH = 10, 128
+BATCH, INPUT_SHAPES = 128, {"mlp": (16,), "cnn": (3, 8, 8)}
 HOST_READ, DETACH = "aten::_local_scalar_dense", "aten::detach"
 #: the methods whose added operations are listed by name
 TOP_OPS_FOR = ("MultiMix()", "input-mixup")
@@ -55,12 +52,11 @@ class Method:
     model: str  # "mlp" or "cnn"; compared with the "none" of the same model
     callback: Optional[dict[str, Any]] = None  # MultiMix's arguments; None: no callback
     transform: Optional[str] = None  # torchvision's "mixup" / "cutmix" in the module's training_step
-    empty_callback: bool = False  # a Callback that does nothing: what Lightning costs for any callback
 
 
 METHODS: tuple[Method, ...] = (
     Method("none", "mlp"),
-    Method("Callback()", "mlp", empty_callback=True),
+    Method("Callback()", "mlp"),  # a Callback that does nothing: what Lightning costs for any callback
     Method("MultiMix()", "mlp", {}),
     Method("multimix-1000", "mlp", {"n_tuples": 1000, "probability": 1.0}),
     Method("multimix-10000", "mlp", {"n_tuples": 10000, "probability": 1.0}),
@@ -86,42 +82,6 @@ def build_net(model: str) -> nn.Module:
                          nn.Linear(8, NUM_CLASSES))
 
 
-INPUT_SHAPES = {"mlp": (16,), "cnn": (3, 8, 8)}
-
-
-class CostModule(L.LightningModule):
-    """Cross-entropy, the loss logged every step; with ``transform``, torchvision's ``v2.MixUp`` / ``v2.CutMix``."""
-
-    def __init__(self, net: nn.Module, transform: Optional[str] = None) -> None:
-        super().__init__()
-        self.net = net
-        self.transform: Optional[Callable[..., Any]] = None
-        if transform is not None:
-            from torchvision.transforms import v2
-
-            self.transform = (v2.MixUp if transform == "mixup" else v2.CutMix)(num_classes=NUM_CLASSES)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        target: Tensor = y
-        if self.transform is not None:
-            if x.dim() == 2:  # torchvision's MixUp takes image batches only
-                mixed, target = self.transform(x.view(*x.shape, 1, 1), y)
-                x = mixed.view(x.shape)
-            else:
-                x, target = self.transform(x, y)
-        loss = F.cross_entropy(self(x), target)
-        self.log("train/loss", loss, on_step=True)
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-
-
-
 class OpCounter(TorchDispatchMode):
     """Counts every operator call dispatched while active, by ``namespace::name`` (overloads together)."""
 
@@ -142,19 +102,16 @@ class CallCounter:
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
-        self._where: dict[str, str] = {}
 
-    def _place(self, filename: str) -> str:
-        place = self._where.get(filename)
-        if place is None:
-            absolute = os.path.abspath(filename)
-            place = next((name for name, root in self.ROOTS if absolute.startswith(root)), "other")
-            self._where[filename] = place
-        return place
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def place(filename: str) -> str:
+        absolute = os.path.abspath(filename)
+        return next((name for name, root in CallCounter.ROOTS if absolute.startswith(root)), "other")
 
     def _profile(self, frame: Any, event: str, arg: Any) -> None:
         if event == "call":
-            self.counts[self._place(frame.f_code.co_filename)] += 1
+            self.counts[self.place(frame.f_code.co_filename)] += 1
 
     def __enter__(self) -> "CallCounter":
         sys.setprofile(self._profile)
@@ -168,17 +125,14 @@ def counted_fit(method: Method, steps: int, counter: str) -> Counter[str]:
     """The counts of one ``Trainer.fit`` of ``steps`` steps of ``method`` (``counter``: ``"ops"`` or ``"calls"``)."""
     torch.manual_seed(0)
     net = build_net(method.model)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(steps * BATCH, *INPUT_SHAPES[method.model], generator=g)
-    y = torch.randint(0, NUM_CLASSES, (steps * BATCH,), generator=g)
+    x, y = batches(INPUT_SHAPES[method.model], BATCH, steps).tensors
     callbacks = [MultiMix(seed=0, **method.callback)] if method.callback is not None else []
-    callbacks += [L.Callback()] if method.empty_callback else []
+    callbacks += [L.Callback()] if method.name == "Callback()" else []
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0, callbacks=callbacks)
-    module = CostModule(net, method.transform)
-    batches = list(zip(x.split(BATCH), y.split(BATCH)))
-    data = DataLoader(batches, batch_size=None)  # the batches as they are: no collation ops in the counts
+    module = BenchModule(net, method.transform)
+    data = DataLoader(list(zip(x.split(BATCH), y.split(BATCH))), batch_size=None)  # as they are: no collation ops
     active: Any = OpCounter() if counter == "ops" else CallCounter()
     gc.collect()
     gc.disable()
@@ -198,8 +152,7 @@ def per_step(method: Method, steps: int, counter: str) -> dict[str, float]:
 
 
 def objective_ops(compiled: bool) -> int:
-    """Top-level aten operations of one forward and backward of ``multimix_objective`` (b = 128, n = 1000, c = 10),
-    eager or compiled (a dispatch mode would run the compiled function's operations one by one)."""
+    """Top-level aten operations (profiled) of a forward and backward of ``multimix_objective``, eager or compiled."""
     from torch.profiler import ProfilerActivity, profile
 
     objective = torch.compile(multimix_objective) if compiled else multimix_objective
@@ -249,7 +202,7 @@ def report(methods: Sequence[Method], found: dict[str, dict[str, dict[str, float
                      number(lightning), number(package + lightning), number(extra(method, "calls", "other")),
                      number(sum(calls.values()))])
     parts = [format_table(headers, rows, title=f"== per training step, tiny models, b={BATCH}, cpu: operations "
-                                                f"dispatched and Python calls, (2S - S steps) / S, S={steps} ==")]
+                          f"dispatched and Python calls, (2S - S steps) / S, S={steps} ==")]
     parts.append(
         "every extra column: beyond the none of the same model (mlp: Linear(16,16), ReLU, Linear(16,10) on 16 "
         "features;\ncnn: Conv2d(3,8,3), ReLU, AdaptiveAvgPool2d(1), Flatten, Linear(8,10) on 3x8x8 images, for dense "
@@ -273,24 +226,13 @@ def report(methods: Sequence[Method], found: dict[str, dict[str, dict[str, float
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="methods: " + ", ".join(key(m) for m in METHODS))
+    parser = script_parser(__doc__)
     parser.add_argument("--steps", type=int, default=100, help="S: every method is fitted for S and 2S steps")
-    parser.add_argument("--methods", default=None, help="comma-separated NAME/MODEL (below; default all)")
     parser.add_argument("--out", default=str(OUT_DIR), help="output folder (default %(default)s)")
-    parser.add_argument("--no-compile", action="store_true", help="skip the objective's eager / compiled counts")
     parser.add_argument("--quick", action="store_true", help=f"smoke run: S=5, {','.join(QUICK_METHODS)}")
     args = parser.parse_args(argv)
     steps = 5 if args.quick else args.steps
-    chosen = (args.methods.split(",") if args.methods else list(QUICK_METHODS) if args.quick
-              else [key(m) for m in METHODS])
-    known = {key(m) for m in METHODS}
-    if not set(chosen) <= known:
-        parser.error(f"--methods: unknown {sorted(set(chosen) - known)}; choose among {sorted(known)}")
-    needed = set(chosen) | {f"none/{name.split('/')[1]}" for name in chosen}
-    methods = [m for m in METHODS if key(m) in needed]
-
+    methods = [m for m in METHODS if not args.quick or key(m) in QUICK_METHODS]
     quiet()
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
@@ -298,7 +240,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print_machine(info)
     found = measure(methods, steps)
     body = report(methods, found, steps)
-    if not (args.quick or args.no_compile):
+    if not args.quick:
         try:
             eager, fused = objective_ops(False), objective_ops(True)
             body += ("\n\n" + format_table(

@@ -1,10 +1,9 @@
 """Which MultiMix settings help? One factor at a time around the paper's protocol, mean +- std over seeds.
 
 ``MultiMix()`` (alpha 1, the whole batch, n = 1000, probability 0.5) trained as in ``accuracy.py`` in one regime, and
-the same with one setting changed (``CONFIGS``), same seeds. The table: last- and best-epoch accuracy, ECE, the
+the same with one setting changed (``--configs``), same seeds. The table: last- and best-epoch accuracy, ECE, the
 difference to the default (mean +- std of per-seed differences) and ``beats default``: the mean exceeds the default's
-by more than two standard deviations. Files in ``--out`` (default ``benchmarks/out``, ignored by git):
-``sweep_<regime>_runs.csv`` (``--resume`` keeps its runs) and ``sweep_<regime>.md``.
+by more than two standard deviations. Files in ``--out``: ``sweep_<regime>_runs.csv`` and ``sweep_<regime>.md``.
 
 Examples::
 
@@ -12,10 +11,7 @@ Examples::
     python benchmarks/sweep.py --regime noisy --jobs 2       # every configuration, 3 seeds (hours on 2 cores)
 """
 
-from __future__ import annotations
-
 import argparse
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -27,7 +23,7 @@ if __package__ in (None, ""):
 
 from benchmarks import accuracy
 from benchmarks._harness import (OUT_DIR, append_csv, format_table, machine_info, mean_std, print_machine, quiet,
-                                 read_csv, results_header, resumed_note, run_tasks)
+                                 read_csv, results_header, resumed_note, run_tasks, script_parser, write_report)
 from lightning_multimix.demo.training import REGIMES
 
 #: configuration name -> MultiMix arguments changed from the defaults
@@ -42,8 +38,7 @@ RUN_KEYS = ("config", "seed", "test_acc", "best_acc", "best_epoch", "ece", "sec_
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = script_parser(__doc__)
     parser.add_argument("--regime", default="noisy", choices=list(REGIMES))
     parser.add_argument("--configs", default=",".join(CONFIGS), help="from " + ",".join(CONFIGS))
     parser.add_argument("--seeds", default="0,1,2")
@@ -53,8 +48,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the runs CSV")
     parser.add_argument("--quick", action="store_true", help="smoke run: seed 0, 2 steps per run, tiny data")
     args = parser.parse_args(argv)
-    unknown = set(args.configs.split(",")) - set(CONFIGS)
-    if unknown:
+    if unknown := set(args.configs.split(",")) - set(CONFIGS):
         parser.error(f"--configs: unknown {sorted(unknown)}; expected names from {tuple(CONFIGS)}")
     if args.quick:
         args.seeds = "0"
@@ -83,9 +77,9 @@ def report(runs: Sequence[dict[str, Any]], configs: Sequence[str], regime: str) 
         if config == "default" or not paired:
             row += ["", ""]
         else:
-            spread = statistics.stdev(paired) if len(paired) > 1 else 0.0
-            better = len(paired) > 1 and statistics.fmean(paired) > 2 * max(stats["test_acc"][1], base_std)
-            row += [f"{statistics.fmean(paired):+.2f} +- {spread:.2f}", "yes" if better else "no"]
+            mean, spread = mean_std(paired)
+            better = len(paired) > 1 and mean > 2 * max(stats["test_acc"][1], base_std)
+            row += [f"{mean:+.2f} +- {spread:.2f}", "yes" if better else "no"]
         rows.append(row)
     headers = ("config", "runs", "last acc %", "best acc %", "ECE", "vs default (paired)", "beats default")
     return format_table(headers, rows, title=f"== MultiMix settings, {regime}: {REGIMES[regime].description} ==")
@@ -96,9 +90,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     quiet()
     configs = [c for c in CONFIGS if c in args.configs.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    runs_path = out / f"sweep_{args.regime}_runs.csv"
+    runs_path = Path(args.out) / f"sweep_{args.regime}_runs.csv"
     accuracy.init_worker(None, args.threads, args.quick)
     info = machine_info("cpu")
     print_machine(info)
@@ -123,8 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{100 * float(run['best_acc']):.2f}%  ({float(run['wall_seconds']):.0f} s)", flush=True)
     table = report(done, configs, args.regime)
     print("\n" + table + f"\n\nwall time of this invocation: {(time.perf_counter() - started) / 60:.1f} min")
-    (out / f"sweep_{args.regime}.md").write_text(results_header(info, settings) + "\n```\n" + table + "\n```\n")
-    print(f"wrote {runs_path}, {out / f'sweep_{args.regime}.md'}")
+    write_report(args.out, f"sweep_{args.regime}.md", info, settings, table)
     return 0
 
 

@@ -1,13 +1,12 @@
-"""Which versions of Python, torch, Lightning and torchmetrics does the package work with? The core and callback tests,
-run in a fresh virtual environment per configuration (never in CI: about 3 GB of CUDA wheels each).
+"""Which versions of Python, torch, Lightning and torchmetrics does the package work with? The core and callback tests
+in a fresh virtual environment per configuration (never in CI: about 3 GB of CUDA wheels each).
 
-Per configuration, under ``--workdir`` (default: a temporary folder outside the repository): a venv with its Python
-(``lowest`` / ``newest`` allowed by ``requires-python`` and found here, or ``3.10``); ``pip install SNAPSHOT[test]``
-(the package and ``tests/`` as committed at ``--source``) with its pins as constraints (``declared``: pyproject's lower
-bound; ``2.3``: the newest 2.3.x; ``latest``) and none of the machine's pip configuration; then ``pytest TESTS``, one
-thread. A table of the versions installed, the test counts, the seconds and the first failure; exit status 0 when all
-passed. ``--custom`` adds a configuration, to bisect. Files in ``--out`` (default ``benchmarks/out``, ignored by git;
-``''``: none): ``versions.md``; in ``--workdir``, per configuration, ``NAME/install.log`` and ``NAME/tests.log``.
+Per configuration, under ``--workdir``: a venv with its Python (``lowest`` / ``newest`` that ``requires-python`` allows
+and found here, or ``X.Y``); ``pip install SNAPSHOT[test]`` (the package and ``tests/`` as committed) with its pins as
+constraints (``declared``: pyproject's lower bound; ``2.3``: the newest 2.3.x; ``latest``) and none of the machine's
+pip configuration; then ``pytest TESTS``, one thread. The table: versions installed, test counts, seconds, first
+failure; exit status 0 when all passed. Files: ``versions.md`` in ``--out`` (``''``: none); ``NAME/install.log`` and
+``NAME/tests.log`` in ``--workdir``.
 
 Examples::
 
@@ -16,19 +15,14 @@ Examples::
     python benchmarks/versions.py --configs none --custom python=3.9,torch=2.3 --workdir /tmp/versions
 """
 
-from __future__ import annotations
-
 import argparse
-import datetime
 import glob
-import io
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from collections.abc import Sequence
@@ -39,11 +33,13 @@ from typing import Optional
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._harness import OUT_DIR, cpu_model, format_table, write_report  # noqa: E402 (imports no torch)
+from benchmarks._harness import OUT_DIR, format_table, host_info, script_parser, write_report  # noqa: E402 (no torch)
 
 REPO = Path(__file__).resolve().parents[1]
 PINNED = ("torch", "lightning", "torchmetrics")
 REPORTED = (*PINNED, "numpy")
+COLUMNS = ("python", *REPORTED, "passed", "failed", "errors", "skipped", "install s", "tests s")
+THREADS = 1  # intra-op threads of the tests
 #: the fast core and callback tests (no slow, DDP, GPU, demo, CLI or model-zoo ones)
 TESTS = tuple(f"tests/test_{name}.py" for name in (
     "sampling", "losses", "objective", "metrics", "callback", "protocol", "dense", "distill", "health", "precision",
@@ -98,9 +94,8 @@ def find_python(minor: str) -> Optional[tuple[str, str]]:
                           key=lambda p: [int(v) for v in re.findall(r"\d+", Path(p).parents[1].name)], reverse=True)]
     for candidate in filter(None, candidates):
         try:
-            done = subprocess.run([candidate, "-c", "import sys, venv; print(sys.executable); "
-                                                    "print('%d.%d.%d' % sys.version_info[:3])"],
-                                  capture_output=True, text=True, timeout=60)
+            done = subprocess.run([candidate, "-c", "import platform, sys, venv; print(sys.executable); "
+                                   "print(platform.python_version())"], capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired):
             continue
         lines = done.stdout.split()
@@ -115,60 +110,48 @@ def pythons_here(requires: str) -> dict[str, tuple[str, str]]:
     for minor in range(8, 16):
         if all((op == ">=" and (3, minor) >= (int(a), int(b))) or (op == "<" and (3, minor) < (int(a), int(b)))
                for op, a, b in re.findall(r"(>=|<)\s*(\d+)\.(\d+)", requires)):
-            hit = find_python(f"3.{minor}")
-            if hit:
+            if hit := find_python(f"3.{minor}"):
                 found[f"3.{minor}"] = hit
     return found
 
 
 def resolve_python(config: Config, pythons: dict[str, tuple[str, str]]) -> Optional[tuple[str, str]]:
-    if config.python in ("lowest", "newest"):
-        ordered = list(pythons.values())
-        return (ordered[0] if config.python == "lowest" else ordered[-1]) if ordered else None
-    return pythons.get(config.python) or find_python(config.python)
+    if config.python not in ("lowest", "newest"):
+        return pythons.get(config.python) or find_python(config.python)
+    ordered = list(pythons.values()) or [None]
+    return ordered[0] if config.python == "lowest" else ordered[-1]
 
 
 def git(*command: str) -> str:
     return subprocess.run(["git", "-C", str(REPO), *command], capture_output=True, text=True, check=True).stdout
 
 
-def snapshot(dest: Path, source: str) -> str:
-    """Copy SNAPSHOT to ``dest`` as committed at ``source``, or as in the working tree (``worktree``); say what."""
+def snapshot(dest: Path) -> str:
+    """Extract SNAPSHOT as committed at HEAD into ``dest``; say which commit."""
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
-    if source != "worktree":
-        commit = git("rev-parse", "--short", source).strip()
-        present = git("ls-tree", "--name-only", commit, "--", *SNAPSHOT).split()
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", commit, "--", *present],
-                                 capture_output=True, check=True).stdout
-        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-            tar.extractall(dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-        return f"commit {commit} ({source})"
-    for name in git("ls-files", "-co", "--exclude-standard", "--", *SNAPSHOT).splitlines():
-        if (REPO / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, dest / name)
-    changed = git("status", "--porcelain", "--", *SNAPSHOT).splitlines()
-    return (f"the working tree at commit {git('rev-parse', '--short', 'HEAD').strip()}"
-            + (f" + {len(changed)} changed file(s)" if changed else ""))
+    commit = git("rev-parse", "--short", "HEAD").strip()
+    present = git("ls-tree", "--name-only", commit, "--", *SNAPSHOT).split()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", commit, "--", *present],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return f"commit {commit} (HEAD)"
 
 
-def child_env(venv: Path, threads: int, cache: Path, constraint_file: Path) -> dict[str, str]:
-    """The venv first on PATH, nothing of the caller's Python, ``threads`` threads, and pip as a user's plain pip: the
-    registry (``PIP_INDEX_URL`` if set) and our constraints, none of the machine's pip configuration."""
+def child_env(venv: Path, cache: Path, constraint_file: Path) -> dict[str, str]:
+    """The venv first on PATH, THREADS threads, none of the caller's Python or pip configuration, our constraints."""
     dropped = ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "CONDA_PREFIX", "PIP_FIND_LINKS",
                "PIP_EXTRA_INDEX_URL", "PIP_NO_INDEX", "PIP_REQUIRE_VIRTUALENV", "PIP_USER", "PIP_TARGET", "PIP_PREFIX")
     env = {key: value for key, value in os.environ.items() if key not in dropped}
     env.update(PATH=os.pathsep.join([str(venv / "bin"), env.get("PATH", "")]), PIP_CONFIG_FILE=os.devnull,
                PIP_CONSTRAINT=str(constraint_file), PIP_CACHE_DIR=str(cache), PIP_DISABLE_PIP_VERSION_CHECK="1",
-               PIP_PROGRESS_BAR="off", PIP_NO_INPUT="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               OPENBLAS_NUM_THREADS=str(threads), MPLBACKEND="Agg", PYTHONDONTWRITEBYTECODE="1")
+               PIP_PROGRESS_BAR="off", PIP_NO_INPUT="1", OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS),
+               OPENBLAS_NUM_THREADS=str(THREADS), MPLBACKEND="Agg", PYTHONDONTWRITEBYTECODE="1")
     return env
 
 
 def last_line(text: str, prefix: str = "") -> str:
-    return next((line.strip() for line in reversed(text.splitlines()) if line.strip().startswith(prefix)
-                 and line.strip()), "")
+    return next((line for line in map(str.strip, reversed(text.splitlines())) if line and line.startswith(prefix)), "")
 
 
 def run_logged(command: Sequence[str], log: Path, env: dict[str, str], cwd: Path, timeout: float) -> tuple[int, str]:
@@ -184,15 +167,8 @@ def run_logged(command: Sequence[str], log: Path, env: dict[str, str], cwd: Path
     return code, output
 
 
-VERSIONS = ("import json, platform\nfrom importlib import metadata\nfound = {'python': platform.python_version()}\n"
-            "for name in %r:\n    try:\n        found[name] = metadata.version(name)\n"
-            "    except metadata.PackageNotFoundError:\n        found[name] = '-'\nprint(json.dumps(found))\n"
-            % (REPORTED,))
-
-
 def pytest_counts(output: str) -> tuple[Optional[dict[str, int]], list[str]]:
-    """``passed``, ``failed``, ``errors``, ``skipped`` from pytest's last summary line (None if there is none), and
-    every failure or error of its short summary (``-rfE``) as ``test - message``."""
+    """Pytest's counts from its summary line (None if there is none) and failures (``-rfE``) as ``test - message``."""
     summary = next((line for line in reversed(output.splitlines()) if re.search(r"\d+ (passed|failed)\b", line)), "")
     found = {word.rstrip("s").replace("error", "errors"): int(n)
              for n, word in re.findall(r"(\d+) (passed|failed|errors?|skipped)", summary)}
@@ -202,12 +178,11 @@ def pytest_counts(output: str) -> tuple[Optional[dict[str, int]], list[str]]:
             failures)
 
 
-def run_config(config: Config, python: Optional[tuple[str, str]], lines: list[str], source: Path, workdir: Path,
-               args: argparse.Namespace) -> dict[str, object]:
+def run_config(config: Config, python: Optional[tuple[str, str]], lines: list[str], source: Path,
+               workdir: Path) -> dict[str, object]:
     """Build the configuration's environment, install the snapshot, run TESTS: one table row, as a dict."""
-    row: dict[str, object] = {"config": config.name, "python": python[1] if python else "-",
-                              **{key: "-" for key in (*REPORTED, "passed", "failed", "errors", "skipped", "install_s",
-                                                      "test_s")}, "first": "", "failures": [], "ok": False}
+    row: dict[str, object] = {**dict.fromkeys(COLUMNS, "-"), "config": config.name, "first": "", "failures": [],
+                              "ok": False, "python": python[1] if python else "-"}
     if python is None:
         row["first"] = f"no python: no Python {config.python} found here"
         return row
@@ -215,24 +190,26 @@ def run_config(config: Config, python: Optional[tuple[str, str]], lines: list[st
     folder.mkdir(parents=True, exist_ok=True)
     venv, constraint_file = folder / "venv", folder / "constraints.txt"
     constraint_file.write_text("".join(line + "\n" for line in lines))
-    env = child_env(venv, args.threads, workdir / "pip-cache", constraint_file)
+    env = child_env(venv, workdir / "pip-cache", constraint_file)
     py = str(venv / "bin" / "python")
     print(f"[{config.name}] Python {python[1]} ({python[0]}), constraints: {', '.join(lines) or 'none'}", flush=True)
     code, output = run_logged([python[0], "-m", "venv", "--clear", str(venv)], folder / "venv.log", env, folder, 600)
     if code == 0:
         code, output = run_logged([py, "-m", "pip", "install", f"{source}[test]"], folder / "install.log", env,
                                   folder, 1800)
-    row["install_s"] = f"{time.perf_counter() - start:.0f}"
+    row["install s"] = f"{time.perf_counter() - start:.0f}"
     try:
         if code != 0:
             row["first"] = "install failed: " + (last_line(output, "ERROR:") or last_line(output))
             return row
-        done = subprocess.run([py, "-c", VERSIONS], env=env, capture_output=True, text=True, timeout=120)
-        row.update(json.loads(done.stdout.strip().splitlines()[-1]))
+        listed = subprocess.run([py, "-m", "pip", "list", "--format=json"], env=env, capture_output=True, text=True,
+                                timeout=120, check=True).stdout
+        installed = {package["name"].lower(): package["version"] for package in json.loads(listed)}
+        row.update({name: installed.get(name, "-") for name in REPORTED})
         start = time.perf_counter()
         code, output = run_logged([py, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *TESTS],
                                   folder / "tests.log", env, source, 1200)
-        row["test_s"] = f"{time.perf_counter() - start:.0f}"
+        row["tests s"] = f"{time.perf_counter() - start:.0f}"
         counts, failures = pytest_counts(output)
         if counts is None:
             row["first"] = f"pytest exited {code} with no summary: " + last_line(output)
@@ -243,13 +220,11 @@ def run_config(config: Config, python: Optional[tuple[str, str]], lines: list[st
             row["first"] = f"pytest exited {code}: " + last_line(output)
         return row
     finally:
-        if not args.keep:
-            shutil.rmtree(venv, ignore_errors=True)
+        shutil.rmtree(venv, ignore_errors=True)
 
 
 def parse_custom(spec: str) -> Config:
-    """``python=3.9,torch=2.3[,lightning=2.5][,torchmetrics=1.4][,extra=numpy<2][,name=NAME]``: unnamed packages
-    take ``declared``, the Python ``lowest``."""
+    """``python=3.9,torch=2.3[,lightning=2.5][,torchmetrics=1.4][,extra=numpy<2][,name=NAME]`` as a ``Config``."""
     values: dict[str, str] = {}
     extra: list[str] = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
@@ -267,9 +242,7 @@ def parse_custom(spec: str) -> Config:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = script_parser(__doc__)
     names = [config.name for config in CONFIGS]
     parser.add_argument("--configs", default="all", help=f"comma-separated, of {', '.join(names)}; 'all' or 'none'")
     parser.add_argument("--custom", action="append", default=[], type=parse_custom, metavar="SPEC",
@@ -277,15 +250,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "'declared' (default) or 'latest'; python: X.Y, 'lowest' or 'newest'; also "
                              "extra=CONSTRAINT, name=NAME); repeatable")
     parser.add_argument("--workdir", default="", help="environments, logs, pip's cache (default: a temporary folder)")
-    parser.add_argument("--source", default="HEAD", help="a git revision (default HEAD) or 'worktree'")
-    parser.add_argument("--keep", action="store_true", help="keep the virtual environments (and a temporary workdir)")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads of the tests")
     parser.add_argument("--list", action="store_true", help="print what each configuration resolves to and stop")
     parser.add_argument("--out", default=str(OUT_DIR), help="where versions.md goes (default %(default)s; '': none)")
     args = parser.parse_args(argv)
 
-    wanted = names if args.configs == "all" else [] if args.configs == "none" else \
-        [name.strip() for name in args.configs.split(",") if name.strip()]
+    wanted = {"all": names, "none": []}.get(args.configs, [name.strip() for name in args.configs.split(",")])
     if set(wanted) - set(names):
         parser.error(f"--configs: unknown {', '.join(sorted(set(wanted) - set(names)))}; known: {', '.join(names)}")
     selected = [config for config in CONFIGS if config.name in wanted] + args.custom
@@ -306,30 +275,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if workdir == REPO or REPO in workdir.parents:
         parser.error(f"--workdir {workdir} is inside the repository: give one outside it")
     workdir.mkdir(parents=True, exist_ok=True)
-    info = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "cpu": cpu_model(),
-            "cores": str(os.cpu_count()), "load_avg_1m": f"{os.getloadavg()[0]:.2f}", "os": sys.platform,
-            "pythons": ", ".join(version for _, version in pythons.values())}
-    copied = snapshot(workdir / "src", args.source)
+    info = {**host_info(), "os": sys.platform, "pythons": ", ".join(version for _, version in pythons.values())}
+    copied = snapshot(workdir / "src")
     print(f"workdir {workdir}; source: {copied}")
     started, rows = time.perf_counter(), []
     try:
         for config, python, lines in plan:
-            row = run_config(config, python, lines, workdir / "src", workdir, args)
+            row = run_config(config, python, lines, workdir / "src", workdir)
             rows.append(row)
             print(f"[{config.name}] {'passed' if row['ok'] else 'FAILED'}: {row['passed']} passed, {row['failed']} "
                   f"failed, {row['errors']} errors, {row['skipped']} skipped; {row['first']}", flush=True)
     finally:
-        if not args.workdir and not args.keep:
+        if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    headers = ("configuration", "result", "python", *REPORTED, "passed", "failed", "errors", "skipped", "install s",
-               "tests s", "first failure")
-    table = format_table(headers, [[row["config"], "pass" if row["ok"] else "FAIL", row["python"],
-                                    *(row[n] for n in REPORTED), row["passed"], row["failed"], row["errors"],
-                                    row["skipped"], row["install_s"], row["test_s"], str(row["first"])[:100] or "-"]
-                                   for row in rows],
+    table = format_table(("configuration", "result", *COLUMNS, "first failure"),
+                         [[row["config"], "pass" if row["ok"] else "FAIL", *(row[key] for key in COLUMNS),
+                           str(row["first"])[:100] or "-"] for row in rows],
                          title=f"== the core and callback tests ({len(TESTS)} files) per configuration, "
-                               f"{args.threads} thread(s) ==")
+                               f"{THREADS} thread(s) ==")
     asked = "\n".join(f"  {config.name}: Python {config.python}, constraints "
                       f"{', '.join(lines) or 'none (the newest releases)'}{'; ' + config.note if config.note else ''}"
                       for config, _, lines in plan)
@@ -339,7 +303,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             + f"tests: {' '.join(TESTS)}\ntotal: {time.perf_counter() - started:.0f} s")
     print("\n" + body + "\n")
     settings = (f"source {copied}; requires-python {requires!r}; pip install SNAPSHOT[test] in a new venv per "
-                f"configuration, pins as pip constraints; {args.threads} thread(s); one configuration at a time")
+                f"configuration, pins as pip constraints; {THREADS} thread(s); one configuration at a time")
     write_report(args.out, "versions.md", info, settings, body)
     return 0 if all(row["ok"] for row in rows) else 1
 

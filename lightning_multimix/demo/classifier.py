@@ -10,6 +10,10 @@ uniformity of the head's input (:mod:`lightning_multimix.metrics`) and keeps tho
 Logged names: ``train/loss`` (the module's own loss: clean cross-entropy, or soft cross-entropy on mixed inputs;
 under the MultiMix callback the optimised loss is ``multimix/loss``), ``val/loss``, ``val/acc``, ``val/ece``,
 ``test/loss``, ``test/acc``, ``test/ece``, ``test/alignment``, ``test/uniformity``.
+
+``ImageClassifier(loss="bce")`` trains with binary cross-entropy on one-hot targets instead (timm's ``--bce-loss``
+recipe). :class:`MultiLabelClassifier` is the same module for multi-label data: BCE with logits on ``(b, c)``
+multi-hot targets, tested by macro mAP and F1 (``val/map``, ``val/f1``, ``test/map``, ``test/f1``, and the losses).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+from torchmetrics.classification import (MulticlassAccuracy, MulticlassCalibrationError, MultilabelAveragePrecision,
+                                         MultilabelF1Score)
 
 from lightning_multimix.metrics import EmbeddingAlignment, EmbeddingUniformity
 from lightning_multimix.demo.models import PreActResNet18, SmallCNN
@@ -30,6 +35,8 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {"small_cnn": SmallCNN, "preact
 SCHEDULES = ("cosine", "step", "constant")
 #: ``input_mix`` values: torchvision's ``v2.MixUp``, ``v2.CutMix``, or ``v2.RandomChoice`` of the two per batch
 INPUT_MIXES = ("mixup", "cutmix", "mixup_cutmix")
+#: ``loss`` values: cross-entropy, or binary cross-entropy with logits on one-hot (or the batch's float) targets
+LOSSES = ("ce", "bce")
 
 
 def build_backbone(name: str, num_classes: int, in_channels: int) -> nn.Module:
@@ -53,7 +60,7 @@ def build_backbone(name: str, num_classes: int, in_channels: int) -> nn.Module:
 
 
 class ImageClassifier(L.LightningModule):
-    """Image classification with SGD and cross-entropy; MultiMix comes from the callback, not from this module.
+    """Image classification with SGD and cross-entropy (or BCE); MultiMix comes from the callback, not from this module.
 
     Args:
         backbone: an ``nn.Module`` mapping images to logits, or a name in :data:`BACKBONES` (``"small_cnn"`` for
@@ -79,6 +86,10 @@ class ImageClassifier(L.LightningModule):
         head: dotted path of the classifier head inside ``backbone`` (the module whose input is the embedding);
             ``None``: its last ``nn.Linear``. Used to collect test embeddings.
         ece_bins: bins of the expected calibration error (l1, equal-width bins on the top-1 confidence).
+        loss: ``"ce"``: cross-entropy; ``"bce"``: ``F.binary_cross_entropy_with_logits(logits, targets)`` (mean over
+            examples and classes), the targets being ``F.one_hot(labels, num_classes).float()`` for integer labels,
+            the mixed targets under ``input_mix``, or the batch's own ``(b, c)`` float targets (multi-label data).
+            ``label_smoothing`` must then be 0.
 
     Example:
         >>> model = ImageClassifier("small_cnn", num_classes=10, in_channels=1)
@@ -87,6 +98,10 @@ class ImageClassifier(L.LightningModule):
         >>> model.head_path
         'backbone.fc'
     """
+
+    #: the test metrics logged every validation (``val/<name>``, the demo's curves), and the one that ranks epochs
+    curve_metrics: tuple[str, ...] = ("loss", "acc", "ece")
+    metric = "acc"
 
     def __init__(
         self,
@@ -105,6 +120,7 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         head: Optional[str] = None,
         ece_bins: int = 15,
+        loss: Literal["ce", "bce"] = "ce",
     ) -> None:
         super().__init__()
         _check(isinstance(num_classes, int) and num_classes >= 2, "num_classes", num_classes, "an int >= 2")
@@ -123,6 +139,8 @@ class ImageClassifier(L.LightningModule):
                "a value > 0")
         _check(0.0 <= label_smoothing < 1.0, "label_smoothing", label_smoothing, "a value in [0, 1)")
         _check(isinstance(ece_bins, int) and ece_bins >= 1, "ece_bins", ece_bins, "an int >= 1")
+        _check(loss in LOSSES, "loss", loss, f"one of {LOSSES}")
+        _check(loss == "ce" or label_smoothing == 0, "label_smoothing", label_smoothing, "0 with loss='bce'")
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
 
         self.backbone = build_backbone(backbone, num_classes, in_channels) if isinstance(backbone, str) else backbone
@@ -144,7 +162,7 @@ class ImageClassifier(L.LightningModule):
         self.num_classes = num_classes
         self.lr, self.momentum, self.weight_decay, self.nesterov = lr, momentum, weight_decay, nesterov
         self.schedule, self.milestones, self.gamma = schedule, list(milestones or []), gamma
-        self.input_mix, self.label_smoothing = input_mix, label_smoothing
+        self.input_mix, self.label_smoothing, self.loss = input_mix, label_smoothing, loss
         self._input_mixer = _build_input_mixer(input_mix, num_classes, input_mix_alpha) if input_mix else None
 
         metric_kwargs = {"num_classes": num_classes}
@@ -198,7 +216,12 @@ class ImageClassifier(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         images, labels = batch[0], batch[1]
-        if self._input_mixer is not None:
+        if self.loss == "bce":
+            targets = labels if labels.is_floating_point() else F.one_hot(labels, self.num_classes).float()
+            if self._input_mixer is not None:
+                images, targets = self._input_mixer(images, targets)
+            loss = F.binary_cross_entropy_with_logits(self(images), targets)
+        elif self._input_mixer is not None:
             images, targets = self._input_mixer(images, labels)
             loss = F.cross_entropy(self(images), targets, label_smoothing=self.label_smoothing)
         else:
@@ -257,6 +280,49 @@ class ImageClassifier(L.LightningModule):
                              "Trainer(max_epochs=...) or Trainer(max_steps=...), or use schedule='constant'.")
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class MultiLabelClassifier(ImageClassifier):
+    """:class:`ImageClassifier` for multi-label data: ``batch[1]`` is ``(b, c)`` float multi-hot targets, the training
+    loss ``F.binary_cross_entropy_with_logits(logits, targets)`` (``loss="bce"``); ``input_mix`` mixes the targets
+    with the images (torchvision's ``v2.MixUp`` lerps them, ``v2.CutMix`` mixes them by area). Validation and test log
+    the BCE (``val/loss``, ``test/loss``), the macro average precision over classes (``val/map``, ``test/map``:
+    torchmetrics' ``MultilabelAveragePrecision(average="macro")``) and the macro F1 at ``threshold``
+    (``val/f1``, ``test/f1``: ``MultilabelF1Score``). :meth:`test_embeddings` returns the test targets with the
+    embeddings. Takes :class:`ImageClassifier`'s arguments.
+
+    Example:
+        >>> model = MultiLabelClassifier("small_cnn", num_classes=10, in_channels=1)
+        >>> model(torch.zeros(2, 1, 56, 56)).shape, model.loss
+        (torch.Size([2, 10]), 'bce')
+    """
+
+    curve_metrics = ("loss", "map", "f1")
+    metric = "map"
+
+    def __init__(self, *args: Any, threshold: float = 0.5, **kwargs: Any) -> None:
+        _check(kwargs.setdefault("loss", "bce") == "bce", "loss", kwargs["loss"], "'bce' (multi-label targets)")
+        super().__init__(*args, **kwargs)
+        for stage in ("val", "test"):
+            setattr(self, f"{stage}_map", MultilabelAveragePrecision(num_labels=self.num_classes, average="macro"))
+            setattr(self, f"{stage}_f1", MultilabelF1Score(num_labels=self.num_classes, threshold=threshold))
+
+    def _evaluate(self, stage: str, logits: Tensor, targets: Tensor) -> None:
+        size = targets.shape[0]
+        for name in ("map", "f1"):
+            metric = getattr(self, f"{stage}_{name}")
+            metric.update(logits.float(), targets.round().int())
+            self.log(f"{stage}/{name}", metric, on_epoch=True, batch_size=size, metric_attribute=f"{stage}_{name}")
+        self.log(f"{stage}/loss", F.binary_cross_entropy_with_logits(logits, targets), on_epoch=True, batch_size=size)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate("val", self(batch[0]), batch[1])
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        logits, embeddings = self.forward_with_embeddings(batch[0])
+        self._test_embeddings.append(embeddings.detach().float().cpu())
+        self._test_labels.append(batch[1].detach().cpu())
+        self._evaluate("test", logits, batch[1])
 
 
 def _build_input_mixer(kind: str, num_classes: int, alpha: float) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:

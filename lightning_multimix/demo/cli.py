@@ -8,12 +8,18 @@ REGIMES`: by default ``noisy_demo`` (300 images per class, 40% of their labels r
 the test set is clean, tested every 2 epochs), where mixing shows what it is for; ``--regime noisy`` is the
 benchmark's 60-epoch version, ``--regime clean`` trains on all 10,000 images for 30 epochs.
 ``--quick`` is a sub-minute run on a small subset.
+
+``--task multilabel`` trains the multi-label task of :mod:`lightning_multimix.demo.tasks` instead: Fashion-MNIST 2x2
+composites (56x56, each cell holding an item with probability 0.5, targets the multi-hot set of the classes present)
+with BCE, by ERM, input mixup and MultiMix in its ``noisy`` regime (about 5 minutes on one CPU thread), and reports
+macro mAP and F1.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import logging
 import platform
@@ -28,7 +34,9 @@ import torch
 
 from lightning_multimix.demo.data import DataFormatError, ImageSet, load_fashion_mnist
 from lightning_multimix.demo.report import format_table, prepare_output_dir, save_results
-from lightning_multimix.demo.training import DEFAULT_METHODS, METHODS, OPTIMIZER, REGIMES, Regime, run_method
+from lightning_multimix.demo.tasks import MULTILABEL_REGIMES, TASKS, CompositeRegime, Task, load_composites
+from lightning_multimix.demo.training import (DEFAULT_METHODS, METHODS, MULTILABEL_OPTIMIZER, OPTIMIZER, REGIMES,
+                                              Regime, run_method)
 
 #: The regime of a plain ``python -m lightning_multimix.demo``.
 DEFAULT_REGIME = "noisy_demo"
@@ -36,6 +44,8 @@ DEFAULT_REGIME = "noisy_demo"
 TEST_EVERY = 2
 #: ``--quick``: this many training / test images per class, and epochs.
 QUICK_TRAIN_PER_CLASS, QUICK_TEST_PER_CLASS, QUICK_EPOCHS = 200, 50, 2
+#: ``--quick --task multilabel``: this many training / test composites (and ``QUICK_EPOCHS``)
+QUICK_TRAIN_COMPOSITES, QUICK_TEST_COMPOSITES = 256, 200
 
 
 @contextlib.contextmanager
@@ -67,13 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a small CNN on the Fashion-MNIST subset shipped in the package with ERM, input mixup, "
                     "pairs and MultiMix; print a comparison table and write pictures and results.",
     )
+    parser.add_argument("--task", choices=list(TASKS), default="classify",
+                        help="what to train: classify: single-label Fashion-MNIST with cross-entropy, noisy labels "
+                             "(default); multilabel: Fashion-MNIST 2x2 composites (56x56, each cell holding an item "
+                             "with probability 0.5), multi-hot targets, BCE, tested by mAP and F1 (methods "
+                             f"{' '.join(TASKS['multilabel'].demo_methods)} in regime "
+                             f"{TASKS['multilabel'].demo_regime} by default)")
     regimes = "; ".join(f"{name}: {r.description}" for name, r in REGIMES.items())
-    parser.add_argument("--regime", choices=list(REGIMES), default=DEFAULT_REGIME,
-                        help=f"how much data, how long, how noisy: {_escape(regimes)} (default {DEFAULT_REGIME})")
+    composites = "; ".join(f"{name}: {r.description}" for name, r in MULTILABEL_REGIMES.items())
+    parser.add_argument("--regime", choices=list(dict.fromkeys([*REGIMES, *MULTILABEL_REGIMES])), default=None,
+                        help=f"how much data, how long, how noisy: {_escape(regimes)} (default {DEFAULT_REGIME}); "
+                             f"--task multilabel: {_escape(composites)} (default {TASKS['multilabel'].demo_regime})")
     parser.add_argument("--label-noise", type=float, default=None,
                         help="fraction of training labels replaced by random ones (default: the regime's)")
     parser.add_argument("--train-per-class", type=int, default=None,
-                        help="training images per class (default: the regime's)")
+                        help="training images per class (default: the regime's; --task classify only)")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs per method (default: the regime's)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, metavar="METHOD",
                         help=f"train exactly these methods, from {', '.join(METHODS)} (default: "
@@ -99,6 +117,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _composite_regime(args: argparse.Namespace, parser: argparse.ArgumentParser) -> CompositeRegime:
+    """``--task multilabel``'s regime with the command line's overrides (``--quick``, ``--epochs``)."""
+    if args.label_noise is not None or args.train_per_class is not None:
+        parser.error("--label-noise and --train-per-class are for --task classify; the multilabel regimes fix their "
+                     "composites and annotation noise (see --regime)")
+    base = MULTILABEL_REGIMES[args.regime]
+    epochs = args.epochs if args.epochs is not None else (QUICK_EPOCHS if args.quick else base.epochs)
+    count = QUICK_TRAIN_COMPOSITES if args.quick else base.train_composites
+    _check_numbers(args, parser, epochs, count)
+    noise = f", labels dropped with probability {base.drop} and added with {base.add}" if base.drop or base.add else ""
+    return dataclasses.replace(base, description=f"{count} training composites{noise}, {epochs} epochs", epochs=epochs,
+                               train_composites=count)
+
+
+def _check_numbers(args: argparse.Namespace, parser: argparse.ArgumentParser, epochs: int,
+                   per_class: Optional[int]) -> None:
+    for name, value, minimum in (("--epochs", epochs, 1), ("--train-per-class", per_class, 1),
+                                 ("--batch-size", args.batch_size, 2), ("--n-tuples", args.n_tuples, 1),
+                                 ("--threads", args.threads, 1)):
+        if value is not None and value < minimum:
+            parser.error(f"{name} {value}: expected an integer >= {minimum}")
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        parser.error(f"--max-minutes {args.max_minutes}: expected a positive number of minutes")
+
+
 def _regime(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Regime:
     """The regime with the command line's overrides (``--quick``, ``--epochs``, ``--train-per-class``, ...)."""
     base = REGIMES[args.regime]
@@ -106,15 +149,9 @@ def _regime(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Regime
     per_class = args.train_per_class if args.train_per_class is not None else per_class
     epochs = args.epochs if args.epochs is not None else (QUICK_EPOCHS if args.quick else base.epochs)
     noise = args.label_noise if args.label_noise is not None else base.label_noise
-    for name, value, minimum in (("--epochs", epochs, 1), ("--train-per-class", per_class, 1),
-                                 ("--batch-size", args.batch_size, 2), ("--n-tuples", args.n_tuples, 1),
-                                 ("--threads", args.threads, 1)):
-        if value is not None and value < minimum:
-            parser.error(f"{name} {value}: expected an integer >= {minimum}")
+    _check_numbers(args, parser, epochs, per_class)
     if not 0.0 <= noise <= 1.0:
         parser.error(f"--label-noise {noise}: expected a fraction in [0, 1]")
-    if args.max_minutes is not None and not args.max_minutes > 0:
-        parser.error(f"--max-minutes {args.max_minutes}: expected a positive number of minutes")
     parts = [f"{per_class} training images per class" if per_class else "all training images"]
     parts += [f"{noise:.0%} of their labels random"] if noise > 0 else []
     return Regime(", ".join(parts + [f"{epochs} epochs"]), epochs=epochs, train_per_class=per_class,
@@ -125,15 +162,26 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     """Run the demo; returns the per-method results (see :func:`~lightning_multimix.demo.training.run_method`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    regime = _regime(args, parser)
-    methods = list(args.methods or DEFAULT_METHODS)
+    task = TASKS[args.task]
+    args.regime = args.regime or task.demo_regime
+    if args.regime not in task.regimes:
+        parser.error(f"--regime {args.regime}: not a regime of --task {args.task}; expected one of "
+                     f"{', '.join(task.regimes)}")
+    regime = _regime(args, parser) if args.task == "classify" else _composite_regime(args, parser)
+    methods = list(args.methods or task.demo_methods)
     methods += [m for m, flag in (("dense", args.dense), ("distill", args.distill)) if flag and m not in methods]
+    if set(methods) - set(task.methods):
+        parser.error(f"--methods {' '.join(sorted(set(methods) - set(task.methods)))}: not a method of --task "
+                     f"{args.task}; expected methods from {', '.join(task.methods)}")
 
     try:  # everything that can fail on bad input fails here, before any training
         out = prepare_output_dir(args.out)
-        train, test = load_fashion_mnist(args.data_dir)
-        if args.quick:
-            test = test.balanced_subset(QUICK_TEST_PER_CLASS)
+        if args.task == "classify":
+            train, test = load_fashion_mnist(args.data_dir)
+            test = test.balanced_subset(QUICK_TEST_PER_CLASS) if args.quick else test
+        else:
+            train, test = load_composites(args.data_dir)
+            test = test.subset(range(QUICK_TEST_COMPOSITES)) if args.quick else test
         train = regime.training_set(train, seed=args.seed)
     except (OSError, DataFormatError, ValueError) as err:
         parser.error(str(err))
@@ -145,16 +193,17 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         parser.error("; ".join(f"{why} need {package}" for package, why in missing)
                      + ": pip install 'lightning-multimix[demo]'")
     with _quiet_lightning():
-        return _run(args, methods, regime, out, train, test)
+        return _run(args, task, methods, regime, out, train, test)
 
 
-def _run(args: argparse.Namespace, methods: list[str], regime: Regime, out: Path, train: ImageSet,
+def _run(args: argparse.Namespace, task: Task, methods: list[str], regime: Any, out: Path, train: ImageSet,
          test: ImageSet) -> list[dict]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     source = "the subset shipped in the package" if args.data_dir is None else f"'{args.data_dir}'"
-    print(f"Fashion-MNIST from {source}: {len(train)} training images ({regime.description}), {len(test)} clean "
-          f"test images, {train.num_classes} classes. SmallCNN, batch {args.batch_size}, seed {args.seed}, "
+    unit, metric = task.unit, task.metric
+    print(f"{task.data} from {source}: {len(train)} training {unit} ({regime.description}), {len(test)} clean "
+          f"test {unit}, {train.num_classes} classes. SmallCNN, batch {args.batch_size}, seed {args.seed}, "
           f"{torch.get_num_threads()} CPU thread(s).")
     options: dict[str, Any] = {"n_tuples": args.n_tuples} if args.n_tuples is not None else {}
     budget = args.max_minutes / len(methods) if args.max_minutes is not None else None
@@ -163,36 +212,45 @@ def _run(args: argparse.Namespace, methods: list[str], regime: Regime, out: Path
         spec = METHODS[method]
         print(f"\n[{i}/{len(methods)}] {method}: {spec.description}", flush=True)
         result = run_method(method, train_data=train, test_data=test, epochs=regime.epochs, seed=args.seed,
-                            batch_size=args.batch_size, multimix_options=options if spec.multimix is not None else None,
-                            max_minutes=budget, test_every=1 if regime.epochs % TEST_EVERY else TEST_EVERY,
-                            progress=not args.no_progress)
-        print(f"    test accuracy {result['test_acc']:.4f} after {result['epochs']} epoch(s) (best "
-              f"{result['best_acc']:.4f}, epoch {result['best_epoch']}), {result['sec_per_epoch']:.1f} s/epoch",
+                            batch_size=args.batch_size,
+                            multimix_options=options if spec.multimix is not None else None, max_minutes=budget,
+                            test_every=1 if regime.epochs % TEST_EVERY else TEST_EVERY, progress=not args.no_progress)
+        print(f"    test {task.metric_name} {result[f'test_{metric}']:.4f} after {result['epochs']} epoch(s) (best "
+              f"{result[f'best_{metric}']:.4f}, epoch {result['best_epoch']}), {result['sec_per_epoch']:.1f} s/epoch",
               flush=True)
         results.append(result)
     total = time.perf_counter() - started
-
     config = {
-        "methods": methods, "regime": args.regime, "epochs": regime.epochs, "train_per_class": regime.train_per_class,
-        "label_noise": regime.label_noise, "multimix_options": options, "batch_size": args.batch_size,
-        "seed": args.seed, "quick": args.quick, "max_minutes": args.max_minutes, "optimizer": OPTIMIZER,
+        "methods": [r["method"] for r in results], "task": args.task, "regime": args.regime, "epochs": regime.epochs,
+        **{k: v for k, v in dataclasses.asdict(regime).items() if k not in ("description", "epochs", "test_every")},
+        "multimix_options": options, "batch_size": args.batch_size,
+        "seed": args.seed, "quick": args.quick, "max_minutes": args.max_minutes,
+        "optimizer": OPTIMIZER if args.task == "classify" else MULTILABEL_OPTIMIZER,
         "data": {"source": source, "train": len(train), "test": len(test)},
         "total_seconds": total, "torch": torch.__version__, "lightning": L.__version__,
         "threads": torch.get_num_threads(), "python": platform.python_version(),
     }
-    paths = save_results(results, out, config)
+    paths = save_results(results, out, config, task.columns)
     from lightning_multimix.demo.plots import plot_curves, plot_embeddings
 
-    curves = plot_curves(results, out / "curves.png")
-    embeddings = plot_embeddings(results, out / "embeddings.png", class_names=train.classes)
+    curves = plot_curves(results, out / "curves.png", metric, f"test {task.metric_name}")
+    pictures = [curves, plot_embeddings(results, out / "embeddings.png", class_names=train.classes)] \
+        if args.task == "classify" else [curves]
 
-    print(f"\nResults on the clean test split ({len(test)} images), after {total / 60:.1f} minutes of training and "
+    print(f"\nResults on the clean test split ({len(test)} {unit}), after {total / 60:.1f} minutes of training and "
           "testing:\n")
-    print(format_table(results))
+    print(format_table(results, task.columns))
+    if args.task == "multilabel":
+        print("\ntest mAP: macro average precision over the 10 classes after the last epoch (chance: about 0.2, the "
+              "share of composites showing a class). best mAP: the best test mAP over epochs (picked on the test "
+              "set: optimistic). test F1: macro F1 of the sigmoid outputs thresholded at 0.5. s/epoch: training "
+              "seconds per epoch, evaluation excluded.")
+        print(f"\nWrote {', '.join(map(str, pictures))}, {paths['json']}, {paths['csv']} and {paths['table']}.")
+        return results
     print("\ntest acc: top-1 accuracy after the last epoch. best acc: the best test accuracy over epochs (picked on "
           "the test set: optimistic). ECE: expected calibration error (15 bins; lower is better calibrated). "
           "alignment: mean squared distance between normalised test embeddings of the same class (lower: tighter "
           "classes). uniformity: log mean exp(-2 squared distance) over all pairs (lower: more uniformly spread). "
           "s/epoch: training seconds per epoch, evaluation excluded.")
-    print(f"\nWrote {curves}, {embeddings}, {paths['json']}, {paths['csv']} and {paths['table']}.")
+    print(f"\nWrote {', '.join(map(str, pictures))}, {paths['json']}, {paths['csv']} and {paths['table']}.")
     return results

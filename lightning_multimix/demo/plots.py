@@ -65,15 +65,17 @@ def _colormap(name: str) -> Any:
     return matplotlib.colormaps[name]
 
 
-def plot_curves(results: Sequence[dict], path: Union[str, Path]) -> Path:
-    """Per-epoch curves of every method: training loss (the optimised objective), test loss and test accuracy.
+def plot_curves(results: Sequence[dict], path: Union[str, Path], metric: str = "acc",
+                metric_name: str = "test accuracy") -> Path:
+    """Per-epoch curves of every method: training loss (the optimised objective), test loss and the test ``metric``
+    (the history's ``val_<metric>``, titled ``metric_name``; e.g. ``"map"``, ``"test mAP"`` for multi-label data).
 
     ``results`` are :func:`lightning_multimix.demo.training.run_method` outputs (their ``"method"`` and ``"history"``).
     """
     fig = _figure(figsize=(15, 4.2))
     axes = fig.subplots(1, 3)
     panels = (("train_loss", "training loss (optimised objective)"), ("val_loss", "test loss"),
-              ("val_acc", "test accuracy"))
+              (f"val_{metric}", metric_name))
     for ax, (key, title) in zip(axes, panels):
         for result in results:
             points = [(h["epoch"], h[key]) for h in result["history"] if h.get(key) is not None]
@@ -122,5 +124,44 @@ def plot_embeddings(results: Sequence[dict], path: Union[str, Path], class_names
     fig.suptitle("Test embeddings, L2-normalised, first two principal components")
     fig.tight_layout(rect=(0, 0.07, 1, 0.96))
     path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_benchmark(summary: Sequence[dict[str, Any]], regimes: Sequence[str], path: Path, title: str,
+                   descriptions: dict[str, str], measures: Sequence[tuple[str, str, float, str]]) -> Path:
+    """``benchmarks/accuracy.py``'s picture, per regime: the first of ``measures`` (bars, +- std) with the second
+    (dots; the last and the best epoch's), and the third below. ``summary``: rows with ``regime``, ``method``,
+    ``<key>_mean``, ``<key>_std`` for the ``(title, key, scale, format)`` of ``measures``."""
+    (top_title, last, _, _), (best_title, best_key, _, _), (bottom_title, bottom_key, _, _) = measures[:3]
+    fig = _figure(figsize=(5.2 * len(regimes), 7.5))
+    axes = fig.subplots(2, len(regimes), squeeze=False)
+    cmap = _colormap("tab10")
+    for column, regime in enumerate(regimes):
+        rows = [r for r in summary if r["regime"] == regime]
+        names = [r["method"] for r in rows]
+        colors = [cmap(i % 10) for i in range(len(rows))]
+        top, bottom = axes[0][column], axes[1][column]
+        top.bar(names, [r[f"{last}_mean"] for r in rows], yerr=[r[f"{last}_std"] for r in rows], color=colors,
+                capsize=3)
+        top.plot(names, [r[f"{best_key}_mean"] for r in rows], "k.", label=best_title)
+        best = max(r[f"{best_key}_mean"] for r in rows)
+        # a collapsed method (more than 30 points below the best) would flatten the others: its bar is cut
+        low = max(0.0, min(r[f"{last}_mean"] for r in rows if r[f"{last}_mean"] > best - 30.0) - 5.0)
+        top.set_ylim(low, min(100.0, best + 2.0))
+        for i, r in enumerate(rows):
+            if r[f"{last}_mean"] < low:
+                top.annotate(f"{r[f'{last}_mean']:.1f}\n(below)", (i, low), xytext=(0, 4),
+                             textcoords="offset points", ha="center", fontsize=7)
+        top.set_title(f"{regime}: {descriptions[regime]}", fontsize=8)
+        top.set_ylabel(f"{top_title} (dot: {best_title})")
+        bottom.bar(names, [r[f"{bottom_key}_mean"] for r in rows], yerr=[r[f"{bottom_key}_std"] for r in rows],
+                   color=colors, capsize=3)
+        bottom.set_ylabel(bottom_title)
+        for ax in (top, bottom):
+            ax.tick_params(axis="x", rotation=45, labelsize=7)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path

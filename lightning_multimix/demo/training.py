@@ -16,12 +16,19 @@ the callback's:
 - ``multimix``: ``MultiMix()`` with its defaults (the paper's protocol: MultiMix, n = 1000, alpha = 1 over the whole
   batch on half the batches, input mixup on the others);
 - ``multimix_every``: ``MultiMix(probability=1.0)``: MultiMix on every batch, without the protocol;
-- ``dense``, ``distill``: Dense MultiMix and MultiMix + self-distillation, with the protocol.
+- ``dense``, ``distill``: Dense MultiMix and MultiMix + self-distillation, with the protocol;
+- ``multimix_bce``: ``MultiMix()`` on the classifier trained with BCE on one-hot targets (``ImageClassifier(
+  loss="bce")``, timm's ``--bce-loss`` recipe) instead of cross-entropy; not in the benchmark's default methods
+  (:data:`BENCHMARK_METHODS`).
 
 Regimes (:data:`REGIMES`) on the Fashion-MNIST subset shipped in the package: ``clean`` (all 10,000 training images,
 30 epochs: the shortest run after which training longer no longer raises ERM's or input mixup's last-epoch test
 accuracy), ``low_data`` (100 images per class, 100 epochs) and ``noisy`` (300 images per class with 40% of the labels
 replaced by labels drawn uniformly from the 10 classes, 60 epochs; the test set is clean).
+
+:func:`run_method` trains the multi-label task as well (:mod:`lightning_multimix.demo.tasks`): given a
+:class:`~lightning_multimix.demo.data.MultiLabelSet` it trains a
+:class:`~lightning_multimix.demo.classifier.MultiLabelClassifier` and reports mAP and F1 instead of accuracy.
 """
 
 from __future__ import annotations
@@ -38,18 +45,19 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 from lightning_multimix import Dense, MultiMix, SelfDistillation
-from lightning_multimix.demo.classifier import ImageClassifier
-from lightning_multimix.demo.data import ImageSet
+from lightning_multimix.demo.classifier import ImageClassifier, MultiLabelClassifier
+from lightning_multimix.demo.data import ImageSet, MultiLabelSet
 
 
 @dataclass(frozen=True)
 class Method:
     """A training method: torchvision's input mixing (``input_mix``) or the MultiMix callback (``multimix``: its
-    arguments), or neither (ERM)."""
+    arguments), or neither (ERM); ``classifier``: arguments of the classifier (e.g. its ``loss``)."""
 
     description: str
     input_mix: Optional[str] = None
     multimix: Optional[dict[str, Any]] = None
+    classifier: Optional[dict[str, Any]] = None
 
 
 METHODS: dict[str, Method] = {
@@ -64,24 +72,39 @@ METHODS: dict[str, Method] = {
     "multimix_every": Method("MultiMix(probability=1.0): MultiMix on every batch", multimix={"probability": 1.0}),
     "dense": Method("Dense MultiMix or input mixup, 50/50", multimix={"dense": Dense()}),
     "distill": Method("MultiMix + self-distillation or input mixup, 50/50", multimix={"distill": SelfDistillation()}),
+    "multimix_bce": Method("MultiMix() on BCE with one-hot targets (timm's --bce-loss recipe) instead of "
+                           "cross-entropy", multimix={}, classifier={"loss": "bce"}),
 }
 DEFAULT_METHODS: tuple[str, ...] = ("erm", "mixup", "pairs", "multimix")
+#: the methods of benchmarks/accuracy.py by default (``multimix_bce`` on request)
+BENCHMARK_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m != "multimix_bce")
 
 
 @dataclass(frozen=True)
 class Regime:
     """How much data, how long, how noisy: ``train_per_class`` images of each class (``None``: all), ``epochs``,
-    and the fraction of training labels replaced by random ones."""
+    and the fraction of training labels replaced by random ones; the benchmark tests every ``test_every`` epochs."""
 
     description: str
     epochs: int
     train_per_class: Optional[int] = None
     label_noise: float = 0.0
+    test_every: int = 1
 
     def training_set(self, train: ImageSet, seed: int) -> ImageSet:
         """The regime's training set from ``train`` (the label noise depends on ``seed``)."""
         data = train.balanced_subset(self.train_per_class) if self.train_per_class is not None else train
         return data.with_label_noise(self.label_noise, seed=seed) if self.label_noise > 0 else data
+
+    def quick(self, epochs: Optional[int] = None) -> "Regime":
+        """The benchmarks' smoke version: the regime's data handling (subset, label noise) on 13 images per class."""
+        return Regime(self.description, epochs=epochs or 1, train_per_class=13 if self.train_per_class else None,
+                      label_noise=self.label_noise)
+
+    @property
+    def cost(self) -> int:
+        """Examples seen in a run (all 10,000 images if ``train_per_class`` is ``None``): the long runs go first."""
+        return self.epochs * (self.train_per_class or 1000) * 10
 
 
 REGIMES: dict[str, Regime] = {
@@ -98,10 +121,14 @@ REGIMES: dict[str, Regime] = {
 BENCHMARK_REGIMES: tuple[str, ...] = ("clean", "low_data", "noisy")
 #: The optimiser of every method.
 OPTIMIZER = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": True, "schedule": "cosine"}
+#: The multi-label task's: BCE's mean over the c = 10 classes scales each logit's gradient by 1/c against
+#: cross-entropy's, so lr is 10 times the demo's (ERM, 512 composites, 20 epochs: test mAP 0.50 at lr 0.5, 0.55 at 1).
+MULTILABEL_OPTIMIZER = {**OPTIMIZER, "lr": 1.0}
 
 
 class History(Callback):
-    """Per-epoch record: mean training objective, test loss / accuracy / ECE, training seconds (evaluation excluded)."""
+    """Per-epoch record: mean training objective, the module's ``curve_metrics`` on the test split (loss, accuracy,
+    ECE; multi-label: loss, mAP, F1), training seconds (evaluation excluded)."""
 
     def __init__(self) -> None:
         self.epochs: list[dict[str, Any]] = []
@@ -131,13 +158,12 @@ class History(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = trainer.callback_metrics  # the test metrics only where this epoch was tested
         value = lambda name: float(metrics[name]) if name in metrics and self._validated else None  # noqa: E731
+        names = getattr(pl_module, "curve_metrics", ("loss", "acc", "ece"))
         self.epochs.append({
             "epoch": trainer.current_epoch + 1,
             "steps": self._steps,
             "train_loss": float(self._loss_sum) / self._steps if self._steps else None,
-            "val_loss": value("val/loss"),
-            "val_acc": value("val/acc"),
-            "val_ece": value("val/ece"),
+            **{f"val_{name}": value(f"val/{name}") for name in names},
             "train_seconds": time.perf_counter() - self._start - self._eval_seconds,
         })
 
@@ -185,7 +211,12 @@ def run_method(
     num_workers: int = 0,
 ) -> dict[str, Any]:
     """Train the demo's classifier (SmallCNN unless ``classifier_options`` say otherwise) with ``method`` on
-    ``train_data``, test it on ``test_data``, return the numbers.
+    ``train_data``, test it on ``test_data``, return the numbers. A
+    :class:`~lightning_multimix.demo.data.MultiLabelSet` trains a
+    :class:`~lightning_multimix.demo.classifier.MultiLabelClassifier` (BCE), whose results have ``test_map``,
+    ``best_map`` and ``test_f1`` (macro average precision and F1 at 0.5, in [0, 1]) instead of ``test_acc``,
+    ``best_acc``, ``ece``, ``alignment`` and ``uniformity``, its history ``val_map`` and ``val_f1``, and whose
+    ``labels`` are the test targets ``(N, c)``; it trains with :data:`MULTILABEL_OPTIMIZER`.
 
     Args:
         method: a key of :data:`METHODS`.
@@ -224,9 +255,11 @@ def run_method(
         raise ValueError(f"run_method: max_minutes={max_minutes!r}; expected None or a value > 0.")
 
     L.seed_everything(seed, workers=True, verbose=False)
-    model = ImageClassifier(**{"backbone": "small_cnn", "num_classes": train_data.num_classes,
-                               "in_channels": train_data.in_channels, "input_mix": spec.input_mix, **OPTIMIZER,
-                               **(classifier_options or {})})
+    classifier = MultiLabelClassifier if isinstance(train_data, MultiLabelSet) else ImageClassifier
+    model = classifier(**{"backbone": "small_cnn", "num_classes": train_data.num_classes,
+                          "in_channels": train_data.in_channels, "input_mix": spec.input_mix,
+                          **(MULTILABEL_OPTIMIZER if classifier is MultiLabelClassifier else OPTIMIZER),
+                          **(spec.classifier or {}), **(classifier_options or {})})
     steps_per_epoch = len(train_data) // (batch_size * devices)
     total_steps = epochs * steps_per_epoch if max_steps < 0 else min(max_steps, epochs * steps_per_epoch)
     history = History()
@@ -250,17 +283,17 @@ def run_method(
     embeddings, labels = model.test_embeddings()
     full = [h["train_seconds"] for h in history.epochs if h["steps"] == steps_per_epoch]
     seconds = full or [h["train_seconds"] for h in history.epochs]
-    accuracies = [(h["val_acc"], h["epoch"]) for h in history.epochs if h["val_acc"] is not None]
-    best_acc, best_epoch = max(accuracies, key=lambda a: a[0]) if accuracies else (float("nan"), 0)
+    metric = model.metric  # "acc", or "map" for multi-label data
+    tested = [(h[f"val_{metric}"], h["epoch"]) for h in history.epochs if h[f"val_{metric}"] is not None]
+    best, best_epoch = max(tested, key=lambda a: a[0]) if tested else (float("nan"), 0)
+    others = ("ece", "alignment", "uniformity") if metric == "acc" else ("f1",)
     return {
         "method": method,
         "seed": seed,
-        "test_acc": float(scores["test/acc"]),
-        "best_acc": best_acc,
+        f"test_{metric}": float(scores[f"test/{metric}"]),
+        f"best_{metric}": best,
         "best_epoch": best_epoch,
-        "ece": float(scores["test/ece"]),
-        "alignment": float(scores["test/alignment"]),
-        "uniformity": float(scores["test/uniformity"]),
+        **{(name if metric == "acc" else f"test_{name}"): float(scores[f"test/{name}"]) for name in others},
         "sec_per_epoch": sum(seconds) / len(seconds) if seconds else float("nan"),
         "epochs": len(history.epochs),
         "steps": trainer.global_step,
@@ -276,5 +309,5 @@ def _method(method: str) -> Method:
     return METHODS[method]
 
 
-__all__ = ["DEFAULT_METHODS", "METHODS", "OPTIMIZER", "REGIMES", "History", "Method", "Regime", "method_callbacks",
-           "run_method"]
+__all__ = ["BENCHMARK_METHODS", "DEFAULT_METHODS", "METHODS", "MULTILABEL_OPTIMIZER", "OPTIMIZER", "REGIMES",
+           "History", "Method", "Regime", "method_callbacks", "run_method"]

@@ -7,6 +7,8 @@
 * :func:`load_cifar`: CIFAR-10/100 from the "python version" batches on disk, through torchvision's
   ``datasets.CIFAR10/100(root, download=False)`` (which checks the files' md5), or with our own reader when
   ``verify_checksums=False`` (for files that are not byte-identical to the official release, e.g. test fixtures).
+* :func:`make_composites`: multi-label 2x2 composites of Fashion-MNIST items (:class:`MultiLabelSet`, multi-hot
+  targets), for the demo's ``--task multilabel``.
 * :class:`ImageSet`: what the loaders return, a map-style ``Dataset`` of ``(image, label)``;
   :class:`ImageDataModule`: the Lightning wrapper used by ``examples/train.py``.
 
@@ -15,6 +17,7 @@ Nothing here downloads anything. The readers need only numpy and torch; torchvis
 """
 
 from lightning_multimix.demo.data.cifar import CIFAR_LAYOUT, CIFAR_MEAN, CIFAR_STD, load_cifar, write_cifar
+from lightning_multimix.demo.data.composites import MultiLabelSet, make_composites
 from lightning_multimix.demo.data.datamodule import DATASETS, ImageDataModule, load_dataset
 from lightning_multimix.demo.data.fashion_mnist import (
     EMBEDDED_DIR,
@@ -31,6 +34,6 @@ from lightning_multimix.demo.data.images import ImageSet, balanced_indices, rand
 __all__ = [
     "CIFAR_LAYOUT", "CIFAR_MEAN", "CIFAR_STD", "DATASETS", "EMBEDDED_DIR", "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_FILES", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "DataFormatError", "ImageDataModule",
-    "ImageSet", "PathLike", "balanced_indices", "load_cifar", "load_dataset", "load_fashion_mnist",
-    "random_crop_flip", "read_idx", "write_cifar", "write_fashion_mnist_subset", "write_idx",
+    "ImageSet", "MultiLabelSet", "PathLike", "balanced_indices", "load_cifar", "load_dataset", "load_fashion_mnist",
+    "make_composites", "random_crop_flip", "read_idx", "write_cifar", "write_fashion_mnist_subset", "write_idx",
 ]

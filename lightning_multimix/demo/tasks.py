@@ -1,0 +1,157 @@
+"""What the demo and ``benchmarks/accuracy.py`` train (``--task``): the data, regimes, methods and measures of each.
+
+* ``classify`` (the default): single-label Fashion-MNIST with cross-entropy, the regimes and methods of
+  :mod:`lightning_multimix.demo.training`.
+* ``multilabel``: Fashion-MNIST 2x2 composites (:func:`~lightning_multimix.demo.data.make_composites`: 56x56 images,
+  each of the four cells holding an item with probability 0.5, at least one item per image, targets the multi-hot set
+  of the classes present) trained with BCE with logits
+  (:class:`~lightning_multimix.demo.classifier.MultiLabelClassifier`, the demo's SmallCNN unchanged: its global
+  pooling takes 56x56 images), tested by macro mAP and macro F1 at 0.5. The composites are generated once:
+  :data:`TRAIN_COMPOSITES` from the training split (seed :data:`COMPOSITES_SEED`) and :data:`TEST_COMPOSITES` from the
+  test split (seed ``COMPOSITES_SEED + 1``), of the subset shipped in the package; a regime trains on the first
+  composites of the training ones. Methods: ``erm``, ``mixup`` (``v2.MixUp``, targets lerped), ``cutmix``
+  (``v2.CutMix``, targets mixed by area), ``pairs`` (``MultiMix(mode="pairs")``), ``multimix`` (``MultiMix()``).
+  Trained with :data:`~lightning_multimix.demo.training.MULTILABEL_OPTIMIZER` (lr 1: BCE's mean over the classes),
+  tested every 2 epochs. Regimes (:data:`MULTILABEL_REGIMES`):
+
+  - ``low_data``: 256 training composites, 40 epochs;
+  - ``plateau``: 1,024 composites, 24 epochs. ERM's test mAP (seed 0, ``benchmarks/accuracy.py --task multilabel
+    --regimes plateau --methods erm --seeds 0 --epochs E --curves``): 65.1 after 12 epochs, 79.1 after 24, where its
+    curve gains 0.35 point over the last 4 epochs; 24 is the longest run within about 2 minutes of one CPU thread.
+    Whether 48 epochs still raise the last-epoch mAP is not measured yet (``--epochs 48``): until then the name says
+    what the regime is for, not a measured plateau;
+  - ``noisy``: 1,024 composites, 20 epochs, each present label dropped with probability 0.3 and each absent label
+    added with probability 0.05 (:data:`NOISE`; about 0.6 labels dropped and 0.4 added per image), drawn from the
+    run's seed; the test composites are clean.
+
+  Time per ERM run on one CPU thread (AMD EPYC): training takes 2.6 s per epoch of 512 composites on an idle core, so
+  about 1 to 2 minutes per run; on a machine with 2 cores at load 4, low_data took 5.5 minutes and plateau 4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from lightning_multimix.demo.data import MultiLabelSet, load_fashion_mnist, make_composites
+from lightning_multimix.demo.report import MULTILABEL_COLUMNS, TABLE_COLUMNS
+from lightning_multimix.demo.training import BENCHMARK_METHODS, BENCHMARK_REGIMES, DEFAULT_METHODS, METHODS, REGIMES
+
+#: the composites of the multi-label task: how many from each split, and the seed of the training ones (test: + 1)
+TRAIN_COMPOSITES, TEST_COMPOSITES, COMPOSITES_SEED = 4000, 500, 0
+#: the noisy regime's annotation noise: probability of dropping a present label, of adding an absent one
+NOISE = (0.3, 0.05)
+
+
+@dataclass(frozen=True)
+class CompositeRegime:
+    """A multi-label regime: the first ``train_composites`` training composites, ``epochs``, and annotation noise
+    (``drop``, ``add``: see :meth:`~lightning_multimix.demo.data.MultiLabelSet.with_label_noise`); the benchmark tests
+    every ``test_every`` epochs (and after the last)."""
+
+    description: str
+    epochs: int
+    train_composites: int
+    drop: float = 0.0
+    add: float = 0.0
+    test_every: int = 2
+
+    def training_set(self, pool: MultiLabelSet, seed: int) -> MultiLabelSet:
+        """The regime's training set from the training composites ``pool`` (the noise depends on ``seed``)."""
+        if self.train_composites > len(pool):
+            raise ValueError(f"{self.description}: needs {self.train_composites} composites, {len(pool)} given.")
+        data = pool.subset(range(self.train_composites))
+        return data.with_label_noise(self.drop, self.add, seed=seed) if self.drop or self.add else data
+
+    def quick(self, epochs: Optional[int] = None) -> "CompositeRegime":
+        """The benchmarks' smoke version: the regime's data handling on 130 composites."""
+        return dataclasses.replace(self, epochs=epochs or 1, train_composites=130, test_every=1)
+
+    @property
+    def cost(self) -> int:
+        """Examples seen in a run: the long runs go first."""
+        return self.epochs * self.train_composites * 4  # a composite costs about four 28x28 images
+
+
+MULTILABEL_REGIMES: dict[str, CompositeRegime] = {
+    "low_data": CompositeRegime("256 training composites, 40 epochs", epochs=40, train_composites=256),
+    "plateau": CompositeRegime("1,024 training composites, 24 epochs (ERM's test mAP flattens)", epochs=24,
+                               train_composites=1024),
+    "noisy": CompositeRegime(f"1,024 training composites, each present label dropped with probability {NOISE[0]} "
+                             f"and each absent one added with probability {NOISE[1]}, 20 epochs", epochs=20,
+                             train_composites=1024, drop=NOISE[0], add=NOISE[1]),
+}
+
+
+def load_composites(data_dir: Optional[str] = None, quick: bool = False) -> tuple[MultiLabelSet, MultiLabelSet]:
+    """``(training composites, test composites)`` from Fashion-MNIST (``data_dir``: see
+    :func:`~lightning_multimix.demo.data.load_fashion_mnist`); ``quick``: 260 and 100 of them."""
+    train, test = load_fashion_mnist(data_dir)
+    pool = make_composites(train, 260 if quick else TRAIN_COMPOSITES, seed=COMPOSITES_SEED)
+    return pool, make_composites(test, 100 if quick else TEST_COMPOSITES, seed=COMPOSITES_SEED + 1)
+
+
+def _load_images(data_dir: Optional[str] = None, quick: bool = False) -> tuple[Any, Any]:
+    train, test = load_fashion_mnist(data_dir)
+    return (train.balanced_subset(26), test.balanced_subset(20)) if quick else (train, test)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task of the demo (``--task``) and of ``benchmarks/accuracy.py``.
+
+    ``data``: what is trained, in words; ``unit``: one example, in words; ``regimes`` and ``methods``: the names it
+    accepts (``methods`` in :data:`~lightning_multimix.demo.training.METHODS`); ``benchmark_*`` and ``demo_*``: the
+    defaults of the benchmark and of the demo; ``metric``: the test metric of the curves and of the best epoch
+    (``"acc"``, ``"map"``: results ``test_<metric>``, ``best_<metric>``, history ``val_<metric>``) and
+    ``metric_name`` in words; ``results``: the keys of :func:`~lightning_multimix.demo.training.run_method`'s
+    result recorded per run; ``measures``: ``(column title, run key, scale, format)`` of the benchmark's tables (the
+    first three are plotted: last and best epoch, then one more); ``columns``: the demo's table
+    (:func:`~lightning_multimix.demo.report.format_table`); ``load(data_dir, quick)``: ``(training data, test data)``,
+    ``quick``: small ones for smoke runs; ``stem``: the benchmark's file names.
+    """
+
+    data: str
+    unit: str
+    regimes: Mapping[str, Any]
+    methods: tuple[str, ...]
+    benchmark_regimes: tuple[str, ...]
+    benchmark_methods: tuple[str, ...]
+    demo_regime: str
+    demo_methods: tuple[str, ...]
+    metric: str
+    metric_name: str
+    results: tuple[str, ...]
+    measures: tuple[tuple[str, str, float, str], ...]
+    columns: tuple[tuple[str, str, str], ...]
+    load: Callable[[Optional[str], bool], tuple[Any, Any]]
+    stem: str
+
+    @property
+    def run_keys(self) -> tuple[str, ...]:
+        """The columns of the benchmark's runs file."""
+        return ("regime", "method", "seed", *self.results, "sec_per_epoch", "epochs", "steps", "wall_seconds")
+
+
+TASKS: dict[str, Task] = {
+    "classify": Task(
+        data="Fashion-MNIST", unit="images", regimes=REGIMES, methods=tuple(METHODS),
+        benchmark_regimes=BENCHMARK_REGIMES, benchmark_methods=BENCHMARK_METHODS, demo_regime="noisy_demo",
+        demo_methods=DEFAULT_METHODS, metric="acc", metric_name="accuracy",
+        results=("test_acc", "best_acc", "best_epoch", "ece", "alignment", "uniformity"),
+        measures=(("last acc %", "test_acc", 100.0, "{:.2f}"), ("best acc %", "best_acc", 100.0, "{:.2f}"),
+                  ("ECE", "ece", 1.0, "{:.3f}"), ("alignment", "alignment", 1.0, "{:.3f}"),
+                  ("uniformity", "uniformity", 1.0, "{:.3f}"), ("s/epoch", "sec_per_epoch", 1.0, "{:.1f}")),
+        columns=TABLE_COLUMNS, load=_load_images, stem="accuracy"),
+    "multilabel": Task(
+        data="Fashion-MNIST 2x2 composites (multi-label, BCE)", unit="composites", regimes=MULTILABEL_REGIMES,
+        methods=("erm", "mixup", "cutmix", "pairs", "multimix"), benchmark_regimes=tuple(MULTILABEL_REGIMES),
+        benchmark_methods=("erm", "mixup", "cutmix", "pairs", "multimix"), demo_regime="noisy",
+        demo_methods=("erm", "mixup", "multimix"), metric="map", metric_name="mAP",
+        results=("test_map", "best_map", "best_epoch", "test_f1"),
+        measures=(("last mAP %", "test_map", 100.0, "{:.2f}"), ("best mAP %", "best_map", 100.0, "{:.2f}"),
+                  ("F1 %", "test_f1", 100.0, "{:.2f}"), ("s/epoch", "sec_per_epoch", 1.0, "{:.1f}")),
+        columns=MULTILABEL_COLUMNS, load=load_composites, stem="multilabel"),
+}
