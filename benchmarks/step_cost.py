@@ -32,7 +32,8 @@ if __package__ in (None, ""):
 
 import lightning as L
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
@@ -67,6 +68,10 @@ METHODS: tuple[Method, ...] = (
     Method("none", "cnn"),
     Method("dense-1000", "cnn", {"n_tuples": 1000, "probability": 1.0, "dense": Dense()}),
     Method("tv-cutmix", "cnn", transform="cutmix"),
+    # (b, c) targets: one-hot probabilities with the cross-entropy, multi-hot with BCE; each against its own none
+    *(Method(name, model, callback) for model in ("mlp-probs", "mlp-bce") for name, callback in
+      (("none", None), ("MultiMix()", {}), ("multimix-1000", {"n_tuples": 1000, "probability": 1.0}),
+       ("input-mixup", {"probability": 0.0}))),
 )
 QUICK_METHODS = ("none/mlp", "Callback()/mlp", "MultiMix()/mlp", "input-mixup/mlp", "tv-mixup/mlp")
 
@@ -75,8 +80,17 @@ def key(method: Method) -> str:
     return f"{method.name}/{method.model}"
 
 
+class BCEModule(BenchModule):
+    """``BenchModule`` trained with BCE with logits on multi-hot targets."""
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = F.binary_cross_entropy_with_logits(self(batch[0]), batch[1])
+        self.log("train/loss", loss, on_step=True)
+        return loss
+
+
 def build_net(model: str) -> nn.Module:
-    if model == "mlp":
+    if model.startswith("mlp"):
         return nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, NUM_CLASSES))
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(8, NUM_CLASSES))
@@ -125,13 +139,17 @@ def counted_fit(method: Method, steps: int, counter: str) -> Counter[str]:
     """The counts of one ``Trainer.fit`` of ``steps`` steps of ``method`` (``counter``: ``"ops"`` or ``"calls"``)."""
     torch.manual_seed(0)
     net = build_net(method.model)
-    x, y = batches(INPUT_SHAPES[method.model], BATCH, steps).tensors
+    x, y = batches(INPUT_SHAPES[method.model.split("-")[0]], BATCH, steps).tensors
+    if method.model == "mlp-probs":
+        y = F.one_hot(y, NUM_CLASSES).float()
+    elif method.model == "mlp-bce":
+        y = (torch.rand(y.shape[0], NUM_CLASSES, generator=torch.Generator().manual_seed(0)) > 0.5).float()
     callbacks = [MultiMix(seed=0, **method.callback)] if method.callback is not None else []
     callbacks += [L.Callback()] if method.name == "Callback()" else []
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0, callbacks=callbacks)
-    module = BenchModule(net, method.transform)
+    module = (BCEModule if method.model == "mlp-bce" else BenchModule)(net, method.transform)
     data = DataLoader(list(zip(x.split(BATCH), y.split(BATCH))), batch_size=None)  # as they are: no collation ops
     active: Any = OpCounter() if counter == "ops" else CallCounter()
     gc.collect()
