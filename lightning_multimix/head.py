@@ -9,6 +9,7 @@ mode's feature map, logit space); every batch checks what the head received and 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional
@@ -206,6 +207,8 @@ def _hugging_face_encoder(module: nn.Module) -> Optional[str]:
 def feature_map_candidates(model: nn.Module) -> list[tuple[str, str]]:
     """Every ``(path, kind)`` a feature map could be read from: timm, Hugging Face, torchvision ViT, average pooling."""
     found = []
+    # torchvision's VisionTransformer, if torchvision built one: torchvision is optional, never imported here
+    vit = getattr(sys.modules.get("torchvision.models.vision_transformer"), "VisionTransformer", None)
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         encoder = _hugging_face_encoder(module)
@@ -215,8 +218,7 @@ def feature_map_candidates(model: nn.Module) -> list[tuple[str, str]]:
             path = prefix + encoder if encoder else name
             if (path, "tokens") not in found:
                 found.append((path, "tokens"))
-        # torchvision's VisionTransformer, by name: torchvision is optional
-        elif type(module).__name__ == "VisionTransformer" and hasattr(module, "encoder") and hasattr(module, "heads"):
+        elif vit is not None and isinstance(module, vit):
             found.append((prefix + "encoder", "vit"))
         elif isinstance(module, POOLING_TYPES):
             found.append((name, "input"))
