@@ -200,8 +200,10 @@ class TrainingStep:
             loss = mixup_objective(logits, labels, *mixer.draw, teacher=teacher,
                                    ignore_index=ignore if ignore is not None else -100,
                                    label_smoothing=targets.label_smoothing, loss=targets.loss.kind)
-            # every label must be a class, but F.cross_entropy would leave a -100 out: counted, as soft targets are
-            unexpected = targets.outside(labels) if targets.soft else labels == -100 if ignore is None else None
+            if targets.soft or targets.loss.kind == "bce":  # lerped targets, checked by nothing else: counted
+                unexpected = targets.outside(labels)
+            else:  # every label must be a class, but F.cross_entropy would leave a -100 out: counted
+                unexpected = labels == -100 if ignore is None else None
         else:  # the objective reads a label out of range as a class in range: counted for the health check
             keep = targets.keep(labels)
             unexpected = targets.outside(labels, keep)
