@@ -7,7 +7,6 @@ import math
 import warnings
 from pathlib import Path
 
-import lightning.pytorch as L
 import pytest
 import torch
 import torch.nn.functional as F
