@@ -77,8 +77,8 @@ class HealthFlag:
         self.healthy_before = 0  #: the batches before this index were read healthy
 
     def update(self, unexpected: Tensor, targets: Targets) -> None:
-        """Count, without synchronising, the labels of a batch that are neither a class nor ignored (``unexpected``,
-        ``(b,)`` booleans)."""
+        """Count, without synchronising, the targets of a batch that ``targets`` rejects (``unexpected``, ``(b,)``
+        booleans: labels neither a class nor ignored, or rows that are not targets of the loss)."""
         self.targets = targets
         self.unexpected_labels.add_(unexpected.sum())
 

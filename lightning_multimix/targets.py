@@ -79,8 +79,8 @@ def plain_loss(logits: Tensor, labels: Tensor, loss: str, ignore_index: Optional
     logits, num_classes = logits.float(), logits.shape[-1]
     if loss == "cross_entropy":
         ignore = ignore_index if ignore_index is not None else -100
-        return F.cross_entropy(logits, labels if not labels.is_floating_point() else labels.float(),
-                               ignore_index=ignore, label_smoothing=label_smoothing)
+        targets = labels.float() if labels.is_floating_point() else labels
+        return F.cross_entropy(logits, targets, ignore_index=ignore, label_smoothing=label_smoothing)
     targets = example_targets(labels, num_classes)
     return F.binary_cross_entropy_with_logits(logits, smooth_(targets.clone(), label_smoothing, num_classes))
 
