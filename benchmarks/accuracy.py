@@ -17,7 +17,10 @@ Examples::
     python benchmarks/accuracy.py --regimes low_data,noisy --methods multimix,multimix_bce --jobs 2  # BCE recipe
 
 ``--task multilabel``: Fashion-MNIST 2x2 composites with BCE, its own regimes, methods and measures (mAP, F1; see
-``lightning_multimix/demo/tasks.py``), files ``multilabel_*`` instead of ``accuracy_*``.
+``lightning_multimix/demo/tasks.py``), files ``multilabel_*`` instead of ``accuracy_*``. ``--task segment``: the same
+composites with a class per pixel, a small fully convolutional network (SmallFCN), its own regimes and methods (the
+model's own per-pixel mixup and CutMix, and MultiMix on its per-pixel logits), measured by the mean IoU; files
+``segment_*``.
 """
 
 from __future__ import annotations
@@ -57,10 +60,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each")
     parser.add_argument("--out", default=str(OUT_DIR), help="output folder (default %(default)s)")
-    parser.add_argument("--resume", action="store_true", help="keep the runs already in <accuracy|multilabel>_runs.csv")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already in <accuracy|multilabel|segment>_runs.csv")
     parser.add_argument("--report", action="store_true", help="train nothing: tabulate the runs in --out")
     parser.add_argument("--epochs", type=int, default=None, help="train every regime this long instead of its own")
-    parser.add_argument("--curves", action="store_true", help="also record test accuracy (mAP) after every epoch")
+    parser.add_argument("--curves", action="store_true",
+                        help="also record the test metric (accuracy, mAP, mIoU) after every epoch")
     parser.add_argument("--quick", action="store_true", help="smoke run: seed 0, 2 steps per run, tiny data")
     args = parser.parse_args(argv)
     task = TASKS[args.task]
@@ -212,7 +217,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     info = machine_info("cpu")
     print_machine(info)
     source = "the subset shipped in the package" if args.data_dir is None else args.data_dir
-    settings = (f"SmallCNN on {TASK.data} ({source}{', --quick' if args.quick else ''}); regimes {regimes}"
+    settings = (f"{TASK.network} on {TASK.data} ({source}{', --quick' if args.quick else ''}); regimes {regimes}"
                 f"{f', all trained for {args.epochs} epochs' if args.epochs else ''}; seeds {seeds}; "
                 f"{args.threads or 'default'} thread(s) per run, {args.jobs} job(s)")
     print("settings: " + settings, flush=True)

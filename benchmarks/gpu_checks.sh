@@ -22,3 +22,6 @@ table preactresnet18_b128 --model preactresnet18
 table preactresnet18_b512 --model preactresnet18 --batch-size 512 \
   --methods none,input-mixup,multimix-1000,multimix-10000,protocol-1000,dense-1000
 table smallcnn --model smallcnn
+python benchmarks/position_memory.py --device cuda --n 16,64,256,1024,4096 --out "$out/position_memory" \
+  > "$out/position_memory.log" 2>&1 || echo "position_memory failed (see $out/position_memory.log)"
+tail -12 "$out/position_memory.log"

@@ -236,7 +236,8 @@ class MultiMix(Callback):
                        keep: Optional[Tensor] = None) -> Tensor:
         """The ``(num_examples, n)`` weight matrix of one batch mixed at the last layer; each column on the simplex.
 
-        ``mode`` is ``"multimix"`` (``n_tuples`` Dirichlet columns) or ``"pairs"`` (Manifold Mixup's pairs, ``n = b``);
+        ``mode`` is ``"multimix"`` (``n_tuples`` Dirichlet columns, with the target type's defaults where not set:
+        :data:`~lightning_multimix.options.TYPE_DEFAULTS`) or ``"pairs"`` (Manifold Mixup's pairs, ``n = b``);
         ``keep`` (``(b,)`` booleans, or ``None``) marks the examples that may be mixed (the others have an ignore-index
         label and must get weight 0). Override it to customise the weights; draw only from ``generator`` (on the
         training device, re-seeded from ``(seed, rank, batch)`` at every batch) so that runs resume exactly.
@@ -244,13 +245,15 @@ class MultiMix(Callback):
         if mode == "pairs":
             alpha = self.alpha if self.mode == "pairs" else self.mixup_alpha
             return pair_weights(num_examples, alpha, keep=keep, generator=generator)
-        return dirichlet_weights(num_examples, self.n_tuples, self.alpha, tuple_size=self.tuple_size, keep=keep,
-                                 generator=generator)
+        targets = self._step.targets if self._step is not None else None
+        chosen = self.options.for_targets(targets.kind if targets is not None else "labels")
+        return dirichlet_weights(num_examples, chosen["n_tuples"], chosen["alpha"], tuple_size=chosen["tuple_size"],
+                                 keep=keep, generator=generator)
 
     def _record_step(self, report: StepReport) -> None:
         """After a mixed batch: learn the head the step found, update the health flag (read it when due) and the
         running loss, and log it when due."""
-        if self._plan is None:  # found on the first batch
+        if self._plan is not self._step.plan:  # found on the first batch (labels per position: their logits)
             self._plan = self._step.plan
             rank_zero_info(self._plan.describe())
         if report.unexpected is not None:

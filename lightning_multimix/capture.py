@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import itertools
 import weakref
+from collections.abc import Mapping
 from typing import Any, Optional
 
 from torch import Tensor, nn
@@ -231,3 +232,27 @@ def ancestors(path: str) -> list[str]:
     """The dotted paths from the model (``""``) down to, not including, ``path``: outermost first."""
     parts = path.split(".")
     return [".".join(parts[:i]) for i in range(len(parts))]
+
+
+Where = Optional[Any]  #: where a tensor is in a module's output: ``None`` (the output), an index, a key or attribute
+
+
+def located_tensors(output: Any) -> list[tuple[Where, Tensor]]:
+    """The tensors in a module's output and where: itself, in a tuple, list or dict, or a model output's ``logits``."""
+    if isinstance(output, Tensor):
+        return [(None, output)]
+    if isinstance(output, Mapping):
+        return [(k, v) for k, v in output.items() if isinstance(v, Tensor)]
+    if isinstance(output, (tuple, list)):
+        return [(i, v) for i, v in enumerate(output) if isinstance(v, Tensor)]
+    logits = getattr(output, "logits", None)
+    return [("logits", logits)] if isinstance(logits, Tensor) else []
+
+
+def tensor_at(output: Any, where: Where) -> Any:
+    """What is at ``where`` in a module's output (:func:`located_tensors`), or ``None``."""
+    if where is None:
+        return output
+    if isinstance(output, (Mapping, tuple, list)):
+        return output[where] if (where in output if isinstance(output, Mapping) else where < len(output)) else None
+    return getattr(output, where, None)

@@ -10,26 +10,27 @@ mode's feature map, logit space); every batch checks what the head received and 
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional
 
 import torch
 from torch import Tensor, nn
 
-from lightning_multimix.capture import Capture, Captures, ancestors, capture_for
+from lightning_multimix.capture import Capture, Captures, Where, ancestors, capture_for, located_tensors, tensor_at
 from lightning_multimix.errors import MultiMixError
 from lightning_multimix.feature_maps import TimmPositionHead
 from lightning_multimix.interpolation import is_affine
-from lightning_multimix.targets import LABELS_HOW, explain_loss, kept, outside_classes, soft_outside
+from lightning_multimix.positions import class_dims
+from lightning_multimix.targets import LABELS_HOW, explain_ignoring, explain_loss, kept, outside_classes, soft_outside
 
 HOW_HEAD = ("Pass `MultiMix(head='dotted.path')` naming the classifier head, or add `MultiMixMixin` and override "
             "`multimix_head()`.")
 POOLING_TYPES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AvgPool1d)
-Source = Literal["declared", "timm", "returned", "last"]
+Source = Literal["declared", "timm", "returned", "last", "read"]
 SOURCES: dict[str, str] = {"declared": "declared", "timm": "the timm model's get_classifier()",
                            "returned": "the nn.Linear whose output the model returns",
-                           "last": "the last nn.Linear that ran (no nn.Linear output is returned as it is)"}
+                           "last": "the last nn.Linear that ran (no nn.Linear output is returned as it is)",
+                           "read": "the module whose output your loss reads"}
 
 
 def declared(model: nn.Module, path: Optional[str], hook: str, what: str = "the classifier head") -> Optional[str]:
@@ -93,7 +94,7 @@ class HeadProbe(Captures):
             raise MultiMixError(f"MultiMix found no classifier head in {type(self.model).__name__}: no nn.Linear ran "
                                 f"in its training step. {HOW_HEAD}")
         outermost = next((c for c in self.ancestors.values() if c.calls > 0), None)
-        returned = _tensors_in(outermost.output) if outermost is not None else []
+        returned = [t for _, t in located_tensors(outermost.output)] if outermost is not None else []
         matches = [path for path, c in ran.items() if any(c.output is t for t in returned)]
         if len(matches) > 1:
             raise MultiMixError(
@@ -119,23 +120,61 @@ class HeadProbe(Captures):
         return head, self.maps.get(feature_path), inputs
 
 
-def _tensors_in(output: Any) -> list[Tensor]:
-    """The tensors in a module's output: itself, in a tuple, list or dict, or a model output's ``logits``."""
-    if isinstance(output, Tensor):
-        return [output]
-    if isinstance(output, Mapping):
-        return [v for v in output.values() if isinstance(v, Tensor)]
-    if isinstance(output, (tuple, list)):
-        return [v for v in output if isinstance(v, Tensor)]
-    logits = getattr(output, "logits", None)
-    return [logits] if isinstance(logits, Tensor) else []
+class LogitsProbe(Captures):
+    """Captures on every module of ``model`` for the first step with labels per position: :meth:`choose` the module
+    whose output holds the per-position logits that the user's loss reads (``paths``: only those modules)."""
+
+    def __init__(self, model: nn.Module, paths: Optional[tuple[str, ...]] = None) -> None:
+        self.model = model
+        self.modules = {name: Capture(m) for name, m in model.named_modules() if paths is None or name in paths}
+        self.captures = list(self.modules.values())
+
+    def choose(self, user_loss: Tensor, labels: Tensor, ignore_index: Optional[int]) -> tuple[str, Where, int]:
+        """``(path, where, class_dim)``: the innermost module that ran once with an output of logits that fit the
+        labels and explain the user's loss (per-position cross-entropy); else an error naming the fix."""
+        seen, fits, refused = {}, {}, None
+        for path in sorted(self.modules, key=lambda p: -len(p.split(".")) if p else 0):  # innermost first
+            capture = self.modules[path]
+            for where, tensor in located_tensors(capture.output) if capture.calls == 1 else ():
+                for dim in class_dims(tuple(tensor.shape), tuple(labels.shape)):
+                    if id(tensor) in seen or not tensor.is_floating_point() or tensor.shape[dim] < 2:
+                        continue
+                    seen[id(tensor)] = f"{path!r} {tuple(tensor.shape)}"
+                    try:  # an ignore index that is one of these logits' classes: the outermost's error is told
+                        if explain_ignoring(user_loss, tensor, labels, ignore_index, dim)[0] is not None:
+                            fits[id(tensor)] = (path, where, dim)
+                    except MultiMixError as error:
+                        refused = error
+        if not fits and refused is not None:
+            raise refused
+        if len(fits) == 1:
+            return next(iter(fits.values()))
+        which = f"several of them, {[f[0] for f in fits.values()]}: name one" if fits else "none of them"
+        raise MultiMixError(
+            f"MultiMix read labels per position of shape {tuple(labels.shape)}; it mixes the per-position logits your "
+            f"loss reads ((b, c, H, W) for (b, H, W) masks, (b, T, c) for (b, T) tags), the output of a module. Those "
+            f"of such shapes: {', '.join(seen.values()) or 'none'}; the cross-entropy of {which} explains your loss. "
+            "MultiMix carries `F.cross_entropy(logits, labels, ignore_index=..., label_smoothing=...)` plus terms "
+            "without the logits; not a Dice or focal loss, class weights, or a sum. Return the logits from a module "
+            "(upsampling included), or pass `MultiMix(head='dotted.path')` naming that module."
+        )
+
+
+def position_logits(capture: Capture, path: str, where: Where, class_dim: int, labels: Tensor) -> Tensor:
+    """The per-position logits captured in a step, checked: the module ran once and they fit the labels."""
+    logits = tensor_at(capture.output, where) if capture.calls == 1 else None
+    if not isinstance(logits, Tensor) or class_dim not in class_dims(tuple(logits.shape), tuple(labels.shape)):
+        got = tuple(logits.shape) if isinstance(logits, Tensor) else f"{capture.calls} call(s)"
+        raise MultiMixError(f"MultiMix: the per-position logits of {path!r} ({got}) do not fit this batch's labels "
+                            f"{tuple(labels.shape)}: keep (b, c, H, W) or (b, T, c) logits, from one call.")
+    return logits
 
 
 def check_found_head(chosen: str, source: Source, outputs: dict[str, Tensor], user_loss: Tensor, labels: Tensor,
                      ignore_index: Optional[int]) -> None:
     """A found head must explain the user's loss (``outputs``: the ``(b, c)`` output of every ``nn.Linear`` that ran):
     else an error that lists the candidates, unless the labels are out of range (the labels' check then says so)."""
-    if chosen not in outputs or explain_loss(user_loss, outputs[chosen], labels, ignore_index) is not None:
+    if chosen not in outputs or explain_ignoring(user_loss, outputs[chosen], labels, ignore_index)[0] is not None:
         return  # a head of the wrong shape: `head_tensors` says so
     fits = [path for path, logits in outputs.items()
             if logits.shape[-1] >= 2 and explain_loss(user_loss, logits, labels, ignore_index) is not None]
@@ -264,8 +303,12 @@ class HeadPlan:
     feature_spec: Optional[tuple[str, str]] = None
     logit_space: bool = False
     position_head: Optional[Callable[[Tensor], Tensor]] = None
+    positions: Optional[tuple[Where, int]] = None  #: labels per position: where the logits are, their class dim
 
     def describe(self) -> str:
+        if self.positions is not None:
+            return (f"MultiMix: labels per position ({'masks' if self.positions[1] == 1 else 'tags'}): mixing the "
+                    f"logits of {repr(self.head_path) if self.head_path else 'your forward'} at every position.")
         space = "logit space (exact for an affine head)" if self.logit_space else "embedding space"
         where = f", feature map from {self.feature_spec[0]!r}" if self.feature_spec else ""
         found = "" if self.source == "declared" else f" ({SOURCES[self.source]})"

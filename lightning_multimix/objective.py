@@ -13,6 +13,7 @@ from lightning_multimix.dense import attention_from_scores, class_scores, dense_
 from lightning_multimix.dense import factorised_dense_logit_loss, per_position, position_linear
 from lightning_multimix.interpolation import full_precision, interpolate, is_affine
 from lightning_multimix.options import DISTILL_TARGETS
+from lightning_multimix.positions import position_multimix_loss
 from lightning_multimix.targets import LOSSES, example_targets, mixed_targets, smooth_
 
 Head = Callable[[Tensor], Tensor]
@@ -63,23 +64,30 @@ def multimix_objective(weights: Tensor, labels: Tensor, *, logits: Optional[Tens
                        feature_map: Optional[Tensor] = None, attention: Literal["cam", "softmax", "uniform"] = "cam",
                        position_mask: Optional[Tensor] = None, affine_head: Optional[bool] = None,
                        teacher: Optional[TeacherOutputs] = None, label_smoothing: float = 0.0,
-                       loss: Literal["cross_entropy", "bce"] = "cross_entropy") -> Tensor:
+                       loss: Literal["cross_entropy", "bce"] = "cross_entropy",
+                       ignore_index: Optional[int] = None) -> Tensor:
     r"""The float32 MultiMix loss, ``mean_k L(g(Z lambda_k), Y lambda_k)`` over the columns of ``weights``.
 
     Pass ``logits`` ``(m, c)`` (logit space: exact for an affine head, cheapest), or ``head`` ``(N, d) -> (N, c)``
     with ``embeddings`` ``(m, d)`` or a dense ``feature_map`` ``(m, r, d)``; anything else raises ``ValueError``.
+    Labels per position, ``(m, P)`` integers with ``logits`` ``(m, c, P)``, are mixed at every position
+    (:func:`~lightning_multimix.positions.position_multimix_loss`: cross-entropy only, ``ignore_index`` positions
+    left out).
 
     Args:
         weights: ``(m, n)``, columns on the simplex; left-out examples (ignore index) have zero rows (``keep``).
         labels: ``(m,)`` integer labels in ``[0, c)`` (a left-out row, weight zero, may hold any label; the range is
-            not checked here, that would synchronise: a label out of range reads a class in range), or ``(m, c)``
-            floating targets (probabilities for the cross-entropy, values in ``[0, 1]`` for the BCE).
+            not checked here, that would synchronise: a label out of range reads a class in range), ``(m, c)``
+            floating targets (probabilities for the cross-entropy, values in ``[0, 1]`` for the BCE), or ``(m, P)``
+            integer labels per position.
         loss: ``"cross_entropy"`` (soft-target cross-entropy) or ``"bce"`` (``binary_cross_entropy_with_logits``,
             mean over examples and classes); both are affine in the targets, so mixing them is exact.
         attention: dense: ``"cam"``, ``"softmax"`` or ``"uniform"`` of own-label scores (``F_ij . W[y_i]`` or logit).
         position_mask: dense: ``(m, r)``, false at padding: never mixed; mixed positions of padding only leave the loss.
         affine_head: dense: interpolate per-position logits; ``None``: when the head is an ``nn.Linear``.
         teacher: self-distillation targets (:class:`TeacherOutputs`).
+        ignore_index: labels per position: the label of positions left out (for ``(m,)`` labels, a zero row of
+            ``weights`` leaves an example out).
 
     Example:
         >>> head, z, y = torch.nn.Linear(4, 3), torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
@@ -90,6 +98,12 @@ def multimix_objective(weights: Tensor, labels: Tensor, *, logits: Optional[Tens
     """
     if weights.ndim != 2:
         raise ValueError(f"multimix_objective: `weights` must be (m, n), got {tuple(weights.shape)}.")
+    if not labels.is_floating_point() and labels.ndim == 2:
+        return _position_objective(weights, labels, logits, embeddings, feature_map, teacher, label_smoothing, loss,
+                                   ignore_index)
+    if ignore_index is not None:
+        raise ValueError("multimix_objective: `ignore_index` applies to labels per position; leave an example out "
+                         "with a zero row of `weights`.")
     if labels.ndim != 1 + labels.is_floating_point() or labels.shape[0] != weights.shape[0]:
         raise ValueError(f"multimix_objective: `labels` must be ({weights.shape[0]},) integers or ({weights.shape[0]}, "
                          f"c) floating targets, one per row of `weights`, got {labels.dtype} {tuple(labels.shape)}.")
@@ -151,17 +165,19 @@ def mixup_objective(logits: Tensor, labels: Tensor, lam: Tensor, partner: Tensor
                     loss: Literal["cross_entropy", "bce"] = "cross_entropy") -> Tensor:
     r"""Input-mixup loss of the ``(b, c)`` logits of ``lam x + (1 - lam) x[partner]``: ``lam L(logits, labels) +
     (1 - lam) L(logits, labels[partner])``. With class indices and the cross-entropy each term is ``F.cross_entropy``
-    (which leaves out ``ignore_index``; a batch with every label ignored has no loss: NaN, as there); with ``(b, c)``
-    targets or ``loss="bce"`` it is the loss of the lerped targets (the same: the loss is affine in them).
-    ``teacher``: its logits on the same inputs.
+    (which leaves out ``ignore_index``; a batch with every label ignored has no loss: NaN, as there), also per
+    position (``(b, c, P)`` logits, ``(b, P)`` labels); with ``(b, c)`` targets or ``loss="bce"`` it is the loss of
+    the lerped targets (the same: the loss is affine in them). ``teacher``: its logits on the same inputs.
 
     Example:
         >>> logits, labels = torch.zeros(2, 2), torch.tensor([0, 1])
         >>> mixup_objective(logits, labels, torch.tensor(0.3), torch.tensor([1, 0]))  # uniform prediction: log 2
         tensor(0.6931)
     """
-    if logits.ndim != 2:
-        raise ValueError(f"mixup_objective: `logits` must be (b, c), got {tuple(logits.shape)}.")
+    per_position = not labels.is_floating_point() and labels.ndim == 2 and logits.ndim == 3
+    if logits.ndim != 2 and not (per_position and teacher is None and loss == "cross_entropy"):
+        raise ValueError(f"mixup_objective: `logits` must be (b, c), or (b, c, P) with labels (b, P) per position "
+                         f"(cross-entropy, no teacher), got {tuple(logits.shape)}.")
     _check_rows("logits", logits, labels)
     binary = loss == "bce"
     if binary or labels.is_floating_point():
@@ -171,7 +187,7 @@ def mixup_objective(logits: Tensor, labels: Tensor, lam: Tensor, partner: Tensor
         loss_fn = F.binary_cross_entropy_with_logits if binary else F.cross_entropy
         result = loss_fn(logits.float(), mixed)
     else:
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        log_probs = torch.log_softmax(logits.float(), dim=1)
         labels = labels.long()
 
         def cross_entropy(targets: Tensor) -> Tensor:  # F.cross_entropy's, from the shared log-probabilities
@@ -186,6 +202,21 @@ def mixup_objective(logits: Tensor, labels: Tensor, lam: Tensor, partner: Tensor
         taught = smooth_(teacher.probs(binary=binary), label_smoothing, logits.shape[-1])
         result = torch.lerp(result, loss_fn(logits.float(), taught), teacher.weight)
     return result
+
+
+def _position_objective(weights: Tensor, labels: Tensor, logits: Optional[Tensor], embeddings: Optional[Tensor],
+                        feature_map: Optional[Tensor], teacher: Optional[TeacherOutputs], label_smoothing: float,
+                        loss: str, ignore_index: Optional[int]) -> Tensor:
+    if logits is None or embeddings is not None or feature_map is not None or teacher is not None or loss != \
+            "cross_entropy":
+        raise ValueError("multimix_objective: labels per position take `logits` (m, c, P) and the cross-entropy, "
+                         "without `embeddings`, `feature_map` or `teacher`.")
+    if logits.ndim != 3 or labels.shape != (logits.shape[0], logits.shape[2]) or weights.shape[0] != labels.shape[0]:
+        raise ValueError(f"multimix_objective: labels per position {tuple(labels.shape)} need logits (m, c, P) and "
+                         f"weights (m, n) of the same m and P, got {tuple(logits.shape)} and {tuple(weights.shape)}.")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"multimix_objective: expected `label_smoothing` in [0, 1), got {label_smoothing!r}.")
+    return position_multimix_loss(logits, labels, weights, ignore_index, label_smoothing)
 
 
 def _dense_objective(weights: Tensor, labels: Tensor, features: Tensor, head: Head, attention: str,

@@ -12,13 +12,20 @@ import inspect
 import math
 import textwrap
 import typing
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, ClassVar, Literal, Optional
+
+from lightning_multimix.errors import MultiMixError
 
 ATTENTION_KINDS = ("cam", "softmax", "uniform")
 DISTILL_TARGETS = ("probs", "logits")
 MODES = ("multimix", "pairs")
 OTHER_BATCHES = ("input_mixup", "pairs", "own_loss")
 LOGIT_SPACES = ("auto", "always", "never")
+#: The settings that differ by target type, where not set (``MultiMixOptions.given``): labels per position take fewer
+#: interpolations (each costs a batch of per-position logits: ``benchmarks/position_memory.py``); multi-hot targets
+#: mix pairs, mostly one of the two (a whole batch's mixed multi-hot targets are near its label frequencies:
+#: ``benchmarks/sweep.py --task multilabel``). Single labels and probabilities keep the paper's settings.
+TYPE_DEFAULTS: dict[str, dict[str, Any]] = {"positions": {"n_tuples": 64}, "multi_hot": {"tuple_size": 2, "alpha": 0.2}}
 
 
 def option(default: Any, doc: str, valid: Callable[[Any], bool], expected: str) -> Any:
@@ -122,19 +129,25 @@ class SelfDistillation:
 class MultiMixOptions:
     """The options of :class:`~lightning_multimix.MultiMix`, checked, with the defaults left ``None`` filled in.
 
-    A ``None`` default means "not set": an option that does not apply is an error only when it was set."""
+    A ``None`` default means "not set": an option that does not apply is an error only when it was set; ``given``
+    holds the names of those set."""
+
+    given: ClassVar[frozenset] = frozenset()
 
     n_tuples: Optional[int] = option(
-        None, "`n`, interpolated examples per batch; `None`: 1000. Not with `mode='pairs'` (`n = b`)",
+        None, "`n`, interpolated examples per batch; `None`: 1000 (64 for labels per position). Not with "
+        "`mode='pairs'` (`n = b`)",
         _or_none(_int(1)), "the number of interpolated examples per batch, e.g. 1000")
-    alpha: float = option(1.0, "concentration of the Dirichlet (`multimix`) or Beta (`pairs`) distribution; 1 is "
-                          "uniform on the simplex", _real(0.0, open_low=True), "a finite value > 0, e.g. alpha=1.0")
+    alpha: Optional[float] = option(
+        None, "concentration of the Dirichlet (`multimix`) or Beta (`pairs`) distribution; `None`: 1, uniform on the "
+        "simplex (0.2 for multi-hot targets)", _or_none(_real(0.0, open_low=True)), "a finite value > 0, e.g. 1.0")
     mode: Literal["multimix", "pairs"] = option(
         "multimix", "`multimix`, or `pairs`: last-layer Manifold Mixup (one `lambda ~ Beta(alpha, alpha)` per batch, "
         "partners by a random permutation), the baseline", _one_of(MODES), f"one of {MODES}")
     tuple_size: Optional[int] = option(
-        None, "`m`, examples combined by each interpolation (a random subset per tuple); `None`: the whole batch. "
-        "Not with `mode='pairs'`", _or_none(_int(2)), "None (the whole batch) or an int >= 2")
+        None, "`m`, examples combined by each interpolation (a random subset per tuple); `None`: the whole batch (2 "
+        "for multi-hot targets; the batch size or more: the whole batch). Not with `mode='pairs'`", _or_none(_int(2)),
+        "None or an int >= 2")
     probability: float = option(0.5, "chance that a batch is mixed by `mode` at the last layer (the paper's 0.5); the "
                                 "others go as `other_batches`", _real(0.0, 1.0), "a probability in [0, 1]")
     other_batches: Optional[Literal["input_mixup", "pairs", "own_loss"]] = option(
@@ -151,9 +164,10 @@ class MultiMixOptions:
     label_smoothing: float = option(0.0, "label smoothing of the interpolated targets; `0`: what your loss uses",
                                     _real(0.0, 1.0, open_high=True), "a value in [0, 1)")
     ignore_index: Optional[int] = option(
-        -100, "examples with this label are left out of the mixing, as your cross-entropy ignores them; `None`: "
-        "every label must be a class", lambda v: v is None or (_int(-2**63)(v) and v < 0),
-        "None or a negative int (a label no class has), e.g. -100")
+        -100, "examples (positions, for labels per position) with this label are left out of the mixing, as your "
+        "cross-entropy ignores them; at the default, a single other label your loss ignores (such as 255) is read "
+        "from it; `None`: every label must be a class", _or_none(_int(-2**63)),
+        "None or an int no class has, e.g. -100 or 255")
     head: Optional[str] = option(
         None, "dotted path of the classifier head (`'model.fc'`); `None`: `MultiMixMixin.multimix_head()`, a timm "
         "model's `get_classifier()`, else found on the first batch", _path, "None or a dotted path")
@@ -180,13 +194,44 @@ class MultiMixOptions:
     def __post_init__(self) -> None:
         _check_fields(self)
         self._check_combinations()
+        given = frozenset(f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None)
+        object.__setattr__(self, "given", given)
         fill = {"n_tuples": 1000 if self.mode == "multimix" else None, "other_batches": "input_mixup",
-                "mixup_alpha": 1.0}
+                "mixup_alpha": 1.0, "alpha": 1.0}
         for name, value in fill.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
         for name in ("alpha", "probability", "mixup_alpha", "clean_loss_weight", "label_smoothing"):
             object.__setattr__(self, name, float(getattr(self, name)))
+
+    def for_targets(self, kind: str) -> dict[str, Any]:
+        """``n_tuples``, ``alpha`` and ``tuple_size`` in force for targets of ``kind`` (:data:`TYPE_DEFAULTS`'s keys, or
+        ``"labels"``): the type's defaults where not set, in ``mode="multimix"``."""
+        chosen = {name: getattr(self, name) for name in ("n_tuples", "alpha", "tuple_size")}
+        if self.mode == "multimix":
+            chosen.update((k, v) for k, v in TYPE_DEFAULTS.get(kind, {}).items() if k not in self.given)
+        return chosen
+
+    def type_defaults_note(self, kind: str) -> list[str]:
+        """What to say once when targets of ``kind`` change settings that were not set (:meth:`for_targets`)."""
+        chosen = self.for_targets(kind)
+        changed = [f"{name}={chosen[name]}" for name in TYPE_DEFAULTS.get(kind, {})
+                   if chosen[name] != getattr(self, name)]
+        what = {"positions": "labels per position", "multi_hot": "multi-hot targets"}.get(kind)
+        return [f"MultiMix: {', '.join(changed)}, the defaults for {what}; set them to change."] if changed else []
+
+    def check_per_position(self) -> None:
+        """Labels per position are mixed in logit space, without dense mode or a teacher: other options are errors."""
+        wrong = [(f"dense={self.dense!r}", "it mixes every position already") if self.dense is not None else None,
+                 (f"distill={self.distill!r}", "a teacher's per-position predictions are not carried") if
+                 self.distill is not None else None,
+                 ("logit_space='never'", "the per-position logits your loss reads are mixed") if
+                 self.logit_space == "never" else None]
+        wrong = [w for w in wrong if w is not None]
+        if wrong:
+            raise MultiMixError("MultiMix read labels per position (segmentation masks, token tags), which it mixes at "
+                                "every position in logit space; these options do not apply: "
+                                f"{'; '.join(f'`{o}` ({why})' for o, why in wrong)}. Remove them.")
 
     def _check_combinations(self) -> None:
         """Options that do not apply to the others are errors (only when set: ``None`` is "not set")."""

@@ -18,14 +18,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_multimix.batch import InputMixer, default_labels, default_mix_inputs
-from lightning_multimix.capture import CallOrder, StepCapture
+from lightning_multimix.capture import CallOrder, Capture, StepCapture
 from lightning_multimix.errors import MultiMixError
-from lightning_multimix.head import HeadPlan, HeadProbe, check_found_head, declared, head_plan
-from lightning_multimix.head import head_tensors, runnable_head
+from lightning_multimix.head import HeadPlan, HeadProbe, LogitsProbe, check_found_head, declared, head_plan
+from lightning_multimix.head import head_tensors, position_logits, runnable_head
 from lightning_multimix.objective import TeacherOutputs, mixup_objective, multimix_objective
 from lightning_multimix.options import MultiMixOptions
 from lightning_multimix.sampling import RandomStream
-from lightning_multimix.targets import Targets, read_targets, target_tensor
+from lightning_multimix.targets import Targets, flat_positions, per_position, read_targets, target_tensor
 from lightning_multimix.teacher import Distiller, check_teacher_entry
 
 if TYPE_CHECKING:
@@ -124,7 +124,10 @@ class TrainingStep:
             else:
                 kwargs = {**kwargs, "batch": mixed}
         probe = None
-        if self.capture is None:
+        if per_position(labels) and (self.plan is None or self.plan.positions is None):
+            options.check_per_position()
+            probe = LogitsProbe(module, None if self.plan is None else (self.plan.head_path,))
+        elif self.capture is None:
             dense = options.dense
             named_map = declared(module, dense.feature_map, "multimix_feature_map") if dense is not None else None
             probe = HeadProbe(module, dense=dense is not None, feature_maps=(named_map,) if named_map else ())
@@ -144,7 +147,10 @@ class TrainingStep:
             if not isinstance(user_loss, Tensor):
                 raise MultiMixError(f"`training_step` returned {type(output).__name__}; MultiMix needs a loss tensor "
                                     "or a dict with 'loss'.")
-            capture = self._adopt(probe, user_loss, labels) if probe is not None else self.capture
+            if isinstance(probe, LogitsProbe):
+                capture = self._adopt_positions(probe, user_loss, labels)
+            else:
+                capture = self._adopt(probe, user_loss, labels) if probe is not None else self.capture
             loss, unexpected = self._loss(kind, capture, labels, mixer, user_loss,
                                           order if isinstance(order, CallOrder) else None)
         finally:
@@ -170,10 +176,50 @@ class TrainingStep:
         head, features, inputs = probe.recorded(self.plan.head_path, spec[0] if spec is not None else None)
         return StepCapture(self.plan.head_path, head, spec, features, inputs)
 
+    def _adopt_positions(self, probe: LogitsProbe, user_loss: Tensor, labels: Tensor) -> StepCapture:
+        """First batch of labels per position: the module whose output holds the logits the user's loss reads
+        (declared, or the innermost that explains the loss); this batch's tensors come from the probe."""
+        path, where, class_dim = probe.choose(user_loss, labels, self.options.ignore_index)
+        source = self.plan.source if self.plan is not None else "read"
+        self.plan = HeadPlan(path, source, logit_space=True, positions=(where, class_dim))
+        self.remove()
+        self.capture = StepCapture(path, Capture(self.module.get_submodule(path)))
+        return StepCapture(path, probe.modules[path])
+
+    def _position_loss(self, kind: str, capture: StepCapture, labels: Tensor, mixer: Optional[InputMixer],
+                       user_loss: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """The objective of a batch of labels per position, and the labels neither a class nor ignored."""
+        where, class_dim = self.plan.positions
+        raw = position_logits(capture.head, capture.head_path, where, class_dim, labels)
+        labels = _on(labels, raw.device)
+        if self.targets is None:
+            self.targets, notes = read_targets(user_loss, raw, labels, self.options.ignore_index,
+                                               self.options.label_smoothing, self.plan.head_path, class_dim)
+            for note in [*notes, *self.options.type_defaults_note(self.targets.kind)]:
+                rank_zero_info(note)
+        targets = self.targets
+        logits, flat = local = flat_positions(raw, labels, class_dim)
+        ignore = targets.ignore_index
+        if mixer is not None:
+            loss = mixup_objective(logits, flat, *mixer.draw, ignore_index=ignore if ignore is not None else -100,
+                                   label_smoothing=targets.label_smoothing)
+        else:
+            if self.gathering:
+                logits, flat = (self.module.all_gather(t, sync_grads=True).flatten(0, 1) for t in (logits, flat))
+            weights = self.sample_weights(flat.shape[0], kind, self.generator, None)
+            loss = multimix_objective(weights, flat, logits=logits, label_smoothing=targets.label_smoothing,
+                                      ignore_index=ignore)
+            if self.options.clean_loss_weight > 0:
+                loss = loss + self.options.clean_loss_weight * user_loss.float()
+        other_terms = targets.other_terms(user_loss, *local)
+        return (loss + other_terms if other_terms is not None else loss), targets.outside(flat)
+
     def _loss(self, kind: str, capture: StepCapture, labels: Tensor, mixer: Optional[InputMixer], user_loss: Tensor,
               order: Optional[CallOrder]) -> tuple[Tensor, Optional[Tensor]]:
         """The objective of the batch, and its labels that are neither a class nor ignored (``None``: not counted)."""
         options, plan = self.options, self.plan
+        if plan.positions is not None:
+            return self._position_loss(kind, capture, labels, mixer, user_loss)
         embeddings, logits = head_tensors(capture.head, capture.head_path)
         if embeddings.shape[0] != labels.shape[0]:
             raise MultiMixError(f"The head {capture.head_path!r} ran on {embeddings.shape[0]} embeddings but the "
@@ -182,7 +228,7 @@ class TrainingStep:
         if self.targets is None:
             self.targets, notes = read_targets(user_loss, logits, labels, options.ignore_index,
                                                options.label_smoothing, plan.head_path)
-            for note in notes:
+            for note in [*notes, *options.type_defaults_note(self.targets.kind)]:
                 rank_zero_info(note)
         targets = self.targets
         dense_now = options.dense is not None and kind == options.mode

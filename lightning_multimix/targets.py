@@ -1,6 +1,8 @@
 """What a fit's targets are, decided once on the first batch, and the rules that build them (torch only).
 
-Targets are ``(b,)`` integer class indices or ``(b, c)`` floating targets (probabilities, multi-hot).
+Targets are ``(b,)`` integer class indices, ``(b, c)`` floating targets (probabilities, multi-hot), or integer labels
+per position (``(b, H, W)`` masks for ``(b, c, H, W)`` logits, ``(b, T)`` tags for ``(b, T, c)``: cross-entropy
+only, read flattened to ``(b, P)`` against ``(b, c, P)`` logits).
 :func:`read_targets` reads them and the user's loss ``U`` into :class:`Targets`, which flows down to the objective.
 ``U`` is explained when ``dU/dlogits`` equals the gradient of one of the losses MultiMix carries (:data:`LOSSES`:
 ``F.cross_entropy`` with class indices or probabilities, ``F.binary_cross_entropy_with_logits`` with the targets or
@@ -28,19 +30,21 @@ _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint
 
 
 def target_tensor(labels: Any) -> Tensor:
-    """``labels`` if they are ``(b,)`` integer class indices or ``(b, c)`` floating targets, else
+    """``labels`` if they are integer class indices, ``(b,)`` or per position, or ``(b, c)`` floating targets, else
     :class:`MultiMixError` naming what they are and the fix."""
-    if isinstance(labels, Tensor) and ((labels.ndim == 1 and labels.dtype in _INTEGER_DTYPES)
+    if isinstance(labels, Tensor) and ((labels.ndim >= 1 and labels.dtype in _INTEGER_DTYPES)
                                        or (labels.ndim == 2 and labels.is_floating_point())):
         return labels
     what = f"dtype {labels.dtype} and shape {tuple(labels.shape)}" if isinstance(labels, Tensor) else \
         type(labels).__name__
-    if isinstance(labels, Tensor) and labels.dtype in _INTEGER_DTYPES and labels.ndim > 1:
-        raise MultiMixError(f"MultiMix read integer labels of {what}: labels per position (segmentation masks, token "
-                            "tags) are not supported; it mixes (b,) class indices or (b, c) floating targets. Return "
-                            "one of those from `MultiMixMixin.multimix_labels(batch)`.")
-    raise MultiMixError(f"MultiMix needs (b,) integer class labels or (b, c) floating targets (probabilities or "
-                        f"multi-hot), got {what}. Return them from `MultiMixMixin.multimix_labels(batch)`.")
+    raise MultiMixError(f"MultiMix needs (b,) integer class labels, (b, c) floating targets (probabilities or "
+                        f"multi-hot) or integer labels per position ((b, H, W) masks, (b, T) tags), got {what}. "
+                        "Return them from `MultiMixMixin.multimix_labels(batch)`.")
+
+
+def per_position(labels: Tensor) -> bool:
+    """Whether ``labels`` are integer labels per position (more than one per example)."""
+    return not labels.is_floating_point() and labels.ndim > 1
 
 
 def outside_classes(labels: Tensor, num_classes: int, keep: Optional[Tensor] = None) -> Tensor:
@@ -50,7 +54,7 @@ def outside_classes(labels: Tensor, num_classes: int, keep: Optional[Tensor] = N
 
 
 def kept(labels: Tensor, ignore_index: Optional[int]) -> Optional[Tensor]:
-    """``(b,)`` booleans, the examples that may be mixed (label not ``ignore_index``); ``None``: every one."""
+    """Booleans of ``labels``' shape, the labels that are not ``ignore_index``; ``None``: every one."""
     return labels != ignore_index if ignore_index is not None else None
 
 
@@ -94,25 +98,37 @@ class LossFit:
     kind: str = "cross_entropy"  #: one of :data:`LOSSES`
 
 
-def explain_loss(user_loss: Tensor, logits: Tensor, labels: Tensor, ignore_index: Optional[int]) -> Optional[LossFit]:
-    """The :class:`LossFit` of ``user_loss`` on ``logits`` (``(b, c)``, in the graph of ``user_loss``), or ``None``
-    when the loss is not one of :data:`LOSSES` of these logits and labels plus terms that do not involve them."""
-    soft = labels.is_floating_point()
+def flat_positions(logits: Tensor, labels: Tensor, class_dim: int = -1) -> tuple[Tensor, Tensor]:
+    """Labels per position and their logits as ``(b, P)`` and ``(b, c, P)`` (the classes at ``class_dim``); other
+    labels and logits as they are."""
+    if not per_position(labels):
+        return logits, labels
+    return logits.movedim(class_dim, 1).flatten(2), labels.flatten(1)
+
+
+def explain_loss(user_loss: Tensor, logits: Tensor, labels: Tensor, ignore_index: Optional[int],
+                 class_dim: int = -1) -> Optional[LossFit]:
+    """The :class:`LossFit` of ``user_loss`` on ``logits`` (``(b, c)``, or per position with the classes at
+    ``class_dim``; in the graph of ``user_loss``), or ``None`` when the loss is not one of :data:`LOSSES` (per
+    position: the cross-entropy) of these logits and labels plus terms that do not involve them."""
+    soft, raw = labels.is_floating_point(), logits
+    logits, labels = flat_positions(logits, labels, class_dim)
     valid = kept(labels, ignore_index) if not soft else None
     valid = valid if valid is not None else torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
     wrong = (labels.shape != logits.shape or bool((labels.clamp(0, 1) != labels).any())) if soft else \
-        bool(outside_classes(labels, logits.shape[-1], valid).any())
+        bool(outside_classes(labels, logits.shape[1], valid).any())
     if not (user_loss.requires_grad and logits.requires_grad) or not bool(valid.any()) or wrong:
         return None
-    (found,) = torch.autograd.grad(user_loss, logits, retain_graph=True, allow_unused=True)
+    kinds = ("cross_entropy",) if per_position(labels) else LOSSES
+    (found,) = torch.autograd.grad(user_loss, raw, retain_graph=True, allow_unused=True)
     if found is None:  # not in the graph of the loss (a compiled forward returns another tensor): compare values
-        for kind in LOSSES:
+        for kind in kinds:
             plain = float(plain_loss(logits.detach(), labels, kind, ignore_index))
             if abs(float(user_loss.detach()) - plain) <= 1e-4 * max(1.0, abs(plain)):
                 return LossFit(0.0, False, kind)
         return None
-    found = found.float()
-    for kind in LOSSES:  # each loss is affine in eps: its gradient is g_0 + eps (g_1 - g_0)
+    found = (found.movedim(class_dim, 1).flatten(2) if per_position(labels) else found).float()
+    for kind in kinds:  # each loss is affine in eps: its gradient is g_0 + eps (g_1 - g_0)
         with torch.enable_grad():
             probe = logits.detach().float().requires_grad_(True)
             g_plain, g_uniform = (torch.autograd.grad(plain_loss(probe, labels, kind, ignore_index, eps), probe)[0]
@@ -129,6 +145,24 @@ def explain_loss(user_loss: Tensor, logits: Tensor, labels: Tensor, ignore_index
     return None
 
 
+def explain_ignoring(user_loss: Tensor, logits: Tensor, labels: Tensor, ignore_index: Optional[int],
+                     class_dim: int = -1) -> tuple[Optional[LossFit], Optional[int]]:
+    """:func:`explain_loss`, and the ignore index it used: ``ignore_index``, or, where that is the default -100 and
+    the labels hold one value outside the classes (segmentation's 255), that value if the loss ignores it."""
+    num_classes = flat_positions(logits, labels, class_dim)[0].shape[1]
+    if ignore_index is not None and 0 <= ignore_index < num_classes:
+        raise MultiMixError(f"MultiMix(ignore_index={ignore_index}) is one of the {num_classes} classes of the logits: "
+                            "pass the label your loss ignores, one no class has (e.g. -100 or 255).")
+    fit = explain_loss(user_loss, logits, labels, ignore_index, class_dim)
+    if fit is not None or labels.is_floating_point() or ignore_index != -100:
+        return fit, ignore_index
+    others = torch.unique(labels[outside_classes(labels, num_classes, kept(labels, ignore_index))])
+    if others.numel() != 1:
+        return None, ignore_index
+    fit = explain_loss(user_loss, logits, labels, int(others), class_dim)
+    return (fit, int(others)) if fit is not None else (None, ignore_index)
+
+
 @dataclass(frozen=True)
 class Targets:
     """What a fit's targets are and how the user's loss uses them, read once by :func:`read_targets`."""
@@ -138,17 +172,27 @@ class Targets:
     label_smoothing: float  #: of the mixed targets: ``MultiMix(label_smoothing=...)``, else the user's loss's
     loss: LossFit  #: the user's loss, explained
     soft: bool = False  #: ``(b, c)`` floating targets, else ``(b,)`` class indices
+    positions: bool = False  #: integer labels per position, read as ``(b, P)``
+
+    @property
+    def kind(self) -> str:
+        """``"positions"``, ``"multi_hot"`` (``(b, c)`` targets of the BCE) or ``"labels"`` (the others): the key of
+        the type's default settings (:data:`~lightning_multimix.options.TYPE_DEFAULTS`)."""
+        return "positions" if self.positions else "multi_hot" if self.soft and self.loss.kind == "bce" else "labels"
 
     def keep(self, labels: Tensor) -> Optional[Tensor]:
-        """``(b,)`` booleans, the examples that may be mixed; ``None``: every one."""
-        return None if self.soft else kept(labels, self.ignore_index)
+        """``(b,)`` booleans, the examples that may be mixed; ``None``: every one (per position: the positions
+        ignored are left out by the loss)."""
+        return None if self.soft or self.positions else kept(labels, self.ignore_index)
 
     def outside(self, labels: Tensor, keep: Optional[Tensor] = None) -> Tensor:
-        """``(b,)`` booleans, the labels neither a class nor ignored, or the rows of soft targets that are not
-        targets of the loss (``keep``: :meth:`keep`'s, if at hand)."""
+        """Booleans of ``labels``' shape, the labels neither a class nor ignored, or the rows of soft targets that
+        are not targets of the loss (``keep``: :meth:`keep`'s, if at hand)."""
         if self.soft:
             return soft_outside(labels, self.loss.kind)
-        return outside_classes(labels, self.num_classes, keep if keep is not None else self.keep(labels))
+        if keep is None:
+            keep = kept(labels, self.ignore_index)
+        return outside_classes(labels, self.num_classes, keep)
 
     def error(self, where: str, head_path: Optional[str]) -> MultiMixError:
         """The error for :meth:`outside` labels found ``where``."""
@@ -168,20 +212,37 @@ class Targets:
 
 
 def read_targets(user_loss: Tensor, logits: Tensor, labels: Tensor, ignore_index: Optional[int],
-                 label_smoothing: float, head_path: str) -> tuple[Targets, list[str]]:
-    """On the first batch: :class:`Targets` from the labels and the user's loss, and what to say once in the log;
-    labels out of range, targets of another shape than the logits, or a loss MultiMix cannot carry, are errors saying
-    the fix."""
-    num_classes, soft = logits.shape[-1], labels.is_floating_point()
+                 label_smoothing: float, head_path: str, class_dim: int = -1) -> tuple[Targets, list[str]]:
+    """On the first batch: :class:`Targets` from the labels and the user's loss (``logits``: as captured, the classes
+    at ``class_dim``), and what to say once in the log; labels out of range, targets of another shape than the
+    logits, or a loss MultiMix cannot carry, are errors saying the fix. With the default ignore index, a single label
+    outside the classes that the user's loss ignores (segmentation's 255) becomes the ignore index."""
+    positions, soft = per_position(labels), labels.is_floating_point()
+    num_classes = flat_positions(logits, labels, class_dim)[0].shape[1]
     if soft and labels.shape[-1] != num_classes:
         raise MultiMixError(f"MultiMix read (b, c) targets of shape {tuple(labels.shape)}, but the head {head_path!r} "
                             f"gives {num_classes} outputs: one target per output is needed. Return matching targets "
                             "from `MultiMixMixin.multimix_labels(batch)`, or pass `MultiMix(head='dotted.path')`.")
-    fit = explain_loss(user_loss, logits, labels, ignore_index)
+    notes = []
+    fit, found_ignore = explain_ignoring(user_loss, logits, labels, ignore_index, class_dim)
+    if found_ignore != ignore_index:
+        ignore_index = found_ignore
+        notes.append(f"MultiMix: your loss ignores the label {ignore_index}; so does MultiMix (pass "
+                     f"`MultiMix(ignore_index={ignore_index})` to say so).")
     targets = Targets(num_classes, ignore_index, label_smoothing or (fit.label_smoothing if fit else 0.0),
-                      fit or LossFit(0.0, False, "bce" if soft else "cross_entropy"), soft)
+                      fit or LossFit(0.0, False, "bce" if soft else "cross_entropy"), soft, positions)
+    labels = flat_positions(logits, labels, class_dim)[1]
     if bool(targets.outside(labels).any()):
         raise targets.error("in the first training batch", head_path)
+    if fit is None and positions:
+        raise MultiMixError(
+            f"MultiMix: your training_step's loss is not the per-position cross-entropy of the logits of {head_path!r} "
+            "with the labels per position it read (plus terms that do not involve the logits). It carries "
+            "`F.cross_entropy(logits, labels, ignore_index=..., label_smoothing=...)`, mean over the kept positions, "
+            "and keeps your other terms, but it cannot carry a Dice or focal loss, class weights, or a sum instead of "
+            f"a mean. If your loss reads other labels or logits, {LABELS_HOW}, or pass `MultiMix(head='dotted.path')` "
+            "naming the module whose output your loss reads."
+        )
     if fit is None:
         raise MultiMixError(
             f"MultiMix: your training_step's loss is not one MultiMix can carry on the head {head_path!r}'s logits and "
@@ -194,8 +255,9 @@ def read_targets(user_loss: Tensor, logits: Tensor, labels: Tensor, ignore_index
     if fit.label_smoothing and label_smoothing and abs(fit.label_smoothing - label_smoothing) > 1e-3:
         raise MultiMixError(f"MultiMix(label_smoothing={label_smoothing}) but your loss smooths its labels by "
                             f"{fit.label_smoothing}: set one of them.")
-    notes = [f"MultiMix: your loss smooths its labels by {fit.label_smoothing}; the mixed targets are smoothed "
-             "alike."] if fit.label_smoothing and not label_smoothing else []
+    if fit.label_smoothing and not label_smoothing:
+        notes.append(f"MultiMix: your loss smooths its labels by {fit.label_smoothing}; the mixed targets are "
+                     "smoothed alike.")
     if fit.rest:
         notes.append("MultiMix: your loss adds terms to the loss of the head's logits (a regulariser, an auxiliary "
                      "task); they keep training: the loss optimised is the MultiMix loss plus your loss minus that "

@@ -122,7 +122,10 @@ class RecordingMultiMix(MultiMix):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        self.batches.append([t.detach().cpu().clone() for t in batch])
+        if isinstance(batch, dict):
+            self.batches.append({k: t.detach().cpu().clone() for k, t in batch.items()})
+        else:
+            self.batches.append([t.detach().cpu().clone() for t in batch])
 
     def sample_weights(self, num_examples: int, mode: str, generator: torch.Generator, keep=None) -> Tensor:
         device = generator.device

@@ -31,9 +31,11 @@ PUBLIC = {"lightning_multimix": {"MultiMix", "Dense", "SelfDistillation", "multi
                                  "TeacherOutputs"},
           "lightning_multimix.sampling": {"dirichlet_weights", "mixup_pairing", "pair_weights"},
           "lightning_multimix.interpolation": {"mix_with_partner"}, "lightning_multimix.batch": {"InputMixer"},
-          "lightning_multimix.teacher": {"Distiller"}}
-SWEEP_CONFIGS = ("default", "alpha=0.1", "alpha=0.5", "alpha=2", "tuple_size=2", "tuple_size=4", "tuple_size=8",
-                 "n_tuples=100", "n_tuples=10000", "probability=0.25", "probability=0.75", "probability=1")
+          "lightning_multimix.teacher": {"Distiller"},
+          "lightning_multimix.positions": {"chunk_size", "position_multimix_loss"}}
+SWEEP_CONFIGS = ("default", "alpha=0.1", "alpha=0.2", "alpha=0.5", "alpha=2", "tuple_size=2", "tuple_size=4",
+                 "tuple_size=8", "n_tuples=100", "n_tuples=10000", "probability=0.25", "probability=0.75",
+                 "probability=1", "tuple_size=2+alpha=0.2", "tuple_size=4+alpha=0.2")
 
 
 def _run(*args: str, timeout: int = 400) -> str:

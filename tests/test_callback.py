@@ -347,11 +347,12 @@ def test_labels_missing():
 
 
 @pytest.mark.parametrize("labels, match", [
-    (torch.rand(8), r"\(b,\) integer class labels or \(b, c\) floating targets.*float32 and shape \(4,\)"),
-    (torch.randint(0, NUM_CLASSES, (8, 5)), r"labels per position.*not supported"),
+    (torch.rand(8), r"\(b,\) integer class labels, \(b, c\) floating targets.*float32 and shape \(4,\)"),
+    (torch.randint(0, NUM_CLASSES, (8, 5)), r"labels per position of shape \(4, 5\).*Those of such shapes: none"),
 ])
 def test_labels_neither_class_indices_nor_targets_are_refused(labels, match):
-    """Float (b,) values (regression) and integer (b, T) labels (per position) are neither: an error, not a guess."""
+    """Float (b,) values (regression) are no targets; integer (b, T) labels are per position, and a model without
+    (b, T, c) or (b, c, T) logits has none to mix: errors, not guesses."""
     class Net(MLP):
         def training_step(self, batch, batch_idx):
             return self(batch[0]).sum()

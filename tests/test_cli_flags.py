@@ -34,7 +34,7 @@ def test_print_config_shows_every_argument_with_its_default(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "class_path: lightning_multimix.MultiMix" in out
-    for line in ("n_tuples: 500", "alpha: 1.0", "mode: multimix", "tuple_size: null", "probability: 0.5",
+    for line in ("n_tuples: 500", "alpha: null", "mode: multimix", "tuple_size: null", "probability: 0.5",
                  "other_batches: null", "mixup_alpha: null", "seed: null", "dense: null", "distill: null",
                  "sync_batch: false", "check_every_n_steps: 50"):
         assert f"      {line}\n" in out, line

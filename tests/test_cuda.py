@@ -75,3 +75,15 @@ def test_16_mixed_on_gpu_trains_with_a_float32_loss():
     trainer([Spy(n_tuples=64, seed=0)], accelerator="gpu", precision="16-mixed", max_steps=4).fit(
         TinyMLP(), loader(n=32, batch_size=8))
     assert all(loss.dtype == torch.float32 and torch.isfinite(loss) for loss in losses)
+
+
+def test_labels_per_position_make_no_host_device_synchronisation(no_sync_in_the_callback):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from test_positions import Segmenter, masks
+
+    images, labels = masks(n=48)
+    callback = MultiMix(seed=0, check_every_n_steps=1000, n_tuples=64)  # the protocol: both kinds of batch
+    trainer([callback], accelerator="gpu", max_steps=6, log_every_n_steps=1000).fit(
+        Segmenter(lr=0.1), DataLoader(TensorDataset(images, labels), batch_size=8))
+    assert len(no_sync_in_the_callback) == 5

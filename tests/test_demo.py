@@ -28,7 +28,7 @@ def tiny() -> tuple[ImageSet, ImageSet]:
 
 def test_method_contract() -> None:
     assert tuple(METHODS) == ("erm", "mixup", "cutmix", "switch", "pairs", "multimix", "multimix_every", "dense",
-                              "distill", "multimix_bce")  # multimix_bce: tests/test_multilabel_demo.py
+                              "distill", "multimix_bce", "multimix_bce_lr0.1")  # BCE: tests/test_multilabel_demo.py
     assert {m: METHODS[m].input_mix for m in METHODS if METHODS[m].input_mix} == {
         "mixup": "mixup", "cutmix": "cutmix", "switch": "mixup_cutmix"}
     assert DEFAULT_METHODS == ("erm", "mixup", "pairs", "multimix")  # the main job: the peers and the default
@@ -57,7 +57,7 @@ def test_regimes_are_the_documented_ones() -> None:
     assert not torch.equal(noisy.labels, REGIMES["noisy"].training_set(train, seed=1).labels)
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "multimix_bce"])
+@pytest.mark.parametrize("method", [m for m in METHODS if not m.startswith("multimix_bce")])
 def test_run_method_every_method(method: str, tiny: tuple[ImageSet, ImageSet]) -> None:
     train, test = tiny
     spec = METHODS[method].multimix

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lightning_multimix"
-CORE = ("sampling", "interpolation", "targets", "dense", "objective", "options", "errors")
+CORE = ("sampling", "interpolation", "targets", "dense", "positions", "objective", "options", "errors")
 LIBRARY = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
 
 

@@ -169,7 +169,7 @@ def test_demo_task_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
             cli.main([*args, "--out", str(tmp_path)])
         assert match in capsys.readouterr().err
     help_text = cli.build_parser().format_help()
-    assert "--task {classify,multilabel}" in help_text and "multilabel: Fashion-MNIST 2x2 composites" in help_text
+    assert "--task {classify,multilabel,segment}" in help_text and "multilabel: Fashion-MNIST 2x2 composites" in help_text
 
 
 @pytest.mark.slow

@@ -346,8 +346,8 @@ def test_ignore_index_none_makes_negative_labels_an_error():
     with pytest.raises(MultiMixError, match=r"labels outside \[0, 3\)"):
         trainer([MultiMix(n_tuples=8, ignore_index=None)], max_steps=1).fit(
             TinyMLP(), loader(n=4, labels=torch.tensor([0, -100, 2, 1])))
-    with pytest.raises(ValueError, match="ignore_index=3"):
-        MultiMix(ignore_index=3)
+    with pytest.raises(MultiMixError, match=r"ignore_index=2\) is one of the 3 classes"):  # a class: not ignorable
+        trainer([MultiMix(n_tuples=8, ignore_index=2)], max_steps=1).fit(TinyMLP(), loader(n=4))
 
 
 # ---------------------------------------------------------------------------------------------------- 8. dense, NaN

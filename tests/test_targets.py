@@ -237,3 +237,13 @@ def test_bad_targets_after_the_first_batch_are_counted_on_the_device():
     targets[9] = torch.tensor([0.5, 0.5, 0.5])  # batch 2: a row that is not a probability
     with pytest.raises(MultiMixError, match=r"do not sum to 1.* at a training batch from 1 to 3"):
         fit("probs", targets)
+
+
+def test_multi_hot_targets_mix_pairs_unless_told_otherwise(caplog):
+    callback, _ = fit("multi_hot", targets_for("multi_hot"))
+    assert all(((w > 0).sum(0) <= 2).all() for w in callback.weights)
+    assert "tuple_size=2, alpha=0.2, the defaults for multi-hot targets" in caplog.text
+    whole, _ = fit("multi_hot", targets_for("multi_hot"), tuple_size=4, alpha=1.0)  # set: batches of 4, whole
+    assert all(((w > 0).sum(0) == 4).all() for w in whole.weights)
+    single, _ = fit("one_hot_bce", targets_for("one_hot_bce"))  # single labels keep the paper's settings
+    assert all(((w > 0).sum(0) == 4).all() for w in single.weights)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import DIM, HIDDEN, NUM_CLASSES, TinyMLP, loader, tensors, trainer
+from helpers import DIM, HIDDEN, NUM_CLASSES, RecordingMultiMix, TinyMLP, loader, tensors, trainer
 from lightning_multimix import MultiMix, MultiMixError
 from lightning_multimix.targets import explain_loss
 
@@ -309,17 +309,20 @@ def test_a_dict_without_loss_says_the_fix():
         fit(DictStep(), MultiMix(n_tuples=8, seed=0))
 
 
-def test_negative_labels_with_the_users_own_ignore_index_name_the_option():
+def test_the_users_own_ignore_index_is_read_from_the_loss(caplog):
     class IgnoresMinusOne(TinyMLP):
         def training_step(self, batch, batch_idx):
             x, y = batch
             return F.cross_entropy(self(x), y, ignore_index=-1)
 
     labels = torch.tensor([0, 1, -1, 2] * 4)
-    with pytest.raises(MultiMixError, match=r"labels outside \[0, 3\).*MultiMix\(ignore_index=\.\.\.\)"):
-        trainer([MultiMix(n_tuples=8, seed=0)], max_steps=2).fit(IgnoresMinusOne(), loader(labels=labels))
-    model = IgnoresMinusOne()  # the fix works
-    trainer([MultiMix(n_tuples=8, seed=0, ignore_index=-1)], max_steps=2).fit(model, loader(labels=labels))
+    read, given = RecordingMultiMix(n_tuples=8, seed=0), RecordingMultiMix(n_tuples=8, seed=0, ignore_index=-1)
+    for callback in (read, given):
+        torch.manual_seed(0)
+        trainer([callback], max_steps=2).fit(IgnoresMinusOne(), loader(labels=labels))
+    assert "your loss ignores the label -1" in caplog.text
+    assert all((w[2::4] == 0).all() for w in read.weights)  # the ignored examples are left out of the mixing
+    torch.testing.assert_close(torch.stack(read.losses), torch.stack(given.losses))
 
 
 def test_the_learning_rate_finder_tries_the_mixed_loss_and_leaves_the_stream_as_it_was():

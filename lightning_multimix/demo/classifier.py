@@ -125,15 +125,7 @@ class ImageClassifier(L.LightningModule):
         super().__init__()
         _check(isinstance(num_classes, int) and num_classes >= 2, "num_classes", num_classes, "an int >= 2")
         _check(isinstance(in_channels, int) and in_channels >= 1, "in_channels", in_channels, "an int >= 1")
-        _check(math.isfinite(lr) and lr > 0, "lr", lr, "a finite value > 0, e.g. 0.1")
-        _check(0.0 <= momentum < 1.0, "momentum", momentum, "a value in [0, 1), e.g. 0.9")
-        _check(math.isfinite(weight_decay) and weight_decay >= 0, "weight_decay", weight_decay, "a value >= 0")
-        _check(not nesterov or momentum > 0, "nesterov", nesterov, "False when momentum=0 (Nesterov needs momentum)")
-        _check(schedule in SCHEDULES, "schedule", schedule, f"one of {SCHEDULES}")
-        if schedule == "step":
-            _check(bool(milestones) and all(isinstance(m, int) and m > 0 for m in milestones), "milestones",
-                   milestones, "a non-empty list of epochs > 0 for schedule='step', e.g. [500, 1000, 1500]")
-        _check(0.0 < gamma <= 1.0, "gamma", gamma, "a value in (0, 1]")
+        check_sgd("ImageClassifier", lr, momentum, weight_decay, nesterov, schedule, milestones, gamma)
         _check(input_mix is None or input_mix in INPUT_MIXES, "input_mix", input_mix, f"None or one of {INPUT_MIXES}")
         _check(math.isfinite(input_mix_alpha) and input_mix_alpha > 0, "input_mix_alpha", input_mix_alpha,
                "a value > 0")
@@ -267,19 +259,9 @@ class ImageClassifier(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum,
-                                    weight_decay=self.weight_decay, nesterov=self.nesterov)
-        if self.schedule == "constant":
-            return optimizer
-        if self.schedule == "step":
-            scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=self.milestones, gamma=self.gamma)
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total) or total < 1:
-            raise ValueError("ImageClassifier(schedule='cosine') anneals over the whole run: set "
-                             "Trainer(max_epochs=...) or Trainer(max_steps=...), or use schedule='constant'.")
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_sgd(self, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                             nesterov=self.nesterov, schedule=self.schedule, milestones=self.milestones,
+                             gamma=self.gamma)
 
 
 class MultiLabelClassifier(ImageClassifier):
@@ -335,6 +317,40 @@ def _build_input_mixer(kind: str, num_classes: int, alpha: float) -> Callable[[T
     return {"mixup": mixup, "cutmix": cutmix, "mixup_cutmix": v2.RandomChoice([mixup, cutmix])}[kind]
 
 
-def _check(ok: bool, name: str, value: Any, expected: str) -> None:
+def check_sgd(owner: str, lr: float, momentum: float, weight_decay: float, nesterov: bool, schedule: str,
+              milestones: Optional[list[int]], gamma: float) -> None:
+    """Raise ``ValueError`` naming ``owner`` and the first invalid argument of :func:`configure_sgd`'s recipe."""
+    _check(math.isfinite(lr) and lr > 0, "lr", lr, "a finite value > 0, e.g. 0.1", owner)
+    _check(0.0 <= momentum < 1.0, "momentum", momentum, "a value in [0, 1), e.g. 0.9", owner)
+    _check(math.isfinite(weight_decay) and weight_decay >= 0, "weight_decay", weight_decay, "a value >= 0", owner)
+    _check(not nesterov or momentum > 0, "nesterov", nesterov, "False when momentum=0 (Nesterov needs momentum)",
+           owner)
+    _check(schedule in SCHEDULES, "schedule", schedule, f"one of {SCHEDULES}", owner)
+    if schedule == "step":
+        _check(bool(milestones) and all(isinstance(m, int) and m > 0 for m in milestones), "milestones",
+               milestones, "a non-empty list of epochs > 0 for schedule='step', e.g. [500, 1000, 1500]", owner)
+    _check(0.0 < gamma <= 1.0, "gamma", gamma, "a value in (0, 1]", owner)
+
+
+def configure_sgd(module: L.LightningModule, *, lr: float, momentum: float, weight_decay: float, nesterov: bool,
+                  schedule: str, milestones: list[int], gamma: float) -> Any:
+    """``configure_optimizers``' answer for the demo's modules: SGD on all of ``module``'s parameters with
+    ``schedule`` (see :class:`ImageClassifier`; ``"cosine"`` spans the trainer's estimated steps)."""
+    optimizer = torch.optim.SGD(module.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                nesterov=nesterov)
+    if schedule == "constant":
+        return optimizer
+    if schedule == "step":
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+    total = module.trainer.estimated_stepping_batches
+    if not math.isfinite(total) or total < 1:
+        raise ValueError(f"{type(module).__name__}(schedule='cosine') anneals over the whole run: set "
+                         "Trainer(max_epochs=...) or Trainer(max_steps=...), or use schedule='constant'.")
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(total))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _check(ok: bool, name: str, value: Any, expected: str, owner: str = "ImageClassifier") -> None:
     if not ok:
-        raise ValueError(f"ImageClassifier: invalid `{name}={value!r}`; expected {expected}.")
+        raise ValueError(f"{owner}: invalid `{name}={value!r}`; expected {expected}.")

@@ -12,7 +12,10 @@ benchmark's 60-epoch version, ``--regime clean`` trains on all 10,000 images for
 ``--task multilabel`` trains the multi-label task of :mod:`lightning_multimix.demo.tasks` instead: Fashion-MNIST 2x2
 composites (56x56, each cell holding an item with probability 0.5, targets the multi-hot set of the classes present)
 with BCE, by ERM, input mixup and MultiMix in its ``noisy`` regime (about 5 minutes on one CPU thread), and reports
-macro mAP and F1.
+macro mAP and F1. ``--task segment`` trains the segmentation task: the same composites with a class per pixel (11
+classes, background included), a small fully convolutional network, by ERM, input mixup and MultiMix in its
+``low_data`` regime, reports the mean IoU and draws test images with their true and predicted masks
+(``segmentation.png``).
 """
 
 from __future__ import annotations
@@ -34,9 +37,9 @@ import torch
 
 from lightning_multimix.demo.data import DataFormatError, ImageSet, load_fashion_mnist
 from lightning_multimix.demo.report import format_table, prepare_output_dir, save_results
-from lightning_multimix.demo.tasks import MULTILABEL_REGIMES, TASKS, CompositeRegime, Task, load_composites
+from lightning_multimix.demo.tasks import MULTILABEL_REGIMES, SEGMENTATION_REGIMES, TASKS, CompositeRegime, Task
 from lightning_multimix.demo.training import (DEFAULT_METHODS, METHODS, MULTILABEL_OPTIMIZER, OPTIMIZER, REGIMES,
-                                              Regime, run_method)
+                                              SEGMENTATION_OPTIMIZER, Regime, run_method)
 
 #: The regime of a plain ``python -m lightning_multimix.demo``.
 DEFAULT_REGIME = "noisy_demo"
@@ -44,8 +47,12 @@ DEFAULT_REGIME = "noisy_demo"
 TEST_EVERY = 2
 #: ``--quick``: this many training / test images per class, and epochs.
 QUICK_TRAIN_PER_CLASS, QUICK_TEST_PER_CLASS, QUICK_EPOCHS = 200, 50, 2
-#: ``--quick --task multilabel``: this many training / test composites (and ``QUICK_EPOCHS``)
+#: ``--quick --task multilabel`` (and ``segment``): this many training / test composites (and ``QUICK_EPOCHS``)
 QUICK_TRAIN_COMPOSITES, QUICK_TEST_COMPOSITES = 256, 200
+#: each task's optimiser recipe, recorded in ``results.json``
+OPTIMIZERS = {"classify": OPTIMIZER, "multilabel": MULTILABEL_OPTIMIZER, "segment": SEGMENTATION_OPTIMIZER}
+#: ``--task segment``: test images drawn with their masks in ``segmentation.png``
+SEGMENTATION_PICTURES = 4
 
 
 @contextlib.contextmanager
@@ -82,12 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default); multilabel: Fashion-MNIST 2x2 composites (56x56, each cell holding an item "
                              "with probability 0.5), multi-hot targets, BCE, tested by mAP and F1 (methods "
                              f"{' '.join(TASKS['multilabel'].demo_methods)} in regime "
-                             f"{TASKS['multilabel'].demo_regime} by default)")
+                             f"{TASKS['multilabel'].demo_regime} by default); segment: the same composites with a "
+                             "class per pixel (11 with background), a small fully convolutional network, per-pixel "
+                             f"cross-entropy, tested by mIoU (methods {' '.join(TASKS['segment'].demo_methods)} in "
+                             f"regime {TASKS['segment'].demo_regime} by default)")
     regimes = "; ".join(f"{name}: {r.description}" for name, r in REGIMES.items())
     composites = "; ".join(f"{name}: {r.description}" for name, r in MULTILABEL_REGIMES.items())
-    parser.add_argument("--regime", choices=list(dict.fromkeys([*REGIMES, *MULTILABEL_REGIMES])), default=None,
+    masks = "; ".join(f"{name}: {r.description}" for name, r in SEGMENTATION_REGIMES.items())
+    parser.add_argument("--regime", choices=list(dict.fromkeys([*REGIMES, *MULTILABEL_REGIMES, *SEGMENTATION_REGIMES])),
+                        default=None,
                         help=f"how much data, how long, how noisy: {_escape(regimes)} (default {DEFAULT_REGIME}); "
-                             f"--task multilabel: {_escape(composites)} (default {TASKS['multilabel'].demo_regime})")
+                             f"--task multilabel: {_escape(composites)} (default {TASKS['multilabel'].demo_regime}); "
+                             f"--task segment: {_escape(masks)} (default {TASKS['segment'].demo_regime})")
     parser.add_argument("--label-noise", type=float, default=None,
                         help="fraction of training labels replaced by random ones (default: the regime's)")
     parser.add_argument("--train-per-class", type=int, default=None,
@@ -118,11 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _composite_regime(args: argparse.Namespace, parser: argparse.ArgumentParser) -> CompositeRegime:
-    """``--task multilabel``'s regime with the command line's overrides (``--quick``, ``--epochs``)."""
+    """``--task multilabel``'s or ``segment``'s regime with the command line's overrides (``--quick``, ``--epochs``)."""
     if args.label_noise is not None or args.train_per_class is not None:
-        parser.error("--label-noise and --train-per-class are for --task classify; the multilabel regimes fix their "
+        parser.error(f"--label-noise and --train-per-class are for --task classify; the {args.task} regimes fix their "
                      "composites and annotation noise (see --regime)")
-    base = MULTILABEL_REGIMES[args.regime]
+    base = TASKS[args.task].regimes[args.regime]
     epochs = args.epochs if args.epochs is not None else (QUICK_EPOCHS if args.quick else base.epochs)
     count = QUICK_TRAIN_COMPOSITES if args.quick else base.train_composites
     _check_numbers(args, parser, epochs, count)
@@ -180,13 +193,13 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
             train, test = load_fashion_mnist(args.data_dir)
             test = test.balanced_subset(QUICK_TEST_PER_CLASS) if args.quick else test
         else:
-            train, test = load_composites(args.data_dir)
+            train, test = task.load(args.data_dir, False)
             test = test.subset(range(QUICK_TEST_COMPOSITES)) if args.quick else test
         train = regime.training_set(train, seed=args.seed)
     except (OSError, DataFormatError, ValueError) as err:
         parser.error(str(err))
     needed = [("matplotlib", "the pictures")]
-    if any(METHODS[m].input_mix for m in methods):
+    if args.task != "segment" and any(METHODS[m].input_mix for m in methods):  # segmentation mixes on its own
         needed.append(("torchvision", "the input-mixing peers (--methods mixup/cutmix/switch)"))
     missing = [(package, why) for package, why in needed if importlib.util.find_spec(package) is None]
     if missing:
@@ -203,14 +216,14 @@ def _run(args: argparse.Namespace, task: Task, methods: list[str], regime: Any, 
     source = "the subset shipped in the package" if args.data_dir is None else f"'{args.data_dir}'"
     unit, metric = task.unit, task.metric
     print(f"{task.data} from {source}: {len(train)} training {unit} ({regime.description}), {len(test)} clean "
-          f"test {unit}, {train.num_classes} classes. SmallCNN, batch {args.batch_size}, seed {args.seed}, "
+          f"test {unit}, {train.num_classes} classes. {task.network}, batch {args.batch_size}, seed {args.seed}, "
           f"{torch.get_num_threads()} CPU thread(s).")
     options: dict[str, Any] = {"n_tuples": args.n_tuples} if args.n_tuples is not None else {}
     budget = args.max_minutes / len(methods) if args.max_minutes is not None else None
     results, started = [], time.perf_counter()
     for i, method in enumerate(methods, 1):
         spec = METHODS[method]
-        print(f"\n[{i}/{len(methods)}] {method}: {spec.description}", flush=True)
+        print(f"\n[{i}/{len(methods)}] {method}: {task.method_notes.get(method, spec.description)}", flush=True)
         result = run_method(method, train_data=train, test_data=test, epochs=regime.epochs, seed=args.seed,
                             batch_size=args.batch_size,
                             multimix_options=options if spec.multimix is not None else None, max_minutes=budget,
@@ -225,17 +238,20 @@ def _run(args: argparse.Namespace, task: Task, methods: list[str], regime: Any, 
         **{k: v for k, v in dataclasses.asdict(regime).items() if k not in ("description", "epochs", "test_every")},
         "multimix_options": options, "batch_size": args.batch_size,
         "seed": args.seed, "quick": args.quick, "max_minutes": args.max_minutes,
-        "optimizer": OPTIMIZER if args.task == "classify" else MULTILABEL_OPTIMIZER,
+        "optimizer": OPTIMIZERS[args.task],
         "data": {"source": source, "train": len(train), "test": len(test)},
         "total_seconds": total, "torch": torch.__version__, "lightning": L.__version__,
         "threads": torch.get_num_threads(), "python": platform.python_version(),
     }
     paths = save_results(results, out, config, task.columns)
-    from lightning_multimix.demo.plots import plot_curves, plot_embeddings
+    from lightning_multimix.demo.plots import plot_curves, plot_embeddings, plot_segmentations
 
-    curves = plot_curves(results, out / "curves.png", metric, f"test {task.metric_name}")
-    pictures = [curves, plot_embeddings(results, out / "embeddings.png", class_names=train.classes)] \
-        if args.task == "classify" else [curves]
+    pictures = [plot_curves(results, out / "curves.png", metric, f"test {task.metric_name}")]
+    if args.task == "classify":
+        pictures.append(plot_embeddings(results, out / "embeddings.png", class_names=train.classes))
+    if args.task == "segment":
+        pictures.append(plot_segmentations(results, test.images, test.masks, out / "segmentation.png", test.classes,
+                                           background=test.background, count=SEGMENTATION_PICTURES))
 
     print(f"\nResults on the clean test split ({len(test)} {unit}), after {total / 60:.1f} minutes of training and "
           "testing:\n")
@@ -245,6 +261,14 @@ def _run(args: argparse.Namespace, task: Task, methods: list[str], regime: Any, 
               "share of composites showing a class). best mAP: the best test mAP over epochs (picked on the test "
               "set: optimistic). test F1: macro F1 of the sigmoid outputs thresholded at 0.5. s/epoch: training "
               "seconds per epoch, evaluation excluded.")
+        print(f"\nWrote {', '.join(map(str, pictures))}, {paths['json']}, {paths['csv']} and {paths['table']}.")
+        return results
+    if args.task == "segment":
+        background = float((test.masks == test.background).float().mean()) / train.num_classes
+        print(f"\ntest mIoU: mean over the {train.num_classes} classes (background included) of the intersection over "
+              "union of the predicted and true pixels of the class, after the last epoch (background everywhere "
+              f"scores {background:.3f}). best mIoU: the best test mIoU over epochs (picked on the test set: "
+              "optimistic). s/epoch: training seconds per epoch, evaluation excluded.")
         print(f"\nWrote {', '.join(map(str, pictures))}, {paths['json']}, {paths['csv']} and {paths['table']}.")
         return results
     print("\ntest acc: top-1 accuracy after the last epoch. best acc: the best test accuracy over epochs (picked on "

@@ -1,12 +1,15 @@
-"""Reference networks: the demo's small CNN (28x28 grayscale) and PreActResNet-18 (32x32, the paper's CIFAR network).
+"""Reference networks: the demo's small CNN (28x28 grayscale), PreActResNet-18 (32x32, the paper's CIFAR network) and
+the small fully convolutional network of the segmentation task.
 
-Both end with a global average pooling (``pool``) and a linear classifier (``fc``), so MultiMix finds the head and,
-in dense mode, the feature map without help.
+The classifiers end with a global average pooling (``pool``) and a linear classifier (``fc``), so MultiMix finds the
+head and, in dense mode, the feature map without help. :class:`SmallFCN` ends with a 1x1 convolution
+(``classifier``) and returns per-pixel logits at the input's size.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -88,3 +91,34 @@ class PreActResNet18(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.embed(x))
+
+
+class SmallFCN(nn.Module):
+    """A small fully convolutional network for segmentation: per-pixel logits ``(b, num_classes, H, W)``.
+
+    Conv-BN-ReLU blocks: one at full resolution, one with stride 2, then three dilated (2, 4, 8) at half resolution
+    (a context module, Yu and Koltun, 2016), so that each output sees 61x61 input pixels, more than a 28x28 item of the
+    composites, at the cost of a few layers; then a 1x1 convolution to the classes (``classifier``), upsampled
+    bilinearly to the input's size in :meth:`forward`.
+
+    Example:
+        >>> SmallFCN(num_classes=11)(torch.zeros(2, 1, 56, 56)).shape
+        torch.Size([2, 11, 56, 56])
+    """
+
+    def __init__(self, num_classes: int = 11, in_channels: int = 1, width: int = 32) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False),
+                    nn.BatchNorm2d(cout), nn.ReLU()]
+
+        self.features = nn.Sequential(
+            *block(in_channels, width // 2), *block(width // 2, width, stride=2),
+            *block(width, width, dilation=2), *block(width, width, dilation=4), *block(width, width, dilation=8),
+        )
+        self.classifier = nn.Conv2d(width, num_classes, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.classifier(self.features(x))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)

@@ -1,4 +1,5 @@
-"""The demo's pictures: training curves per method, and a 2-D PCA of the test embeddings per method.
+"""The demo's pictures: training curves per method, a 2-D PCA of the test embeddings per method, and test images with
+their true and predicted masks (the segmentation task).
 
 Matplotlib is imported inside the plotting functions, which draw on a ``matplotlib.figure.Figure`` rendered by the
 Agg canvas, without pyplot: no window opens and no global backend is changed. Importing this module needs only torch
@@ -123,6 +124,60 @@ def plot_embeddings(results: Sequence[dict], path: Union[str, Path], class_names
     fig.legend(handles, labels_, loc="lower center", ncol=min(len(labels_), 10), markerscale=3, frameon=False)
     fig.suptitle("Test embeddings, L2-normalised, first two principal components")
     fig.tight_layout(rect=(0, 0.07, 1, 0.96))
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def mask_colors(num_classes: int, background: Optional[int] = None) -> list[tuple[float, float, float, float]]:
+    """A fixed colour per class of a mask: tab10's (tab20's beyond 10 classes) in class order, and black for the
+    ``background`` class, as the composites' empty pixels."""
+    cmap = _colormap("tab10" if num_classes - (background is not None) <= 10 else "tab20")
+    colors, item = [], 0
+    for c in range(num_classes):
+        if c == background:
+            colors.append((0.0, 0.0, 0.0, 1.0))
+        else:
+            colors.append(cmap(item % cmap.N))
+            item += 1
+    return colors
+
+
+def plot_segmentations(results: Sequence[dict], images: Tensor, masks: Tensor, path: Union[str, Path],
+                       class_names: Sequence[str], background: Optional[int] = None, count: int = 4) -> Path:
+    """One row per test image (the first ``count``): the image, its true mask, then each method's predicted mask, in
+    the colours of :func:`mask_colors` with a legend of ``class_names``.
+
+    ``images``: ``(N, C, H, W)`` raw test images (``uint8`` or floats), ``masks``: ``(N, H, W)`` true masks;
+    ``results``: :func:`lightning_multimix.demo.training.run_method` outputs for segmentation data (their
+    ``"method"``, ``"predictions"`` and ``"test_miou"``).
+    """
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    count = min(count, images.shape[0])
+    colors = mask_colors(len(class_names), background)
+    cmap = ListedColormap(colors)
+    columns = 2 + len(results)
+    fig = _figure(figsize=(2.2 * columns, 2.2 * count + 0.9))
+    axes = fig.subplots(count, columns, squeeze=False)
+    titles = ["image", "true mask", *(f"{r['method']} (mIoU {r['test_miou']:.3f})" for r in results)]
+    for row in range(count):
+        image = images[row].float()
+        shown = image[0] if image.shape[0] == 1 else image.permute(1, 2, 0) / image.max().clamp_min(1e-8)
+        panels = [masks[row], *(r["predictions"][row] for r in results)]
+        axes[row][0].imshow(shown, cmap="gray" if image.shape[0] == 1 else None)
+        for ax, mask in zip(axes[row][1:], panels):
+            ax.imshow(mask, cmap=cmap, vmin=0, vmax=len(class_names) - 1, interpolation="nearest")
+        for column, ax in enumerate(axes[row]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(titles[column], fontsize=8)
+    handles = [Patch(facecolor=color, edgecolor="grey", label=name) for name, color in zip(class_names, colors)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=7, frameon=False)
+    fig.suptitle("Test composites: true and predicted masks")
+    fig.tight_layout(rect=(0, 0.8 / (2.2 * count + 0.9), 1, 0.97), h_pad=2.0)
     path = Path(path)
     fig.savefig(path, dpi=110)
     return path

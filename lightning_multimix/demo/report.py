@@ -17,6 +17,9 @@ TABLE_COLUMNS = (("method", "method", "{}"), ("epochs", "epochs", "{:d}"), ("tes
 MULTILABEL_COLUMNS = (("method", "method", "{}"), ("epochs", "epochs", "{:d}"), ("test mAP", "test_map", "{:.4f}"),
                       ("best mAP", "best_map", "{:.4f}"), ("test F1", "test_f1", "{:.4f}"),
                       ("s/epoch", "sec_per_epoch", "{:.1f}"))
+#: the table of the segmentation task: mean IoU over the classes after the last and the best epoch
+SEGMENTATION_COLUMNS = (("method", "method", "{}"), ("epochs", "epochs", "{:d}"), ("test mIoU", "test_miou", "{:.4f}"),
+                        ("best mIoU", "best_miou", "{:.4f}"), ("s/epoch", "sec_per_epoch", "{:.1f}"))
 
 
 def format_table(results: Sequence[dict], columns: Sequence[tuple[str, str, str]] = TABLE_COLUMNS) -> str:
@@ -39,7 +42,7 @@ def format_table(results: Sequence[dict], columns: Sequence[tuple[str, str, str]
 def save_results(results: Sequence[dict], out: Path, config: dict,
                  columns: Sequence[tuple[str, str, str]] = TABLE_COLUMNS) -> dict[str, Path]:
     """Write ``results.json`` (config, per-method numbers and history), ``results.csv`` and ``table.md``."""
-    scalars = [{k: v for k, v in r.items() if k not in ("embeddings", "labels")} for r in results]
+    scalars = [{k: v for k, v in r.items() if k not in ("embeddings", "labels", "predictions")} for r in results]
     paths = {"json": out / "results.json", "csv": out / "results.csv", "table": out / "table.md"}
     paths["json"].write_text(json.dumps({"config": config, "results": scalars}, indent=2) + "\n")
     fields = [key for _, key, _ in columns] + ["best_epoch", "steps", "seed"]

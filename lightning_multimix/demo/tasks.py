@@ -24,6 +24,17 @@
 
   Time per ERM run on one CPU thread (AMD EPYC): training takes 2.6 s per epoch of 512 composites on an idle core, so
   about 1 to 2 minutes per run (the 60-epoch ERM run of ``plateau`` took 7 minutes on a busy machine).
+* ``segment``: semantic segmentation of the same composites (the same items in the same cells:
+  :func:`~lightning_multimix.demo.data.make_segmentation_composites`), each pixel labelled with its item's class where
+  the item's pixel is foreground (raw intensity above
+  :data:`~lightning_multimix.demo.data.FOREGROUND_THRESHOLD`) and background (class 10) elsewhere: 11 classes. A
+  small fully convolutional network (:class:`~lightning_multimix.demo.models.SmallFCN`, per-pixel logits at 56x56)
+  trained with per-pixel cross-entropy (:class:`~lightning_multimix.demo.segmentation.SegmentationModel`, with
+  :data:`~lightning_multimix.demo.training.SEGMENTATION_OPTIMIZER`), tested by the mean IoU over the 11 classes every
+  2 epochs. Methods: ``erm``, ``mixup`` (images lerped, one-hot masks lerped into per-pixel soft targets), ``cutmix``
+  (a box of image and mask pasted from the permuted batch), ``multimix`` (``MultiMix()``: the per-pixel logits mixed
+  over the whole batch, or input mixup, 50/50). Regimes (:data:`SEGMENTATION_REGIMES`): ``low_data`` (256
+  composites, 100 epochs) and ``plateau`` (1,024 composites, 50 epochs), each run a few minutes on one CPU thread.
 """
 
 from __future__ import annotations
@@ -31,16 +42,21 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
-from lightning_multimix.demo.data import MultiLabelSet, load_fashion_mnist, make_composites
-from lightning_multimix.demo.report import MULTILABEL_COLUMNS, TABLE_COLUMNS
+from lightning_multimix.demo.data import (MultiLabelSet, SegmentationSet, load_fashion_mnist, make_composites,
+                                          make_segmentation_composites)
+from lightning_multimix.demo.report import MULTILABEL_COLUMNS, SEGMENTATION_COLUMNS, TABLE_COLUMNS
 from lightning_multimix.demo.training import BENCHMARK_METHODS, BENCHMARK_REGIMES, DEFAULT_METHODS, METHODS, REGIMES
 
 #: the composites of the multi-label task: how many from each split, and the seed of the training ones (test: + 1)
 TRAIN_COMPOSITES, TEST_COMPOSITES, COMPOSITES_SEED = 4000, 500, 0
 #: the noisy regime's annotation noise: probability of dropping a present label, of adding an absent one
 NOISE = (0.3, 0.05)
+
+
+#: the composites of a task: multi-label targets, or masks
+Composites = Union[MultiLabelSet, SegmentationSet]
 
 
 @dataclass(frozen=True)
@@ -56,8 +72,9 @@ class CompositeRegime:
     add: float = 0.0
     test_every: int = 2
 
-    def training_set(self, pool: MultiLabelSet, seed: int) -> MultiLabelSet:
-        """The regime's training set from the training composites ``pool`` (the noise depends on ``seed``)."""
+    def training_set(self, pool: Composites, seed: int) -> Composites:
+        """The regime's training set from the training composites ``pool`` (the noise depends on ``seed``; the
+        segmentation composites have none)."""
         if self.train_composites > len(pool):
             raise ValueError(f"{self.description}: needs {self.train_composites} composites, {len(pool)} given.")
         data = pool.subset(range(self.train_composites))
@@ -91,6 +108,23 @@ def load_composites(data_dir: Optional[str] = None, quick: bool = False) -> tupl
     return pool, make_composites(test, 100 if quick else TEST_COMPOSITES, seed=COMPOSITES_SEED + 1)
 
 
+SEGMENTATION_REGIMES: dict[str, CompositeRegime] = {
+    "low_data": CompositeRegime("256 training composites, 100 epochs", epochs=100, train_composites=256),
+    # TODO: confirm the epochs by ERM's test mIoU curve (benchmarks/accuracy.py --task segment --regimes plateau
+    #  --methods erm --seeds 0 --epochs 80 --curves): 50 keeps a run to a few minutes, it is not a measured plateau
+    "plateau": CompositeRegime("1,024 training composites, 50 epochs", epochs=50, train_composites=1024),
+}
+
+
+def load_segmentation(data_dir: Optional[str] = None, quick: bool = False
+                      ) -> tuple[SegmentationSet, SegmentationSet]:
+    """``(training composites, test composites)`` with their masks: the composites of :func:`load_composites`, the
+    same items in the same cells; ``quick``: 260 and 100 of them."""
+    train, test = load_fashion_mnist(data_dir)
+    pool = make_segmentation_composites(train, 260 if quick else TRAIN_COMPOSITES, seed=COMPOSITES_SEED)
+    return pool, make_segmentation_composites(test, 100 if quick else TEST_COMPOSITES, seed=COMPOSITES_SEED + 1)
+
+
 def _load_images(data_dir: Optional[str] = None, quick: bool = False) -> tuple[Any, Any]:
     train, test = load_fashion_mnist(data_dir)
     return (train.balanced_subset(26), test.balanced_subset(20)) if quick else (train, test)
@@ -103,12 +137,14 @@ class Task:
     ``data``: what is trained, in words; ``unit``: one example, in words; ``regimes`` and ``methods``: the names it
     accepts (``methods`` in :data:`~lightning_multimix.demo.training.METHODS`); ``benchmark_*`` and ``demo_*``: the
     defaults of the benchmark and of the demo; ``metric``: the test metric of the curves and of the best epoch
-    (``"acc"``, ``"map"``: results ``test_<metric>``, ``best_<metric>``, history ``val_<metric>``) and
+    (``"acc"``, ``"map"``, ``"miou"``: results ``test_<metric>``, ``best_<metric>``, history ``val_<metric>``) and
     ``metric_name`` in words; ``results``: the keys of :func:`~lightning_multimix.demo.training.run_method`'s
     result recorded per run; ``measures``: ``(column title, run key, scale, format)`` of the benchmark's tables (the
     first three are plotted: last and best epoch, then one more); ``columns``: the demo's table
     (:func:`~lightning_multimix.demo.report.format_table`); ``load(data_dir, quick)``: ``(training data, test data)``,
-    ``quick``: small ones for smoke runs; ``stem``: the benchmark's file names.
+    ``quick``: small ones for smoke runs; ``stem``: the benchmark's file names; ``network``: the network trained, in
+    words; ``method_notes``: what a method does in this task where :data:`~lightning_multimix.demo.training.METHODS`'
+    description does not say it.
     """
 
     data: str
@@ -126,6 +162,8 @@ class Task:
     columns: tuple[tuple[str, str, str], ...]
     load: Callable[[Optional[str], bool], tuple[Any, Any]]
     stem: str
+    network: str = "SmallCNN"
+    method_notes: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def run_keys(self) -> tuple[str, ...]:
@@ -152,4 +190,19 @@ TASKS: dict[str, Task] = {
         measures=(("last mAP %", "test_map", 100.0, "{:.2f}"), ("best mAP %", "best_map", 100.0, "{:.2f}"),
                   ("F1 %", "test_f1", 100.0, "{:.2f}"), ("s/epoch", "sec_per_epoch", 1.0, "{:.1f}")),
         columns=MULTILABEL_COLUMNS, load=load_composites, stem="multilabel"),
+    "segment": Task(
+        data="Fashion-MNIST 2x2 composites (segmentation, 11 classes with background)", unit="composites",
+        regimes=SEGMENTATION_REGIMES, methods=("erm", "mixup", "cutmix", "multimix"),
+        benchmark_regimes=tuple(SEGMENTATION_REGIMES), benchmark_methods=("erm", "mixup", "cutmix", "multimix"),
+        demo_regime="low_data", demo_methods=("erm", "mixup", "multimix"), metric="miou", metric_name="mIoU",
+        results=("test_miou", "best_miou", "best_epoch"),
+        measures=(("last mIoU %", "test_miou", 100.0, "{:.2f}"), ("best mIoU %", "best_miou", 100.0, "{:.2f}"),
+                  ("s/epoch", "sec_per_epoch", 1.0, "{:.1f}")),
+        columns=SEGMENTATION_COLUMNS, load=load_segmentation, stem="segment", network="SmallFCN",
+        method_notes={"mixup": "input mixup: images lerped, one-hot masks lerped into per-pixel soft targets "
+                               "(alpha=1), on every batch",
+                      "cutmix": "CutMix: a box of the permuted batch's images and masks pasted (alpha=1), on every "
+                                "batch",
+                      "multimix": "MultiMix(): the per-pixel logits mixed over the whole batch (n=1000, alpha=1) or "
+                                  "input mixup, 50/50"}),
 }

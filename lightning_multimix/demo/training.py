@@ -18,17 +18,21 @@ the callback's:
 - ``multimix_every``: ``MultiMix(probability=1.0)``: MultiMix on every batch, without the protocol;
 - ``dense``, ``distill``: Dense MultiMix and MultiMix + self-distillation, with the protocol;
 - ``multimix_bce``: ``MultiMix()`` on the classifier trained with BCE on one-hot targets (``ImageClassifier(
-  loss="bce")``, timm's ``--bce-loss`` recipe) instead of cross-entropy; not in the benchmark's default methods
-  (:data:`BENCHMARK_METHODS`).
+  loss="bce")``, timm's ``--bce-loss`` recipe) instead of cross-entropy, at lr 1 (BCE's mean over the classes scales
+  the gradient by 1/c), and ``multimix_bce_lr0.1`` the same at cross-entropy's lr; not in the benchmark's default
+  methods (:data:`BENCHMARK_METHODS`).
 
 Regimes (:data:`REGIMES`) on the Fashion-MNIST subset shipped in the package: ``clean`` (all 10,000 training images,
 30 epochs: the shortest run after which training longer no longer raises ERM's or input mixup's last-epoch test
 accuracy), ``low_data`` (100 images per class, 100 epochs) and ``noisy`` (300 images per class with 40% of the labels
 replaced by labels drawn uniformly from the 10 classes, 60 epochs; the test set is clean).
 
-:func:`run_method` trains the multi-label task as well (:mod:`lightning_multimix.demo.tasks`): given a
+:func:`run_method` trains the other tasks as well (:mod:`lightning_multimix.demo.tasks`): given a
 :class:`~lightning_multimix.demo.data.MultiLabelSet` it trains a
-:class:`~lightning_multimix.demo.classifier.MultiLabelClassifier` and reports mAP and F1 instead of accuracy.
+:class:`~lightning_multimix.demo.classifier.MultiLabelClassifier` and reports mAP and F1 instead of accuracy; given a
+:class:`~lightning_multimix.demo.data.SegmentationSet` it trains a
+:class:`~lightning_multimix.demo.segmentation.SegmentationModel` (``mixup`` and ``cutmix`` are then its own per-pixel
+versions, ``multimix`` the callback on its per-pixel logits) and reports the mean IoU.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import lightning.pytorch as L
 import torch
@@ -46,7 +50,11 @@ from torch.utils.data import DataLoader
 
 from lightning_multimix import Dense, MultiMix, SelfDistillation
 from lightning_multimix.demo.classifier import ImageClassifier, MultiLabelClassifier
-from lightning_multimix.demo.data import ImageSet, MultiLabelSet
+from lightning_multimix.demo.data import ImageSet, MultiLabelSet, SegmentationSet
+from lightning_multimix.demo.segmentation import SegmentationModel
+
+#: what :func:`run_method` trains on: images and labels, multi-label composites, or composites and their masks
+Data = Union[ImageSet, MultiLabelSet, SegmentationSet]
 
 
 @dataclass(frozen=True)
@@ -73,11 +81,13 @@ METHODS: dict[str, Method] = {
     "dense": Method("Dense MultiMix or input mixup, 50/50", multimix={"dense": Dense()}),
     "distill": Method("MultiMix + self-distillation or input mixup, 50/50", multimix={"distill": SelfDistillation()}),
     "multimix_bce": Method("MultiMix() on BCE with one-hot targets (timm's --bce-loss recipe) instead of "
-                           "cross-entropy", multimix={}, classifier={"loss": "bce"}),
+                           "cross-entropy, lr 1 (BCE's mean over the c = 10 classes: see MULTILABEL_OPTIMIZER)",
+                           multimix={}, classifier={"loss": "bce", "lr": 1.0}),
+    "multimix_bce_lr0.1": Method("multimix_bce at cross-entropy's lr 0.1", multimix={}, classifier={"loss": "bce"}),
 }
 DEFAULT_METHODS: tuple[str, ...] = ("erm", "mixup", "pairs", "multimix")
 #: the methods of benchmarks/accuracy.py by default (``multimix_bce`` on request)
-BENCHMARK_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m != "multimix_bce")
+BENCHMARK_METHODS: tuple[str, ...] = tuple(m for m in METHODS if not m.startswith("multimix_bce"))
 
 
 @dataclass(frozen=True)
@@ -124,11 +134,16 @@ OPTIMIZER = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": True,
 #: The multi-label task's: BCE's mean over the c = 10 classes scales each logit's gradient by 1/c against
 #: cross-entropy's, so lr is 10 times the demo's (ERM, 512 composites, 20 epochs: test mAP 0.50 at lr 0.5, 0.55 at 1).
 MULTILABEL_OPTIMIZER = {**OPTIMIZER, "lr": 1.0}
+#: The segmentation task's: the per-pixel cross-entropy is a mean over pixels as the classifier's is over images, but
+#: most pixels are easy background; ERM's test mIoU after 200 steps was higher at lr 0.3 than at 0.1 (one seed).
+SEGMENTATION_OPTIMIZER = {**OPTIMIZER, "lr": 0.3}
+#: the results of each test metric besides ``test_<metric>`` and ``best_<metric>`` (accuracy's without the prefix)
+OTHER_RESULTS = {"acc": ("ece", "alignment", "uniformity"), "map": ("f1",), "miou": ()}
 
 
 class History(Callback):
     """Per-epoch record: mean training objective, the module's ``curve_metrics`` on the test split (loss, accuracy,
-    ECE; multi-label: loss, mAP, F1), training seconds (evaluation excluded)."""
+    ECE; multi-label: loss, mAP, F1; segmentation: loss, mIoU), training seconds (evaluation excluded)."""
 
     def __init__(self) -> None:
         self.epochs: list[dict[str, Any]] = []
@@ -168,10 +183,11 @@ class History(Callback):
         })
 
 
-def method_callbacks(method: str, *, seed: int, total_steps: int, head: str,
+def method_callbacks(method: str, *, seed: int, total_steps: int, head: Optional[str],
                      multimix_options: Optional[dict[str, Any]] = None) -> list[Callback]:
     """The MultiMix callback of ``method`` (none for ERM and torchvision's mixing), with ``multimix_options``
-    overriding its arguments; distillation's ``beta`` ramps up over the first half of the run.
+    overriding its arguments; distillation's ``beta`` ramps up over the first half of the run. ``head``: the
+    classifier head's dotted path, ``None`` to let MultiMix find it (the segmentation model's per-pixel logits).
 
     Example:
         >>> [type(c).__name__ for c in method_callbacks("multimix", seed=0, total_steps=100, head="fc")]
@@ -195,8 +211,8 @@ def method_callbacks(method: str, *, seed: int, total_steps: int, head: str,
 def run_method(
     method: str,
     *,
-    train_data: ImageSet,
-    test_data: ImageSet,
+    train_data: Data,
+    test_data: Data,
     epochs: int,
     seed: int,
     batch_size: int = 128,
@@ -216,11 +232,17 @@ def run_method(
     :class:`~lightning_multimix.demo.classifier.MultiLabelClassifier` (BCE), whose results have ``test_map``,
     ``best_map`` and ``test_f1`` (macro average precision and F1 at 0.5, in [0, 1]) instead of ``test_acc``,
     ``best_acc``, ``ece``, ``alignment`` and ``uniformity``, its history ``val_map`` and ``val_f1``, and whose
-    ``labels`` are the test targets ``(N, c)``; it trains with :data:`MULTILABEL_OPTIMIZER`.
+    ``labels`` are the test targets ``(N, c)``; it trains with :data:`MULTILABEL_OPTIMIZER`. A
+    :class:`~lightning_multimix.demo.data.SegmentationSet` trains a
+    :class:`~lightning_multimix.demo.segmentation.SegmentationModel` (per-pixel cross-entropy, its own mixup and
+    CutMix, MultiMix on its logits, :data:`SEGMENTATION_OPTIMIZER`), whose results have ``test_miou`` and
+    ``best_miou`` (mean IoU in [0, 1]) and, instead of ``embeddings``, ``predictions``: the predicted test masks
+    ``(N, H, W)`` (``labels``: the true ones); its history has ``val_miou``.
 
     Args:
         method: a key of :data:`METHODS`.
-        train_data, test_data: :class:`~lightning_multimix.demo.data.ImageSet` s (e.g. a regime's training set).
+        train_data, test_data: :class:`~lightning_multimix.demo.data.ImageSet` s (e.g. a regime's training set),
+            or the other tasks' data sets (see above).
         epochs: training epochs (the cosine schedule spans them, or ``max_steps`` if that is smaller).
         seed: seeds the initial weights, the batch order and the mixing; equal seeds give every method the same
             initial weights and batches.
@@ -255,15 +277,12 @@ def run_method(
         raise ValueError(f"run_method: max_minutes={max_minutes!r}; expected None or a value > 0.")
 
     L.seed_everything(seed, workers=True, verbose=False)
-    classifier = MultiLabelClassifier if isinstance(train_data, MultiLabelSet) else ImageClassifier
-    model = classifier(**{"backbone": "small_cnn", "num_classes": train_data.num_classes,
-                          "in_channels": train_data.in_channels, "input_mix": spec.input_mix,
-                          **(MULTILABEL_OPTIMIZER if classifier is MultiLabelClassifier else OPTIMIZER),
-                          **(spec.classifier or {}), **(classifier_options or {})})
+    model = build_module(train_data, spec, seed, classifier_options)
     steps_per_epoch = len(train_data) // (batch_size * devices)
     total_steps = epochs * steps_per_epoch if max_steps < 0 else min(max_steps, epochs * steps_per_epoch)
     history = History()
-    callbacks = [*method_callbacks(method, seed=seed, total_steps=total_steps, head=model.head_path,
+    head = model.head_path if isinstance(model, ImageClassifier) else None  # segmentation: MultiMix's own choice
+    callbacks = [*method_callbacks(method, seed=seed, total_steps=total_steps, head=head,
                                    multimix_options=multimix_options), history]
     trainer = L.Trainer(
         accelerator=accelerator, devices=devices, max_epochs=epochs, max_steps=max_steps,
@@ -280,27 +299,48 @@ def run_method(
         warnings.filterwarnings("ignore", ".*`max_epochs` was not set.*")
         trainer.fit(model, train_loader, test_loader)
         scores = trainer.test(model, test_loader, verbose=False)[0]
-    embeddings, labels = model.test_embeddings()
+    if isinstance(model, SegmentationModel):
+        outputs = dict(zip(("predictions", "labels"), model.test_predictions()))
+    else:
+        outputs = dict(zip(("embeddings", "labels"), model.test_embeddings()))
     full = [h["train_seconds"] for h in history.epochs if h["steps"] == steps_per_epoch]
     seconds = full or [h["train_seconds"] for h in history.epochs]
-    metric = model.metric  # "acc", or "map" for multi-label data
+    metric = model.metric  # "acc", "map" for multi-label data, "miou" for segmentation
     tested = [(h[f"val_{metric}"], h["epoch"]) for h in history.epochs if h[f"val_{metric}"] is not None]
     best, best_epoch = max(tested, key=lambda a: a[0]) if tested else (float("nan"), 0)
-    others = ("ece", "alignment", "uniformity") if metric == "acc" else ("f1",)
     return {
         "method": method,
         "seed": seed,
         f"test_{metric}": float(scores[f"test/{metric}"]),
         f"best_{metric}": best,
         "best_epoch": best_epoch,
-        **{(name if metric == "acc" else f"test_{name}"): float(scores[f"test/{name}"]) for name in others},
+        **{(name if metric == "acc" else f"test_{name}"): float(scores[f"test/{name}"])
+           for name in OTHER_RESULTS[metric]},
         "sec_per_epoch": sum(seconds) / len(seconds) if seconds else float("nan"),
         "epochs": len(history.epochs),
         "steps": trainer.global_step,
         "history": history.epochs,
-        "embeddings": embeddings,
-        "labels": labels,
+        **outputs,
     }
+
+
+def build_module(train_data: Data, spec: Method, seed: int,
+                 classifier_options: Optional[dict[str, Any]] = None) -> L.LightningModule:
+    """The module :func:`run_method` trains on ``train_data``: a
+    :class:`~lightning_multimix.demo.segmentation.SegmentationModel` for a
+    :class:`~lightning_multimix.demo.data.SegmentationSet` (its input mixing seeded by ``seed``), a
+    :class:`~lightning_multimix.demo.classifier.MultiLabelClassifier` for a
+    :class:`~lightning_multimix.demo.data.MultiLabelSet`, else an
+    :class:`~lightning_multimix.demo.classifier.ImageClassifier` (SmallCNN); each with its optimiser recipe, the
+    method's ``input_mix`` and ``classifier`` arguments, then ``classifier_options``."""
+    common = {"num_classes": train_data.num_classes, "in_channels": train_data.in_channels,
+              "input_mix": spec.input_mix}
+    overrides = {**(spec.classifier or {}), **(classifier_options or {})}
+    if isinstance(train_data, SegmentationSet):
+        return SegmentationModel(**{**common, **SEGMENTATION_OPTIMIZER, "seed": seed, **overrides})
+    if isinstance(train_data, MultiLabelSet):
+        return MultiLabelClassifier(**{"backbone": "small_cnn", **common, **MULTILABEL_OPTIMIZER, **overrides})
+    return ImageClassifier(**{"backbone": "small_cnn", **common, **OPTIMIZER, **overrides})
 
 
 def _method(method: str) -> Method:
@@ -309,5 +349,6 @@ def _method(method: str) -> Method:
     return METHODS[method]
 
 
-__all__ = ["BENCHMARK_METHODS", "DEFAULT_METHODS", "METHODS", "MULTILABEL_OPTIMIZER", "OPTIMIZER", "REGIMES",
-           "History", "Method", "Regime", "method_callbacks", "run_method"]
+__all__ = ["BENCHMARK_METHODS", "DEFAULT_METHODS", "METHODS", "MULTILABEL_OPTIMIZER", "OPTIMIZER", "OTHER_RESULTS",
+           "REGIMES", "SEGMENTATION_OPTIMIZER", "History", "Method", "Regime", "build_module", "method_callbacks",
+           "run_method"]

@@ -10,7 +10,8 @@ multi-hot set of the classes present: ``(count, 10)`` float32, 1 for each class 
 ``item_probability=0.5`` an image holds 2.13 items on average (1 to 4) and about 2 distinct classes, so each class is
 present in about a fifth of the images (the chance level of the average precision).
 
-Everything is drawn from ``torch.Generator().manual_seed(seed)``: the same split, ``count``, ``seed`` and
+Everything is drawn from ``torch.Generator().manual_seed(seed)`` (:func:`draw_composites`, shared with the
+segmentation masks of :mod:`lightning_multimix.demo.data.segmentation`): the same split, ``count``, ``seed`` and
 ``item_probability`` give the same composites, bit for bit, on any machine.
 
 :meth:`MultiLabelSet.with_label_noise` makes noisy annotations, as partial labelling does: each present label is
@@ -107,17 +108,13 @@ class MultiLabelSet(Dataset):
         return dataclasses.replace(self, targets=targets)
 
 
-def make_composites(split: ImageSet, count: int, seed: int, item_probability: float = ITEM_PROBABILITY
-                    ) -> MultiLabelSet:
-    """``count`` 2x2 composites of the images of ``split`` (see the module's docstring); deterministic in ``seed``.
-
-    Example:
-        >>> from lightning_multimix.demo.data import load_fashion_mnist
-        >>> train, _ = load_fashion_mnist()
-        >>> data = make_composites(train, 100, seed=0)
-        >>> tuple(data.images.shape), tuple(data.targets.shape), bool((data.targets.sum(1) >= 1).all())
-        ((100, 1, 56, 56), (100, 10), True)
-    """
+def draw_composites(split: ImageSet, count: int, seed: int, item_probability: float = ITEM_PROBABILITY
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """The draw behind every composite task: ``(images (count, C, 2H, 2W) uint8, cells, sources)``, ``cells`` and
+    ``sources`` as in :class:`MultiLabelSet` (see the module's docstring); deterministic in ``seed``. The multi-label
+    targets (:func:`make_composites`) and the segmentation masks
+    (:func:`~lightning_multimix.demo.data.segmentation.make_segmentation_composites`) are both made from it, so the
+    two tasks see the same items in the same cells for the same split, ``count`` and ``seed``."""
     if not 0.0 < item_probability <= 1.0:
         raise ValueError(f"make_composites: item_probability={item_probability!r}; expected a value in (0, 1].")
     generator = torch.Generator().manual_seed(seed)
@@ -140,6 +137,22 @@ def make_composites(split: ImageSet, count: int, seed: int, item_probability: fl
         where = occupied[:, cell]
         images[where, :, row * size:(row + 1) * size, column * size:(column + 1) * size] = \
             split.images[sources[where, cell]]
+    return images, cells, sources
+
+
+def make_composites(split: ImageSet, count: int, seed: int, item_probability: float = ITEM_PROBABILITY
+                    ) -> MultiLabelSet:
+    """``count`` 2x2 composites of the images of ``split`` (see the module's docstring); deterministic in ``seed``.
+
+    Example:
+        >>> from lightning_multimix.demo.data import load_fashion_mnist
+        >>> train, _ = load_fashion_mnist()
+        >>> data = make_composites(train, 100, seed=0)
+        >>> tuple(data.images.shape), tuple(data.targets.shape), bool((data.targets.sum(1) >= 1).all())
+        ((100, 1, 56, 56), (100, 10), True)
+    """
+    images, cells, sources = draw_composites(split, count, seed, item_probability)
+    occupied = cells >= 0
     targets = torch.zeros(count, split.num_classes)
     targets[torch.arange(count).repeat_interleave(GRID * GRID)[occupied.flatten()], cells[occupied]] = 1.0
     return MultiLabelSet(images, targets, split.classes, cells, sources, split.mean, split.std)
