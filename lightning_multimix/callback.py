@@ -58,6 +58,7 @@ class MultiMix(Callback):
         # state of one fit, built in setup/on_fit_start, removed in teardown
         self._plan: Optional[HeadPlan] = None
         self._step: Optional[TrainingStep] = None
+        self._settings_of, self._settings = None, self.options.for_targets("labels")  # n, alpha, tuple_size in force
         self._wrapped: Optional[pl.LightningModule] = None
         self._own_step: Any = None
         self._loss_log = LossLog()
@@ -246,7 +247,9 @@ class MultiMix(Callback):
             alpha = self.alpha if self.mode == "pairs" else self.mixup_alpha
             return pair_weights(num_examples, alpha, keep=keep, generator=generator)
         targets = self._step.targets if self._step is not None else None
-        chosen = self.options.for_targets(targets.kind if targets is not None else "labels")
+        if targets is not self._settings_of:  # read once per fit: the targets' type and its defaults
+            self._settings_of, self._settings = targets, self.options.for_targets(targets.kind if targets else "labels")
+        chosen = self._settings
         return dirichlet_weights(num_examples, chosen["n_tuples"], chosen["alpha"], tuple_size=chosen["tuple_size"],
                                  keep=keep, generator=generator)
 

@@ -13,14 +13,13 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional
 
-import torch
 from torch import Tensor, nn
 
 from lightning_multimix.capture import Capture, Captures, Where, ancestors, capture_for, located_tensors, tensor_at
 from lightning_multimix.errors import MultiMixError
 from lightning_multimix.feature_maps import TimmPositionHead
 from lightning_multimix.interpolation import is_affine
-from lightning_multimix.positions import class_dims
+from lightning_multimix.positions import class_dims, resizable
 from lightning_multimix.targets import LABELS_HOW, explain_ignoring, explain_loss, kept, outside_classes, soft_outside
 
 HOW_HEAD = ("Pass `MultiMix(head='dotted.path')` naming the classifier head, or add `MultiMixMixin` and override "
@@ -129,22 +128,25 @@ class LogitsProbe(Captures):
         self.modules = {name: Capture(m) for name, m in model.named_modules() if paths is None or name in paths}
         self.captures = list(self.modules.values())
 
-    def choose(self, user_loss: Tensor, labels: Tensor, ignore_index: Optional[int]) -> tuple[str, Where, int]:
-        """``(path, where, class_dim)``: the innermost module that ran once with an output of logits that fit the
-        labels and explain the user's loss (per-position cross-entropy); else an error naming the fix."""
+    def choose(self, user_loss: Tensor, labels: Tensor, ignore_index: Optional[int]) -> tuple[str, Where, int, bool]:
+        """``(path, where, class_dim, resize)``: the innermost module that ran once with an output of logits that fit
+        the labels (or, ``resize``, of masks' logits at another size) and explain the user's loss (per-position
+        cross-entropy); else an error naming the fix."""
         seen, fits, refused = {}, {}, None
         for path in sorted(self.modules, key=lambda p: -len(p.split(".")) if p else 0):  # innermost first
             capture = self.modules[path]
             for where, tensor in located_tensors(capture.output) if capture.calls == 1 else ():
-                for dim in class_dims(tuple(tensor.shape), tuple(labels.shape)):
+                resize = resizable(tuple(tensor.shape), tuple(labels.shape))
+                for dim in (1,) if resize else class_dims(tuple(tensor.shape), tuple(labels.shape)):
                     if id(tensor) in seen or not tensor.is_floating_point() or tensor.shape[dim] < 2:
                         continue
                     seen[id(tensor)] = f"{path!r} {tuple(tensor.shape)}"
                     try:  # an ignore index that is one of these logits' classes: the outermost's error is told
-                        if explain_ignoring(user_loss, tensor, labels, ignore_index, dim)[0] is not None:
-                            fits[id(tensor)] = (path, where, dim)
+                        if explain_ignoring(user_loss, tensor, labels, ignore_index, dim, resize)[0] is not None:
+                            fits[id(tensor)] = (path, where, dim, resize)
                     except MultiMixError as error:
                         refused = error
+        fits = {k: fit for k, fit in fits.items() if not fit[3]} or fits  # resized only if nothing fits as it is
         if not fits and refused is not None:
             raise refused
         if len(fits) == 1:
@@ -160,10 +162,11 @@ class LogitsProbe(Captures):
         )
 
 
-def position_logits(capture: Capture, path: str, where: Where, class_dim: int, labels: Tensor) -> Tensor:
+def position_logits(capture: Capture, path: str, where: Where, class_dim: int, resize: bool, labels: Tensor) -> Tensor:
     """The per-position logits captured in a step, checked: the module ran once and they fit the labels."""
     logits = tensor_at(capture.output, where) if capture.calls == 1 else None
-    if not isinstance(logits, Tensor) or class_dim not in class_dims(tuple(logits.shape), tuple(labels.shape)):
+    shapes = (tuple(logits.shape), tuple(labels.shape)) if isinstance(logits, Tensor) else None
+    if shapes is None or not (resizable(*shapes) if resize else class_dim in class_dims(*shapes)):
         got = tuple(logits.shape) if isinstance(logits, Tensor) else f"{capture.calls} call(s)"
         raise MultiMixError(f"MultiMix: the per-position logits of {path!r} ({got}) do not fit this batch's labels "
                             f"{tuple(labels.shape)}: keep (b, c, H, W) or (b, T, c) logits, from one call.")
@@ -303,7 +306,7 @@ class HeadPlan:
     feature_spec: Optional[tuple[str, str]] = None
     logit_space: bool = False
     position_head: Optional[Callable[[Tensor], Tensor]] = None
-    positions: Optional[tuple[Where, int]] = None  #: labels per position: where the logits are, their class dim
+    positions: Optional[tuple[Where, int, bool]] = None  #: labels per position: where the logits are, class dim, resize
 
     def describe(self) -> str:
         if self.positions is not None:
@@ -340,11 +343,3 @@ def plan_before_fit(model: nn.Module, head: Optional[str], dense: Any, logit_spa
         return head_plan(model, path, "declared", dense, logit_space)
     path = timm_head(model)
     return head_plan(model, path, "timm", dense, logit_space) if path is not None else None
-
-
-def runnable_head(head: nn.Module) -> Callable[[Tensor], Tensor]:
-    """The head the interpolations run through: one with buffers (batch norm) runs on copies of them, so that
-    interpolations leave its running statistics as the real batch left them."""
-    if next(head.buffers(), None) is None:
-        return head
-    return lambda x: torch.func.functional_call(head, {n: b.clone() for n, b in head.named_buffers()}, (x,))

@@ -4,7 +4,7 @@ commutes with a head."""
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -57,3 +57,11 @@ def mix_with_partner(values: Tensor, lam: Tensor, partner: Tensor) -> Tensor:
         raise ValueError(f"`partner` {tuple(partner.shape)} must hold one index per row of `values` "
                          f"{tuple(values.shape)}.")
     return torch.lerp(values.index_select(0, partner), values, lam.to(values.dtype))
+
+
+def runnable_head(head: torch.nn.Module) -> Callable[[Tensor], Tensor]:
+    """The head the interpolations run through: one with buffers (batch norm) runs on copies of them, so that
+    interpolations leave its running statistics as the real batch left them."""
+    if next(head.buffers(), None) is None:
+        return head
+    return lambda x: torch.func.functional_call(head, {n: b.clone() for n, b in head.named_buffers()}, (x,))

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_multimix.interpolation import full_precision
@@ -34,6 +35,18 @@ def class_dims(logits_shape: tuple[int, ...], labels_shape: tuple[int, ...]) -> 
         return ()
     return tuple(dim for dim, positions in ((1, logits_shape[2:]), (-1, logits_shape[1:-1]))
                  if tuple(positions) == tuple(labels_shape[1:]))
+
+
+def resizable(logits_shape: tuple[int, ...], labels_shape: tuple[int, ...]) -> bool:
+    """Whether ``(b, c, h, w)`` logits are of another size than ``(b, H, W)`` masks, which the loss may read resized."""
+    return len(logits_shape) == 4 and len(labels_shape) == 3 and logits_shape[0] == labels_shape[0] and \
+        tuple(logits_shape[2:]) != tuple(labels_shape[1:])
+
+
+def resized(logits: Tensor, labels: Tensor) -> Tensor:
+    """``(b, c, h, w)`` logits resized to the ``(b, H, W)`` labels' size as Hugging Face's segmentation models do
+    before their loss (bilinear, corners not aligned): linear, so resizing commutes with mixing."""
+    return F.interpolate(logits, size=tuple(labels.shape[1:]), mode="bilinear", align_corners=False)
 
 
 def flatten_positions(logits: Tensor, labels: Tensor, class_dim: int) -> tuple[Tensor, Tensor]:

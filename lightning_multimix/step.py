@@ -21,9 +21,11 @@ from lightning_multimix.batch import InputMixer, default_labels, default_mix_inp
 from lightning_multimix.capture import CallOrder, Capture, StepCapture
 from lightning_multimix.errors import MultiMixError
 from lightning_multimix.head import HeadPlan, HeadProbe, LogitsProbe, check_found_head, declared, head_plan
-from lightning_multimix.head import head_tensors, position_logits, runnable_head
+from lightning_multimix.head import head_tensors, position_logits
+from lightning_multimix.interpolation import runnable_head
 from lightning_multimix.objective import TeacherOutputs, mixup_objective, multimix_objective
 from lightning_multimix.options import MultiMixOptions
+from lightning_multimix.positions import resized
 from lightning_multimix.sampling import RandomStream
 from lightning_multimix.targets import Targets, flat_positions, per_position, read_targets, target_tensor
 from lightning_multimix.teacher import Distiller, check_teacher_entry
@@ -124,7 +126,7 @@ class TrainingStep:
             else:
                 kwargs = {**kwargs, "batch": mixed}
         probe = None
-        if per_position(labels) and (self.plan is None or self.plan.positions is None):
+        if self.targets is None and per_position(labels) and (self.plan is None or self.plan.positions is None):
             options.check_per_position()
             probe = LogitsProbe(module, None if self.plan is None else (self.plan.head_path,))
         elif self.capture is None:
@@ -179,9 +181,9 @@ class TrainingStep:
     def _adopt_positions(self, probe: LogitsProbe, user_loss: Tensor, labels: Tensor) -> StepCapture:
         """First batch of labels per position: the module whose output holds the logits the user's loss reads
         (declared, or the innermost that explains the loss); this batch's tensors come from the probe."""
-        path, where, class_dim = probe.choose(user_loss, labels, self.options.ignore_index)
+        path, *positions = probe.choose(user_loss, labels, self.options.ignore_index)
         source = self.plan.source if self.plan is not None else "read"
-        self.plan = HeadPlan(path, source, logit_space=True, positions=(where, class_dim))
+        self.plan = HeadPlan(path, source, logit_space=True, positions=tuple(positions))
         self.remove()
         self.capture = StepCapture(path, Capture(self.module.get_submodule(path)))
         return StepCapture(path, probe.modules[path])
@@ -189,16 +191,16 @@ class TrainingStep:
     def _position_loss(self, kind: str, capture: StepCapture, labels: Tensor, mixer: Optional[InputMixer],
                        user_loss: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """The objective of a batch of labels per position, and the labels neither a class nor ignored."""
-        where, class_dim = self.plan.positions
-        raw = position_logits(capture.head, capture.head_path, where, class_dim, labels)
+        where, class_dim, resize = self.plan.positions
+        raw = position_logits(capture.head, capture.head_path, where, class_dim, resize, labels)
         labels = _on(labels, raw.device)
         if self.targets is None:
             self.targets, notes = read_targets(user_loss, raw, labels, self.options.ignore_index,
-                                               self.options.label_smoothing, self.plan.head_path, class_dim)
+                                               self.options.label_smoothing, self.plan.head_path, class_dim, resize)
             for note in [*notes, *self.options.type_defaults_note(self.targets.kind)]:
                 rank_zero_info(note)
         targets = self.targets
-        logits, flat = local = flat_positions(raw, labels, class_dim)
+        logits, flat = local = flat_positions(resized(raw, labels) if resize else raw, labels, class_dim)
         ignore = targets.ignore_index
         if mixer is not None:
             loss = mixup_objective(logits, flat, *mixer.draw, ignore_index=ignore if ignore is not None else -100,

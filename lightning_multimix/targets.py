@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_multimix.errors import MultiMixError
+from lightning_multimix.positions import resized
 
 LOSSES = ("cross_entropy", "bce")
 LABELS_HOW = ("return them from `MultiMixMixin.multimix_labels(batch)` (MultiMix reads `batch[1]` or a 'label'/"
@@ -107,17 +108,22 @@ def flat_positions(logits: Tensor, labels: Tensor, class_dim: int = -1) -> tuple
 
 
 def explain_loss(user_loss: Tensor, logits: Tensor, labels: Tensor, ignore_index: Optional[int],
-                 class_dim: int = -1) -> Optional[LossFit]:
+                 class_dim: int = -1, resize: bool = False) -> Optional[LossFit]:
     """The :class:`LossFit` of ``user_loss`` on ``logits`` (``(b, c)``, or per position with the classes at
-    ``class_dim``; in the graph of ``user_loss``), or ``None`` when the loss is not one of :data:`LOSSES` (per
-    position: the cross-entropy) of these logits and labels plus terms that do not involve them."""
-    soft, raw = labels.is_floating_point(), logits
-    logits, labels = flat_positions(logits, labels, class_dim)
+    ``class_dim``, ``resize``: resized to the labels' size first; in the graph of ``user_loss``), or ``None`` when
+    the loss is not one of :data:`LOSSES` (per position: the cross-entropy) of these logits and labels plus terms that
+    do not involve them. Gradients are compared on ``logits`` as they are."""
+    soft, raw, given = labels.is_floating_point(), logits, labels
+
+    def view(t: Tensor) -> Tensor:  # what the loss reads: (b, c) or (b, c, P)
+        return flat_positions(resized(t, given) if resize else t, given, class_dim)[0]
+
+    logits, labels = view(raw), flat_positions(raw, labels, class_dim)[1] if per_position(labels) else labels
     valid = kept(labels, ignore_index) if not soft else None
     valid = valid if valid is not None else torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
     wrong = (labels.shape != logits.shape or bool((labels.clamp(0, 1) != labels).any())) if soft else \
         bool(outside_classes(labels, logits.shape[1], valid).any())
-    if not (user_loss.requires_grad and logits.requires_grad) or not bool(valid.any()) or wrong:
+    if not (user_loss.requires_grad and raw.requires_grad) or not bool(valid.any()) or wrong:
         return None
     kinds = ("cross_entropy",) if per_position(labels) else LOSSES
     (found,) = torch.autograd.grad(user_loss, raw, retain_graph=True, allow_unused=True)
@@ -127,17 +133,17 @@ def explain_loss(user_loss: Tensor, logits: Tensor, labels: Tensor, ignore_index
             if abs(float(user_loss.detach()) - plain) <= 1e-4 * max(1.0, abs(plain)):
                 return LossFit(0.0, False, kind)
         return None
-    found = (found.movedim(class_dim, 1).flatten(2) if per_position(labels) else found).float()
+    found = found.float()
     for kind in kinds:  # each loss is affine in eps: its gradient is g_0 + eps (g_1 - g_0)
         with torch.enable_grad():
-            probe = logits.detach().float().requires_grad_(True)
-            g_plain, g_uniform = (torch.autograd.grad(plain_loss(probe, labels, kind, ignore_index, eps), probe)[0]
-                                  for eps in (0.0, 1.0))
+            probe = raw.detach().float().requires_grad_(True)
+            g_plain, g_uniform = (torch.autograd.grad(plain_loss(view(probe), labels, kind, ignore_index, eps),
+                                                      probe)[0] for eps in (0.0, 1.0))
         direction = g_uniform - g_plain
         eps = float((found - g_plain).mul(direction).sum() / direction.pow(2).sum().clamp_min(1e-30))
         eps = eps if 1e-4 < eps < 1.0 else 0.0
         fitted = g_plain + eps * direction
-        tolerance = (1e-2 if logits.dtype in (torch.float16, torch.bfloat16) else 1e-4) * float(fitted.norm()) + 1e-8
+        tolerance = (1e-2 if raw.dtype in (torch.float16, torch.bfloat16) else 1e-4) * float(fitted.norm()) + 1e-8
         if not float((found - fitted).norm()) > tolerance:  # NaN: not told apart here; the health check says
             eps = round(eps, 4)
             rest = float(user_loss.detach().float() - plain_loss(logits.detach(), labels, kind, ignore_index, eps))
@@ -146,20 +152,20 @@ def explain_loss(user_loss: Tensor, logits: Tensor, labels: Tensor, ignore_index
 
 
 def explain_ignoring(user_loss: Tensor, logits: Tensor, labels: Tensor, ignore_index: Optional[int],
-                     class_dim: int = -1) -> tuple[Optional[LossFit], Optional[int]]:
+                     class_dim: int = -1, resize: bool = False) -> tuple[Optional[LossFit], Optional[int]]:
     """:func:`explain_loss`, and the ignore index it used: ``ignore_index``, or, where that is the default -100 and
     the labels hold one value outside the classes (segmentation's 255), that value if the loss ignores it."""
     num_classes = flat_positions(logits, labels, class_dim)[0].shape[1]
     if ignore_index is not None and 0 <= ignore_index < num_classes:
         raise MultiMixError(f"MultiMix(ignore_index={ignore_index}) is one of the {num_classes} classes of the logits: "
                             "pass the label your loss ignores, one no class has (e.g. -100 or 255).")
-    fit = explain_loss(user_loss, logits, labels, ignore_index, class_dim)
+    fit = explain_loss(user_loss, logits, labels, ignore_index, class_dim, resize)
     if fit is not None or labels.is_floating_point() or ignore_index != -100:
         return fit, ignore_index
     others = torch.unique(labels[outside_classes(labels, num_classes, kept(labels, ignore_index))])
     if others.numel() != 1:
         return None, ignore_index
-    fit = explain_loss(user_loss, logits, labels, int(others), class_dim)
+    fit = explain_loss(user_loss, logits, labels, int(others), class_dim, resize)
     return (fit, int(others)) if fit is not None else (None, ignore_index)
 
 
@@ -212,7 +218,8 @@ class Targets:
 
 
 def read_targets(user_loss: Tensor, logits: Tensor, labels: Tensor, ignore_index: Optional[int],
-                 label_smoothing: float, head_path: str, class_dim: int = -1) -> tuple[Targets, list[str]]:
+                 label_smoothing: float, head_path: str, class_dim: int = -1,
+                 resize: bool = False) -> tuple[Targets, list[str]]:
     """On the first batch: :class:`Targets` from the labels and the user's loss (``logits``: as captured, the classes
     at ``class_dim``), and what to say once in the log; labels out of range, targets of another shape than the
     logits, or a loss MultiMix cannot carry, are errors saying the fix. With the default ignore index, a single label
@@ -224,7 +231,7 @@ def read_targets(user_loss: Tensor, logits: Tensor, labels: Tensor, ignore_index
                             f"gives {num_classes} outputs: one target per output is needed. Return matching targets "
                             "from `MultiMixMixin.multimix_labels(batch)`, or pass `MultiMix(head='dotted.path')`.")
     notes = []
-    fit, found_ignore = explain_ignoring(user_loss, logits, labels, ignore_index, class_dim)
+    fit, found_ignore = explain_ignoring(user_loss, logits, labels, ignore_index, class_dim, resize)
     if found_ignore != ignore_index:
         ignore_index = found_ignore
         notes.append(f"MultiMix: your loss ignores the label {ignore_index}; so does MultiMix (pass "

@@ -180,6 +180,17 @@ def test_segmentation_trains_with_the_protocol_and_moves_the_weights():
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_a_named_head_before_the_upsampling_mixes_its_logits_and_resizes_them_exactly():
+    """``head='classifier'``: its (b, c, 4, 4) logits, resized as the loss reads them (bilinear: linear, so it
+    commutes with the mixing) give the losses of the (b, c, 8, 8) logits the forward returns."""
+    named, found = RecordingMultiMix(seed=0, n_tuples=6, head="classifier"), RecordingMultiMix(seed=0, n_tuples=6)
+    for callback in (named, found):
+        torch.manual_seed(0)
+        fit_segmenter(Segmenter(), callback)
+    assert named.head_path == "classifier" and found.head_path == ""
+    torch.testing.assert_close(torch.stack(named.losses), torch.stack(found.losses))
+
+
 def test_pairs_mix_each_position_of_two_examples():
     callback = RecordingMultiMix(seed=0, mode="pairs")
     model = Segmenter()
@@ -197,7 +208,7 @@ def test_pairs_mix_each_position_of_two_examples():
     ({}, "dice", "Dice"),
     ({}, "weighted", "class weights"),
     (dict(ignore_index=3), "ce", "ignore_index=3. is one of the 5 classes"),
-    (dict(head="classifier"), "ce", r"Those of such shapes: none"),
+    (dict(head="body.0"), "ce", r"'body.0' \(4, 6, 8, 8\); the cross-entropy of none of them explains"),
 ])
 def test_what_per_position_mixing_cannot_carry_is_refused_with_the_fix(options, loss, match):
     with pytest.raises(MultiMixError, match=match):
@@ -362,3 +373,40 @@ def test_sync_batch_mixes_the_global_batch_of_per_position_logits(tmp_path):
     grads = torch.autograd.grad(torch.stack(losses).mean(), list(model.parameters()))  # DDP averages the ranks'
     for (name, _), grad in zip(model.named_parameters(), grads):
         torch.testing.assert_close(records[0]["grads"][name], grad, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- Hugging Face
+
+
+class HuggingFaceSegmenter(L.LightningModule):
+    """A SegFormer from a small config: logits at a quarter of the size, its own loss on them upsampled (ignore 255)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        transformers = pytest.importorskip("transformers")
+        config = transformers.SegformerConfig(num_channels=1, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1],
+                                              hidden_sizes=[8, 16], num_attention_heads=[1, 2], decoder_hidden_size=16,
+                                              num_labels=C, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                              classifier_dropout_prob=0.0, drop_path_rate=0.0)
+        self.model = transformers.SegformerForSemanticSegmentation(config)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images, masks = batch
+        return self.model(pixel_values=images, labels=masks).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_a_hugging_face_segmentation_model_trains_with_the_callback_alone_on_the_reference_loss():
+    torch.manual_seed(0)
+    model, callback = HuggingFaceSegmenter(), RecordingMultiMix(seed=0, n_tuples=6)
+    images, labels = masks(size=16)
+    trainer(callbacks=[callback]).fit(model, DataLoader(TensorDataset(images, labels), batch_size=4))
+    assert callback.batch_counts["multimix"] == 4
+    for (x, y), weights, got in zip(callback.batches, callback.weights, callback.losses):
+        with torch.no_grad():  # in training mode, as in the fit: its batch norm normalises by the batch
+            logits = model.model(pixel_values=x).logits  # (b, c, 4, 4): the loss reads them upsampled
+        assert logits.shape[-1] == 4
+        full = F.interpolate(logits, size=(16, 16), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(got, loop_loss(full.flatten(2), y.flatten(1), weights, 255), rtol=1e-5, atol=1e-6)

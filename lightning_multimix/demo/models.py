@@ -106,7 +106,7 @@ class SmallFCN(nn.Module):
         torch.Size([2, 11, 56, 56])
     """
 
-    def __init__(self, num_classes: int = 11, in_channels: int = 1, width: int = 32) -> None:
+    def __init__(self, num_classes: int = 11, in_channels: int = 1, width: int = 16) -> None:
         super().__init__()
 
         def block(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> list[nn.Module]:
