@@ -139,7 +139,7 @@ def previous_runs(runs_path: Path, curves_path: Path, resume: bool, regimes: Seq
 def record_run(run: dict[str, Any], runs_path: Path, curves_path: Optional[Path], header: str) -> None:
     append_csv(runs_path, TASK.run_keys, [run[key] for key in TASK.run_keys], preamble=header)
     for epoch, acc in run["curve"] if curves_path is not None else ():
-        append_csv(curves_path, ("regime", "method", "seed", "epoch", "test_acc"),
+        append_csv(curves_path, ("regime", "method", "seed", "epoch", f"test_{TASK.metric}"),
                    [run["regime"], run["method"], run["seed"], epoch, acc], preamble=header)
     print(f"  {run['regime']:>8} {run['method']:>14} seed {run['seed']}: " + "  ".join(
         f"{title} {fmt.format(scale * float(run[key]))}" for title, key, scale, fmt in TASK.measures[:3])
@@ -180,7 +180,7 @@ def regime_table(summary: Sequence[dict[str, Any]], regime: str, description: Op
 def curve_table(curves: Sequence[dict[str, Any]], regime: str) -> str:
     mine = [c for c in curves if c["regime"] == regime]
     runs = list(dict.fromkeys((c["method"], int(c["seed"])) for c in mine))
-    acc = {(c["method"], int(c["seed"]), int(c["epoch"])): 100.0 * float(c["test_acc"]) for c in mine}
+    acc = {(c["method"], int(c["seed"]), int(c["epoch"])): 100.0 * float(c[f"test_{TASK.metric}"]) for c in mine}
     rows = [[epoch, *(f"{acc[(m, s, epoch)]:.2f}" if (m, s, epoch) in acc else "" for m, s in runs)]
             for epoch in sorted({int(c["epoch"]) for c in mine})]
     return format_table(("epoch", *(f"{m} seed {s}" for m, s in runs)), rows,

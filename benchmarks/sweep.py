@@ -1,11 +1,12 @@
 """Which MultiMix settings help? One factor at a time around the paper's protocol, mean +- std over seeds.
 
-``MultiMix()`` (alpha 1, the whole batch, n = 1000, probability 0.5) trained as in ``accuracy.py`` in one regime of
-one task (``--task``), and the same with settings changed (``--configs``), same seeds. The table: the task's measures
-(last- and best-epoch accuracy and ECE; mAP and F1 for ``multilabel``), the difference to the default (mean +- std of
-per-seed differences of the last epoch's metric) and ``beats default``: the mean exceeds the default's by more than two
-standard deviations. Files in ``--out``: ``sweep_<regime>_runs.csv`` and ``sweep_<regime>.md`` (``multilabel``:
-``sweep_multilabel_<regime>*``).
+``MultiMix()`` with its defaults for the task's targets (alpha 1, the whole batch, n = 1000, probability 0.5, with
+``options.TYPE_DEFAULTS`` over them: multi-hot targets and labels per position have their own) trained as in
+``accuracy.py`` in one regime of one task (``--task``), and the same with settings changed (``--configs``), same seeds.
+The table: the task's measures (last- and best-epoch accuracy and ECE; mAP and F1 for ``multilabel``; mIoU for
+``segment``), the difference to the default (mean +- std of per-seed differences of the last epoch's metric) and
+``beats default``: the mean exceeds the default's by more than two standard deviations. Files in ``--out``:
+``sweep_<regime>_runs.csv`` and ``sweep_<regime>.md`` (other tasks: ``sweep_<task>_<regime>*``).
 
 Examples::
 
@@ -13,6 +14,8 @@ Examples::
     python benchmarks/sweep.py --regime noisy --jobs 2       # every configuration, 3 seeds (hours on 2 cores)
     python benchmarks/sweep.py --task multilabel --regime low_data \
         --configs default,tuple_size=2,tuple_size=4,alpha=0.2,tuple_size=2+alpha=0.2,tuple_size=4+alpha=0.2
+    python benchmarks/sweep.py --task segment --regime low_data \
+        --configs default,tuple_size=2,tuple_size=4,tuple_size=2+alpha=0.2
 """
 
 import argparse
@@ -113,8 +116,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     accuracy.init_worker(None, args.threads, args.quick, args.task)
     info = machine_info("cpu")
     print_machine(info)
-    settings = (f"MultiMix() and changed settings, SmallCNN on {TASKS[args.task].data} (the subset shipped in the "
-                "package)"
+    task = TASKS[args.task]
+    settings = (f"MultiMix() and changed settings, {task.network} on {task.data} (the subset shipped in the package)"
                 f"{' (--quick)' if args.quick else ''}; regime {args.regime}; seeds {seeds}; "
                 f"{args.threads or 'default'} thread(s) per run, {args.jobs} job(s)")
     print("settings: " + settings, flush=True)

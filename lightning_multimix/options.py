@@ -21,11 +21,14 @@ DISTILL_TARGETS = ("probs", "logits")
 MODES = ("multimix", "pairs")
 OTHER_BATCHES = ("input_mixup", "pairs", "own_loss")
 LOGIT_SPACES = ("auto", "always", "never")
-#: The settings that differ by target type, where not set (``MultiMixOptions.given``): labels per position take fewer
-#: interpolations (each costs a batch of per-position logits: ``benchmarks/position_memory.py``); multi-hot targets
-#: mix pairs, mostly one of the two (a whole batch's mixed multi-hot targets are near its label frequencies:
-#: ``benchmarks/sweep.py --task multilabel``). Single labels and probabilities keep the paper's settings.
-TYPE_DEFAULTS: dict[str, dict[str, Any]] = {"positions": {"n_tuples": 64}, "multi_hot": {"tuple_size": 2, "alpha": 0.2}}
+#: The settings that differ by target type, where not set (``MultiMixOptions.given``). One rule: targets with many
+#: labels per example (multi-hot sets, labels per position) mix pairs, mostly one of the two, because a whole batch's
+#: mixed target is near its label frequencies (``benchmarks/sweep.py --task multilabel`` and ``--task segment``);
+#: labels per position also take fewer interpolations, each costing a batch of per-position logits
+#: (``benchmarks/position_memory.py``). Single labels and probabilities keep the paper's settings.
+PAIRS_MOSTLY_ONE = {"tuple_size": 2, "alpha": 0.2}
+TYPE_DEFAULTS: dict[str, dict[str, Any]] = {"positions": {"n_tuples": 64, **PAIRS_MOSTLY_ONE},
+                                            "multi_hot": dict(PAIRS_MOSTLY_ONE)}
 
 
 def option(default: Any, doc: str, valid: Callable[[Any], bool], expected: str) -> Any:
@@ -140,13 +143,13 @@ class MultiMixOptions:
         _or_none(_int(1)), "the number of interpolated examples per batch, e.g. 1000")
     alpha: Optional[float] = option(
         None, "concentration of the Dirichlet (`multimix`) or Beta (`pairs`) distribution; `None`: 1, uniform on the "
-        "simplex (0.2 for multi-hot targets)", _or_none(_real(0.0, open_low=True)), "a finite value > 0, e.g. 1.0")
+        "simplex (0.2 for multi-hot targets and labels per position)", _or_none(_real(0.0, open_low=True)), "a finite value > 0, e.g. 1.0")
     mode: Literal["multimix", "pairs"] = option(
         "multimix", "`multimix`, or `pairs`: last-layer Manifold Mixup (one `lambda ~ Beta(alpha, alpha)` per batch, "
         "partners by a random permutation), the baseline", _one_of(MODES), f"one of {MODES}")
     tuple_size: Optional[int] = option(
         None, "`m`, examples combined by each interpolation (a random subset per tuple); `None`: the whole batch (2 "
-        "for multi-hot targets; the batch size or more: the whole batch). Not with `mode='pairs'`", _or_none(_int(2)),
+        "for multi-hot targets and labels per position; the batch size or more: the whole batch). Not with `mode='pairs'`", _or_none(_int(2)),
         "None or an int >= 2")
     probability: float = option(0.5, "chance that a batch is mixed by `mode` at the last layer (the paper's 0.5); the "
                                 "others go as `other_batches`", _real(0.0, 1.0), "a probability in [0, 1]")

@@ -215,14 +215,17 @@ def test_what_per_position_mixing_cannot_carry_is_refused_with_the_fix(options, 
         fit_segmenter(Segmenter(loss), MultiMix(seed=0, n_tuples=4, probability=1.0, **options))
 
 
-def test_labels_per_position_take_their_own_default_number_of_interpolations(caplog):
-    default, given = RecordingMultiMix(seed=0), RecordingMultiMix(seed=0, n_tuples=1000)
+def test_labels_per_position_take_their_own_default_settings(caplog):
+    default = RecordingMultiMix(seed=0)
+    given = RecordingMultiMix(seed=0, n_tuples=1000, tuple_size=4, alpha=1.0)  # batches of 4
     for callback in (default, given):
         fit_segmenter(Segmenter(), callback)
-    n = TYPE_DEFAULTS["positions"]["n_tuples"]
-    assert {w.shape[1] for w in default.weights} == {n} and n != 1000
-    assert {w.shape[1] for w in given.weights} == {1000}  # set: as given
-    assert f"n_tuples={n}, the defaults for labels per position" in caplog.text
+    assert TYPE_DEFAULTS["positions"] == {"n_tuples": 64, "tuple_size": 2, "alpha": 0.2}
+    assert {w.shape[1] for w in default.weights} == {64}
+    assert {int(c) for w in default.weights for c in (w > 0).sum(0)} <= {1, 2}  # pairs: two examples at most
+    assert {w.shape[1] for w in given.weights} == {1000}  # set: as given, the whole batch
+    assert all(bool((w > 0).all()) for w in given.weights)
+    assert "n_tuples=64, tuple_size=2, alpha=0.2, the defaults for labels per position" in caplog.text
 
 
 def test_an_ignore_index_given_explicitly_may_be_positive():

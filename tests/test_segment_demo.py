@@ -236,7 +236,7 @@ def test_quick_segment_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFix
 @pytest.mark.slow
 def test_accuracy_benchmark_segment_quick(tmp_path: Path) -> None:
     methods = ["erm", "mixup", "cutmix", "multimix"]
-    command = [sys.executable, "benchmarks/accuracy.py", "--task", "segment", "--quick", "--methods",
+    command = [sys.executable, "benchmarks/accuracy.py", "--task", "segment", "--quick", "--curves", "--methods",
                ",".join(methods), "--out", str(tmp_path)]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400,
                           env={**os.environ, "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"})
@@ -248,3 +248,19 @@ def test_accuracy_benchmark_segment_quick(tmp_path: Path) -> None:
     assert "last mIoU %" in done.stdout and "SmallFCN" in done.stdout and "the goal" not in done.stdout
     for name in ("segment_runs.csv", "segment_summary.csv", "segment.md", "segment.png"):
         assert (tmp_path / name).stat().st_size > 0, name
+    curves = [line for line in (tmp_path / "segment_curves.csv").read_text().splitlines() if not line.startswith("#")]
+    assert curves[0] == "regime,method,seed,epoch,test_miou" and len(curves) > 1
+    assert "test mIoU % after every epoch" in done.stdout
+
+
+@pytest.mark.slow
+def test_sweep_segment_quick(tmp_path: Path) -> None:
+    command = [sys.executable, "benchmarks/sweep.py", "--task", "segment", "--regime", "low_data", "--quick",
+               "--configs", "default,tuple_size=2", "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400,
+                          env={**os.environ, "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "SmallFCN on Fashion-MNIST 2x2 composites (segmentation" in done.stdout
+    assert "last mIoU %" in done.stdout and "== MultiMix settings, segment low_data" in done.stdout
+    table = (tmp_path / "sweep_segment_low_data.md").read_text()
+    assert "tuple_size=2" in table and "SmallFCN" in table

@@ -111,8 +111,8 @@ def load_composites(data_dir: Optional[str] = None, quick: bool = False) -> tupl
 
 SEGMENTATION_REGIMES: dict[str, CompositeRegime] = {
     "low_data": CompositeRegime("256 training composites, 100 epochs", epochs=100, train_composites=256),
-    # ERM's test mIoU curve in this regime (benchmarks/accuracy.py --task segment --curves, seed 0, in
-    # benchmarks/results/segment_curves.csv) flattens under the cosine schedule: +0.3 point over its last 6 epochs
+    # ERM's test mIoU curves in this regime (benchmarks/accuracy.py --task segment --curves, 3 seeds, in
+    # benchmarks/results/segment_curves.csv) flatten under the cosine schedule: under 0.4 point over the last 8 epochs
     "plateau": CompositeRegime("1,024 training composites, 50 epochs (ERM's test mIoU flattens)", epochs=50,
                                train_composites=1024),
 }
