@@ -143,14 +143,15 @@ class MultiMixOptions:
         _or_none(_int(1)), "the number of interpolated examples per batch, e.g. 1000")
     alpha: Optional[float] = option(
         None, "concentration of the Dirichlet (`multimix`) or Beta (`pairs`) distribution; `None`: 1, uniform on the "
-        "simplex (0.2 for multi-hot targets and labels per position)", _or_none(_real(0.0, open_low=True)), "a finite value > 0, e.g. 1.0")
+        "simplex (0.2 for multi-hot targets and labels per position)", _or_none(_real(0.0, open_low=True)),
+        "a finite value > 0, e.g. 1.0")
     mode: Literal["multimix", "pairs"] = option(
         "multimix", "`multimix`, or `pairs`: last-layer Manifold Mixup (one `lambda ~ Beta(alpha, alpha)` per batch, "
         "partners by a random permutation), the baseline", _one_of(MODES), f"one of {MODES}")
     tuple_size: Optional[int] = option(
         None, "`m`, examples combined by each interpolation (a random subset per tuple); `None`: the whole batch (2 "
-        "for multi-hot targets and labels per position; the batch size or more: the whole batch). Not with `mode='pairs'`", _or_none(_int(2)),
-        "None or an int >= 2")
+        "for multi-hot targets and labels per position; the batch size or more: the whole batch). Not with "
+        "`mode='pairs'`", _or_none(_int(2)), "None or an int >= 2")
     probability: float = option(0.5, "chance that a batch is mixed by `mode` at the last layer (the paper's 0.5); the "
                                 "others go as `other_batches`", _real(0.0, 1.0), "a probability in [0, 1]")
     other_batches: Optional[Literal["input_mixup", "pairs", "own_loss"]] = option(

@@ -221,8 +221,8 @@ def test_demo_segment_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
 
 def test_quick_segment_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "demo_out"
-    results = cli.main(["--task", "segment", "--quick", "--epochs", "1", "--methods", "cutmix", "multimix", "--no-progress",
-                        "--out", str(out)])
+    results = cli.main(["--task", "segment", "--quick", "--epochs", "1", "--methods", "cutmix", "multimix",
+                        "--no-progress", "--out", str(out)])
     stdout = capsys.readouterr().out
     assert [r["method"] for r in results] == ["cutmix", "multimix"]
     saved = json.loads((out / "results.json").read_text())
