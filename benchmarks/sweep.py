@@ -102,7 +102,8 @@ def report(runs: Sequence[dict[str, Any]], configs: Sequence[str], regime: str, 
             row += [f"{mean:+.2f} +- {spread:.2f}", "yes" if better else "no"]
         rows.append(row)
     headers = ("config", "runs", *(title for title, *_ in measures), "vs default (paired)", "beats default")
-    title = f"== MultiMix settings, {task} {regime}: {TASKS[task].regimes[regime].description} =="
+    where = regime if task == "classify" else f"{task} {regime}"  # the classification task's titles name no task
+    title = f"== MultiMix settings, {where}: {TASKS[task].regimes[regime].description} =="
     return format_table(headers, rows, title=title)
 
 
