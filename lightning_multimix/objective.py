@@ -98,6 +98,8 @@ def multimix_objective(weights: Tensor, labels: Tensor, *, logits: Optional[Tens
     """
     if weights.ndim != 2:
         raise ValueError(f"multimix_objective: `weights` must be (m, n), got {tuple(weights.shape)}.")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"multimix_objective: expected `label_smoothing` in [0, 1), got {label_smoothing!r}.")
     if not labels.is_floating_point() and labels.ndim == 2:
         return _position_objective(weights, labels, logits, embeddings, feature_map, teacher, label_smoothing, loss,
                                    ignore_index)
@@ -109,8 +111,6 @@ def multimix_objective(weights: Tensor, labels: Tensor, *, logits: Optional[Tens
                          f"c) floating targets, one per row of `weights`, got {labels.dtype} {tuple(labels.shape)}.")
     if loss not in LOSSES:
         raise ValueError(f"multimix_objective: loss={loss!r}; expected one of {LOSSES}.")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"multimix_objective: expected `label_smoothing` in [0, 1), got {label_smoothing!r}.")
     if feature_map is not None:
         if logits is not None or embeddings is not None or head is None:
             raise ValueError("multimix_objective: dense mode takes `feature_map` and `head`, not `logits` or "
@@ -214,8 +214,6 @@ def _position_objective(weights: Tensor, labels: Tensor, logits: Optional[Tensor
     if logits.ndim != 3 or labels.shape != (logits.shape[0], logits.shape[2]) or weights.shape[0] != labels.shape[0]:
         raise ValueError(f"multimix_objective: labels per position {tuple(labels.shape)} need logits (m, c, P) and "
                          f"weights (m, n) of the same m and P, got {tuple(logits.shape)} and {tuple(weights.shape)}.")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"multimix_objective: expected `label_smoothing` in [0, 1), got {label_smoothing!r}.")
     return position_multimix_loss(logits, labels, weights, ignore_index, label_smoothing)
 
 

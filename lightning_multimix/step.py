@@ -188,18 +188,24 @@ class TrainingStep:
         self.capture = StepCapture(path, Capture(self.module.get_submodule(path)))
         return StepCapture(path, probe.modules[path])
 
+    def _read_targets(self, user_loss: Tensor, logits: Tensor, labels: Tensor, class_dim: int = -1,
+                      resize: bool = False) -> Targets:
+        """First batch: the targets (:func:`~lightning_multimix.targets.read_targets`), said in the log with the target
+        type's default settings. Called only while ``self.targets`` is unset, so later steps make no call."""
+        options = self.options
+        self.targets, notes = read_targets(user_loss, logits, labels, options.ignore_index, options.label_smoothing,
+                                           self.plan.head_path, class_dim, resize)
+        for note in [*notes, *options.type_defaults_note(self.targets.kind)]:
+            rank_zero_info(note)
+        return self.targets
+
     def _position_loss(self, kind: str, capture: StepCapture, labels: Tensor, mixer: Optional[InputMixer],
                        user_loss: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """The objective of a batch of labels per position, and the labels neither a class nor ignored."""
         where, class_dim, resize = self.plan.positions
         raw = position_logits(capture.head, capture.head_path, where, class_dim, resize, labels)
         labels = _on(labels, raw.device)
-        if self.targets is None:
-            self.targets, notes = read_targets(user_loss, raw, labels, self.options.ignore_index,
-                                               self.options.label_smoothing, self.plan.head_path, class_dim, resize)
-            for note in [*notes, *self.options.type_defaults_note(self.targets.kind)]:
-                rank_zero_info(note)
-        targets = self.targets
+        targets = self.targets or self._read_targets(user_loss, raw, labels, class_dim, resize)
         logits, flat = local = flat_positions(resized(raw, labels) if resize else raw, labels, class_dim)
         ignore = targets.ignore_index
         if mixer is not None:
@@ -227,12 +233,7 @@ class TrainingStep:
             raise MultiMixError(f"The head {capture.head_path!r} ran on {embeddings.shape[0]} embeddings but the "
                                 f"batch has {labels.shape[0]} labels. Pass `MultiMix(head='dotted.path')`.")
         labels = _on(labels, logits.device)
-        if self.targets is None:
-            self.targets, notes = read_targets(user_loss, logits, labels, options.ignore_index,
-                                               options.label_smoothing, plan.head_path)
-            for note in [*notes, *options.type_defaults_note(self.targets.kind)]:
-                rank_zero_info(note)
-        targets = self.targets
+        targets = self.targets or self._read_targets(user_loss, logits, labels)
         dense_now = options.dense is not None and kind == options.mode
         features = mask = None
         if options.dense is not None and (dense_now or not self.features_verified):
